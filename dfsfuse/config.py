@@ -1,0 +1,185 @@
+"""Typed, validated configuration: defaults, a TOML file, then flags.
+
+With no file at all the file system lives in one data directory with three
+local node stores inside it. A config file may set:
+
+    replicas = 2                  # copies of every shard
+    shard_size = "4MiB"           # bytes, or a size with KiB/MiB/GiB
+    block_size = "64KiB"          # checksum block inside a replica
+    [cache]
+    shard_cache = "256MiB"        # verified shard data kept for reads
+    write_buffer = "128MiB"       # dirty data held before writers wait
+    metadata_entries = 200000     # inodes/entries kept by the metadata cache
+    [[nodes]]                     # node stores; default: three under the data dir
+    name = "disk1"
+    path = "/srv/dfs1"            # a local directory
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Debian 12 / Ubuntu 22.04 only
+    import tomli as tomllib
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": KiB, "kib": KiB, "m": MiB, "mib": MiB, "g": GiB, "gib": GiB}
+_NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeSpec:
+    name: str
+    path: Path
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    data_dir: Path
+    nodes: tuple[NodeSpec, ...]
+    replicas: int = 2
+    shard_size: int = 4 * MiB
+    block_size: int = 64 * KiB
+    shard_cache_bytes: int = 256 * MiB
+    write_buffer_bytes: int = 128 * MiB
+    metadata_entries: int = 200_000
+
+    @property
+    def metadata_path(self) -> Path:
+        return self.data_dir / "metadata.db"
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / "dfsfuse.log"
+
+    @property
+    def lock_path(self) -> Path:
+        return self.data_dir / "lock"
+
+
+def default_data_dir() -> Path:
+    """The user's data directory: $XDG_DATA_HOME/dfsfuse/default."""
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "dfsfuse" / "default"
+
+
+def parse_size(value: object, what: str) -> int:
+    """An int, or a string such as "4MiB" / "64k", as a byte count."""
+    if isinstance(value, bool):
+        raise UserError(f"config: {what} must be a size such as 4MiB, not {value!r}")
+    if isinstance(value, int):
+        number, unit = value, ""
+    elif isinstance(value, str):
+        match = re.fullmatch(r"\s*(\d+)\s*([A-Za-z]*)\s*", value)
+        if not match or match.group(2).lower() not in _SIZE_UNITS:
+            raise UserError(f"config: {what} must be a size such as 4MiB, not {value!r}")
+        number, unit = int(match.group(1)), match.group(2).lower()
+    else:
+        raise UserError(f"config: {what} must be a size such as 4MiB, not {value!r}")
+    return number * _SIZE_UNITS[unit]
+
+
+def load(data_dir: str | None = None, config_file: str | None = None) -> Config:
+    """Build the configuration; every mistake is a one-line UserError."""
+    settings: dict = {}
+    if config_file is not None:
+        settings = _read_toml(Path(config_file))
+    root = Path(data_dir).expanduser() if data_dir else None
+    if root is None and "data_dir" in settings:
+        root = Path(_expect(settings, "data_dir", str)).expanduser()
+    root = (root or default_data_dir()).absolute()
+
+    known = {"data_dir", "replicas", "shard_size", "block_size", "cache", "nodes"}
+    _reject_unknown(settings, known, "")
+    cache = settings.get("cache", {})
+    if not isinstance(cache, dict):
+        raise UserError("config: [cache] must be a table")
+    _reject_unknown(cache, {"shard_cache", "write_buffer", "metadata_entries"}, "cache.")
+
+    nodes = _nodes(settings.get("nodes"), root)
+    replicas = _expect(settings, "replicas", int, default=2)
+    if not 1 <= replicas <= len(nodes):
+        raise UserError(f"config: replicas = {replicas} needs between 1 and {len(nodes)} (the number of node stores)")
+    shard_size = parse_size(settings.get("shard_size", 4 * MiB), "shard_size")
+    block_size = parse_size(settings.get("block_size", 64 * KiB), "block_size")
+    if not 4 * KiB <= block_size <= shard_size or shard_size % block_size:
+        raise UserError("config: block_size must be at least 4KiB and divide shard_size")
+    if shard_size > 64 * MiB:
+        raise UserError("config: shard_size may be at most 64MiB")
+    metadata_entries = _expect(cache, "metadata_entries", int, default=200_000)
+    if metadata_entries < 1000:
+        raise UserError("config: cache.metadata_entries must be at least 1000")
+    write_buffer = parse_size(cache.get("write_buffer", 128 * MiB), "cache.write_buffer")
+    if write_buffer < 2 * shard_size:
+        raise UserError("config: cache.write_buffer must hold at least two shards")
+    return Config(
+        data_dir=root,
+        nodes=nodes,
+        replicas=replicas,
+        shard_size=shard_size,
+        block_size=block_size,
+        shard_cache_bytes=parse_size(cache.get("shard_cache", 256 * MiB), "cache.shard_cache"),
+        write_buffer_bytes=write_buffer,
+        metadata_entries=metadata_entries,
+    )
+
+
+def _read_toml(path: Path) -> dict:
+    try:
+        with open(path, "rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise UserError(f"config file {path} does not exist") from None
+    except OSError as error:
+        raise UserError(f"cannot read config file {path}: {error.strerror}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise UserError(f"config file {path} is not valid TOML: {error}") from None
+
+
+def _nodes(raw: object, data_dir: Path) -> tuple[NodeSpec, ...]:
+    if raw is None:
+        return tuple(NodeSpec(f"node{i}", data_dir / "nodes" / f"node{i}") for i in (1, 2, 3))
+    if not isinstance(raw, list) or not raw:
+        raise UserError("config: nodes must be a non-empty list of [[nodes]] tables")
+    specs = []
+    for position, node in enumerate(raw, 1):
+        if not isinstance(node, dict):
+            raise UserError(f"config: node #{position} must be a table with name and path")
+        _reject_unknown(node, {"name", "path"}, f"nodes[{position}].")
+        name = _expect(node, "name", str)
+        if not _NODE_NAME.match(name):
+            raise UserError(f"config: node name {name!r} must be letters, digits, '.', '_' or '-' (at most 64)")
+        path = Path(_expect(node, "path", str)).expanduser()
+        specs.append(NodeSpec(name, path if path.is_absolute() else data_dir / path))
+    names = [spec.name for spec in specs]
+    if len(set(names)) != len(names):
+        raise UserError("config: node names must be unique")
+    return tuple(specs)
+
+
+def _expect(table: dict, key: str, kind: type, default: object = None):
+    if key not in table:
+        if default is None:
+            raise UserError(f"config: {key} is required")
+        return default
+    value = table[key]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise UserError(f"config: {key} must be a {kind.__name__}, not {value!r}")
+    return value
+
+
+def _reject_unknown(table: dict, known: set[str], prefix: str) -> None:
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise UserError(f"config: unknown setting {prefix}{unknown[0]}")

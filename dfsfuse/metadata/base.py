@@ -1,0 +1,279 @@
+"""The metadata store interface: one atomic operation per call.
+
+Every method is async and is one transaction in the engine, so a networked
+engine can implement it without relying on "no await in between". Names are
+bytes, times are integer nanoseconds since the epoch, and failures are the
+DfsError subclasses from dfsfuse.errors (NotFound, Exists, NotEmpty, ...).
+
+Directory listing offsets are opaque positive integers chosen by the engine:
+`readdir(parent, after=0)` starts a listing and `readdir(parent, after=e.offset)`
+resumes right after entry `e`. Entries added or removed during a listing may or
+may not appear, but no other entry is skipped or repeated.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Mapping, Sequence
+
+ROOT_INODE = 1
+
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+
+XATTR_CREATE = 1
+XATTR_REPLACE = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class InodeAttrs:
+    """The attributes of one inode, as `stat` shows them.
+
+    `blocks` counts 512-byte units of file data actually stored (the sum of
+    the lengths of the inode's shards, once, not per replica), so holes take
+    no space. `target` is the link target of a symlink, else b"".
+    """
+
+    inode: int
+    mode: int
+    nlink: int
+    uid: int
+    gid: int
+    rdev: int
+    size: int
+    blocks: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    target: bytes = b""
+
+
+@dataclasses.dataclass(frozen=True)
+class AttrChanges:
+    """The fields a setattr call changes; None means unchanged.
+
+    ctime is always set to `now_ns` by setattr. The size of a file is not
+    changed here but through `commit_shards` (it goes with the shard map).
+    """
+
+    mode: int | None = None  # permission bits and setuid/setgid/sticky (mode & 0o7777)
+    uid: int | None = None
+    gid: int | None = None
+    atime_ns: int | None = None
+    mtime_ns: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardRef:
+    """Where one shard of a file lives and how to verify it.
+
+    `length` is the number of bytes of file data in the shard, `checksum` the
+    xxh3-128 digest (16 bytes) of exactly those bytes, `nodes` the names of
+    the node stores that hold a replica. Shard ids are never reused.
+    """
+
+    shard_id: int
+    length: int
+    checksum: bytes
+    nodes: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class DirEntry:
+    name: bytes
+    attrs: InodeAttrs
+    offset: int  # pass as `after` to resume the listing after this entry
+
+
+@dataclasses.dataclass(frozen=True)
+class UsageCounts:
+    inodes: int
+    logical_bytes: int  # sum of file sizes (regular files)
+    stored_bytes: int  # sum of shard lengths (one copy)
+    shards: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardRecord:
+    """One live shard as listed for fsck and status."""
+
+    inode: int
+    index: int
+    ref: ShardRef
+
+
+class MetadataStore(abc.ABC):
+    """Inodes, directory entries, shard maps, xattrs and the garbage list."""
+
+    # -- inodes and names -------------------------------------------------
+    @abc.abstractmethod
+    async def getattr(self, inode: int) -> InodeAttrs:
+        """NotFound if the inode does not exist (or was deleted)."""
+
+    @abc.abstractmethod
+    async def lookup(self, parent: int, name: bytes) -> InodeAttrs:
+        """The inode named `name` in directory `parent`; NotFound if none.
+
+        b"." and b".." are resolved too (".." of the root is the root).
+        """
+
+    @abc.abstractmethod
+    async def create(
+        self,
+        parent: int,
+        name: bytes,
+        mode: int,
+        uid: int,
+        gid: int,
+        now_ns: int,
+        rdev: int = 0,
+        target: bytes = b"",
+    ) -> InodeAttrs:
+        """Make a new inode of any type (mode includes S_IFMT) and name it.
+
+        A directory starts with nlink 2 and adds one to its parent's nlink; a
+        symlink stores `target` and its size is len(target). The parent's
+        mtime and ctime become now_ns. Exists if the name is taken, NotFound
+        or NotADirectory if `parent` is not a live directory.
+        """
+
+    @abc.abstractmethod
+    async def link(self, inode: int, new_parent: int, new_name: bytes, now_ns: int) -> InodeAttrs:
+        """A new name for an existing non-directory inode; nlink + 1.
+
+        Exists if taken; NotPermitted (EPERM) if `inode` is a directory.
+        """
+
+    @abc.abstractmethod
+    async def unlink(self, parent: int, name: bytes, now_ns: int) -> InodeAttrs:
+        """Remove a non-directory name; returns the inode's attrs after (nlink - 1).
+
+        The inode itself stays until `delete_inode` (it may still be open).
+        IsADirectory if the name is a directory, NotFound if absent.
+        """
+
+    @abc.abstractmethod
+    async def rmdir(self, parent: int, name: bytes, now_ns: int) -> InodeAttrs:
+        """Remove an empty directory; returns its attrs after (nlink 0).
+
+        NotEmpty, NotADirectory or NotFound as appropriate. The parent's
+        nlink drops by one.
+        """
+
+    @abc.abstractmethod
+    async def rename(
+        self,
+        old_parent: int,
+        old_name: bytes,
+        new_parent: int,
+        new_name: bytes,
+        flags: int,
+        now_ns: int,
+    ) -> InodeAttrs | None:
+        """POSIX rename with RENAME_NOREPLACE and RENAME_EXCHANGE (flags).
+
+        Without flags an existing target is replaced: a file by a non-directory,
+        an empty directory by a directory (NotEmpty, IsADirectory, NotADirectory
+        otherwise); the replaced inode's attrs after the change (nlink reduced)
+        are returned so the caller can delete it once unreferenced, else None.
+        Renaming a directory into its own subtree is InvalidArgument. Renaming
+        a name onto itself (or onto another link of the same inode) does
+        nothing. Parent nlinks follow directories that move; ctime of the moved
+        inode and mtime/ctime of both parents become now_ns.
+        """
+
+    @abc.abstractmethod
+    async def setattr(self, inode: int, changes: AttrChanges, now_ns: int) -> InodeAttrs:
+        """Apply `changes`; ctime becomes now_ns."""
+
+    @abc.abstractmethod
+    async def readdir(self, parent: int, after: int, limit: int) -> list[DirEntry]:
+        """Up to `limit` entries of `parent` after offset `after` (0: from the
+        start), in offset order, without "." and "..". NotFound/NotADirectory
+        for a bad parent."""
+
+    @abc.abstractmethod
+    async def delete_inode(self, inode: int) -> None:
+        """Remove an inode with nlink 0 for good: its xattrs go, its shards move
+        to the garbage list. Does nothing if the inode has links again or is
+        gone already."""
+
+    @abc.abstractmethod
+    async def orphan_inodes(self) -> list[int]:
+        """Inodes with nlink 0 (left behind when the mount died with them open)."""
+
+    # -- file contents ----------------------------------------------------
+    @abc.abstractmethod
+    async def shard_map(self, inode: int) -> dict[int, ShardRef]:
+        """The file's shards by shard index (holes are absent)."""
+
+    @abc.abstractmethod
+    async def commit_shards(
+        self,
+        inode: int,
+        shards: Mapping[int, ShardRef],
+        size: int,
+        drop_from: int | None = None,
+        mtime_ns: int | None = None,
+        ctime_ns: int | None = None,
+    ) -> InodeAttrs:
+        """Atomically point shard indexes at new shards and set the file size.
+
+        First every entry with index >= `drop_from` (if given) is removed, then
+        each entry of `shards` replaces the entry at its index. Shards that
+        are no longer referenced move to the garbage list. `blocks` is
+        recomputed; mtime/ctime are set when given. Call only after every
+        replica of every shard in `shards` is stored.
+        """
+
+    @abc.abstractmethod
+    async def allocate_shard_ids(self, count: int) -> range:
+        """`count` fresh shard ids, never handed out before (even after a crash)."""
+
+    @abc.abstractmethod
+    async def garbage(self, limit: int) -> list[tuple[int, tuple[str, ...]]]:
+        """Shards no longer referenced, as (shard_id, nodes), awaiting deletion."""
+
+    @abc.abstractmethod
+    async def forget_garbage(self, shard_ids: Sequence[int]) -> None:
+        """Drop these from the garbage list once their replicas are deleted."""
+
+    @abc.abstractmethod
+    async def shards(self, after_shard_id: int, limit: int) -> list[ShardRecord]:
+        """Live shards with shard_id > after_shard_id, ascending (for fsck/status)."""
+
+    @abc.abstractmethod
+    async def set_shard_nodes(self, shard_id: int, nodes: tuple[str, ...]) -> None:
+        """Record where a live shard's replicas now are (after a repair)."""
+
+    @abc.abstractmethod
+    async def usage(self) -> UsageCounts:
+        """Counts for status and statfs."""
+
+    # -- extended attributes ----------------------------------------------
+    @abc.abstractmethod
+    async def setxattr(self, inode: int, name: bytes, value: bytes, flags: int, now_ns: int) -> None:
+        """Set an xattr; flags XATTR_CREATE (Exists if present) or XATTR_REPLACE
+        (NoData if absent). ctime becomes now_ns."""
+
+    @abc.abstractmethod
+    async def getxattr(self, inode: int, name: bytes) -> bytes:
+        """NoData if absent."""
+
+    @abc.abstractmethod
+    async def listxattr(self, inode: int) -> list[bytes]:
+        """Names of all xattrs of the inode."""
+
+    @abc.abstractmethod
+    async def removexattr(self, inode: int, name: bytes, now_ns: int) -> None:
+        """NoData if absent. ctime becomes now_ns."""
+
+    # -- lifecycle --------------------------------------------------------
+    @abc.abstractmethod
+    async def sync(self) -> None:
+        """Make every committed change durable on stable storage."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release the engine; further calls are errors."""
