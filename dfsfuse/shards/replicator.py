@@ -1,0 +1,363 @@
+"""Replicated, verified shard I/O over a set of node stores.
+
+A write encodes a shard once (dfsfuse.shards.replica) and stores the same
+buffers on R stores chosen by rendezvous hashing, in parallel. A read fetches
+only the blocks it needs (and their checksums) from the first replica that
+verifies, failing over to the next; replicas found missing or corrupt on the
+way are queued for the background repair worker, which rewrites them from a
+verified copy.
+
+A store that cannot be reached is not a bad replica: reads skip it but do not
+queue a repair, because during an outage every read of its shards would
+otherwise trigger a full repair that cannot succeed. fsck calls repair() with
+relocate=True to move replicas off stores that stay away.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+from typing import Awaitable, Callable, Sequence, TypeVar
+
+import trio
+
+from dfsfuse.errors import DataError, DfsError, NoSpace, ShardMissing, StoreUnavailable
+from dfsfuse.metadata.base import ShardRef
+from dfsfuse.shards import replica
+from dfsfuse.shards.checksum import shard_checksum
+from dfsfuse.shards.placement import place
+from dfsfuse.storage.base import Buffer, NodeStore
+
+logger = logging.getLogger("dfsfuse.replicator")
+
+DEFAULT_REPAIR_QUEUE_SIZE = 1000
+
+# Checksumming less than this runs on the trio thread: xxh3 does a megabyte in
+# well under a millisecond, less than handing it to a worker thread costs.
+_HASH_IN_THREAD_BYTES = 1 << 20
+
+_T = TypeVar("_T")
+
+
+@dataclasses.dataclass(frozen=True)
+class RepairResult:
+    """What repair() found and did for one shard."""
+
+    shard_id: int
+    good: int  # replicas that verified
+    missing: int  # listed stores that held no replica
+    corrupt: int  # replicas that were short or did not verify
+    unreachable: int  # listed stores that could not be read (or are not configured)
+    repaired: int  # replicas rewritten from a good copy, in place or relocated
+    nodes: tuple[str, ...]  # the stores holding a verified replica afterwards
+
+    @property
+    def unrecoverable(self) -> bool:
+        """No replica verified, so nothing could be repaired."""
+        return self.good == 0
+
+
+class Replicator:
+    """Puts, reads, repairs, deletes and syncs the replicas of shards."""
+
+    def __init__(
+        self,
+        stores: Sequence[NodeStore],
+        replicas: int,
+        block_size: int = replica.DEFAULT_BLOCK_SIZE,
+        *,
+        repair_queue_size: int = DEFAULT_REPAIR_QUEUE_SIZE,
+    ):
+        names = [store.name for store in stores]
+        if len(set(names)) != len(names):
+            raise ValueError(f"store names must be unique: {names}")
+        if not 1 <= replicas <= len(stores):
+            raise ValueError(f"cannot keep {replicas} replicas on {len(stores)} stores")
+        if block_size <= 0:
+            raise ValueError(f"block size {block_size} must be positive")
+        self._stores = {store.name: store for store in stores}
+        self._names = names
+        self._replicas = replicas
+        self._block_size = block_size
+        self._repair_send, self._repair_receive = trio.open_memory_channel[ShardRef](repair_queue_size)
+        self._repair_pending: set[int] = set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The repair worker: repairs shards that reads found bad, one at a time.
+
+        Start it with `await nursery.start(replicator.run)`; it runs until the
+        nursery is cancelled.
+        """
+        task_status.started()
+        async for ref in self._repair_receive:
+            try:
+                result = await self.repair(ref)
+            finally:
+                self._repair_pending.discard(ref.shard_id)
+            logger.info("shard %d: repair done: %s", ref.shard_id, result)
+
+    # -- writing -----------------------------------------------------------
+    async def write(self, shard_id: int, data: Buffer, sync: bool) -> ShardRef:
+        """Store R replicas of `data` and return where they are.
+
+        Stores are tried in placement order: one that is unavailable or full is
+        replaced by the next. If fewer than R replicas can be made, the ones
+        made are deleted and NoSpace (every failure was NoSpace) or DataError
+        is raised.
+        """
+        view = memoryview(data).cast("B")
+        checksum, parts = await self._hash_work(len(view), self._encode, view)
+        order = place(shard_id, self._names)
+        placed, failures = await self._put_to_first_available(shard_id, parts, order, self._replicas, sync)
+        if len(placed) < self._replicas:
+            await self._delete_quietly(shard_id, placed)
+            message = (
+                f"shard {shard_id}: could store only {len(placed)} of {self._replicas} replicas: "
+                + "; ".join(str(failure) for failure in failures)
+            )
+            if all(isinstance(failure, NoSpace) for failure in failures):
+                raise NoSpace(message)
+            raise DataError(message)
+        return ShardRef(shard_id, len(view), checksum, tuple(name for name in order if name in placed))
+
+    def _encode(self, data: memoryview) -> tuple[bytes, list[Buffer]]:
+        checksum = shard_checksum(data)
+        return checksum, replica.encode(data, self._block_size, checksum)
+
+    async def _put_to_first_available(
+        self, shard_id: int, parts: Sequence[Buffer], candidates: Sequence[str], count: int, sync: bool
+    ) -> tuple[list[str], list[DfsError]]:
+        """Put the replica on `count` of `candidates`, preferring earlier ones.
+
+        Returns the stores that took it and the failures met on the way.
+        """
+        remaining = iter(candidates)
+        placed: list[str] = []
+        failures: list[DfsError] = []
+
+        async def fill_one_slot() -> None:
+            # The tasks share `remaining`, so a task whose store fails moves on
+            # to the next store that no task has tried yet.
+            for name in remaining:
+                try:
+                    await self._stores[name].put(shard_id, parts, sync)
+                except (StoreUnavailable, NoSpace) as exc:
+                    logger.warning("shard %d: node %r cannot take a replica: %s", shard_id, name, exc)
+                    failures.append(exc)
+                else:
+                    placed.append(name)
+                    return
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(count):
+                nursery.start_soon(fill_one_slot)
+        return placed, failures
+
+    # -- reading -----------------------------------------------------------
+    async def read(self, ref: ShardRef, offset: int, length: int) -> bytes:
+        """Bytes [offset, offset+length) of the shard, cut short at its end.
+
+        Reads only the blocks the range touches from the first replica in
+        ref.nodes that verifies; a whole-shard read also checks ref.checksum.
+        Raises DataError if no replica is good.
+        """
+        if offset < 0 or length < 0:
+            raise ValueError(f"invalid range ({offset}, {length})")
+        length = min(length, ref.length - offset)
+        if length <= 0:
+            return b""
+        whole = offset == 0 and length == ref.length
+        failures: list[str] = []
+        found_bad_replica = False
+        for node in ref.nodes:
+            store = self._stores.get(node)
+            if store is None:
+                logger.warning("shard %d: node %r is not a configured store; skipping it", ref.shard_id, node)
+                failures.append(f"{node}: not a configured store")
+                continue
+            try:
+                if whole:
+                    data = await self._read_whole(store, ref)
+                else:
+                    data = await self._read_range(store, ref, offset, length)
+            except StoreUnavailable as exc:
+                logger.warning("shard %d: node %r unavailable, trying the next replica: %s", ref.shard_id, node, exc)
+                failures.append(f"{node}: {exc}")
+            except (ShardMissing, replica.ReplicaCorrupt) as exc:
+                logger.warning("shard %d: bad replica on node %r, trying the next one: %s", ref.shard_id, node, exc)
+                failures.append(f"{node}: {exc}")
+                found_bad_replica = True
+            else:
+                if found_bad_replica:
+                    self._queue_repair(ref)
+                return data
+        raise DataError(f"shard {ref.shard_id}: no good replica: " + "; ".join(failures))
+
+    async def _read_whole(self, store: NodeStore, ref: ShardRef) -> bytes:
+        head, data = await self._read_replica(store, ref)
+        await self._hash_work(len(data), replica.verify_replica, head, data, ref.checksum, ref.length)
+        return data
+
+    async def _read_range(self, store: NodeStore, ref: ShardRef, offset: int, length: int) -> bytes:
+        window = replica.block_window(ref.length, self._block_size, offset, length)
+        table_entries, blocks = await store.read(ref.shard_id, [window.table_range, window.data_range])
+        await self._hash_work(len(blocks), replica.verify_blocks, window, table_entries, blocks)
+        start = offset - window.data_start
+        if start == 0 and length == len(blocks):
+            return blocks
+        return blocks[start : start + length]
+
+    async def _read_replica(self, store: NodeStore, ref: ShardRef) -> tuple[bytes, bytes]:
+        """The whole replica as (header and block table, data), unverified."""
+        split = replica.data_offset(ref.length, self._block_size)
+        head, data = await store.read(ref.shard_id, [(0, split), (split, -1)])
+        return head, data
+
+    def _queue_repair(self, ref: ShardRef) -> None:
+        if ref.shard_id in self._repair_pending:
+            return
+        try:
+            self._repair_send.send_nowait(ref)
+        except trio.WouldBlock:
+            logger.warning("shard %d: repair queue full, not queued (fsck or scrub will find it)", ref.shard_id)
+        else:
+            self._repair_pending.add(ref.shard_id)
+
+    # -- repair --------------------------------------------------------------
+    async def repair(self, ref: ShardRef, *, relocate: bool = False) -> RepairResult:
+        """Verify every replica in full and rewrite the missing or corrupt ones.
+
+        Bad replicas are rewritten in place from a verified one, with sync.
+        With `relocate`, replicas that still fall short of R afterwards (their
+        store is unavailable, full, or not configured) are made on the next
+        stores in placement order; the caller records the result's `nodes`.
+        """
+        good: list[str] = []
+        missing: list[str] = []
+        corrupt: list[str] = []
+        unreachable: list[str] = []
+        good_replica: list[Buffer] = []
+
+        async def check(node: str) -> None:
+            store = self._stores.get(node)
+            if store is None:
+                logger.warning("shard %d: node %r is not a configured store", ref.shard_id, node)
+                unreachable.append(node)
+                return
+            try:
+                head, data = await self._read_replica(store, ref)
+                await self._hash_work(len(data), replica.verify_replica, head, data, ref.checksum, ref.length)
+            except ShardMissing:
+                logger.warning("shard %d: replica missing on node %r", ref.shard_id, node)
+                missing.append(node)
+            except replica.ReplicaCorrupt as exc:
+                logger.warning("shard %d: corrupt replica on node %r: %s", ref.shard_id, node, exc)
+                corrupt.append(node)
+            except StoreUnavailable as exc:
+                logger.warning("shard %d: node %r unavailable: %s", ref.shard_id, node, exc)
+                unreachable.append(node)
+            else:
+                good.append(node)
+                if not good_replica:
+                    good_replica.extend((head, data))
+
+        async with trio.open_nursery() as nursery:
+            for node in dict.fromkeys(ref.nodes):
+                nursery.start_soon(check, node)
+
+        if not good_replica:
+            logger.error("shard %d: unrecoverable, no replica verifies on %s", ref.shard_id, ref.nodes)
+            return RepairResult(ref.shard_id, 0, len(missing), len(corrupt), len(unreachable), 0, ())
+
+        rewritten: list[str] = []
+
+        async def rewrite(node: str) -> None:
+            try:
+                await self._stores[node].put(ref.shard_id, good_replica, sync=True)
+            except (StoreUnavailable, NoSpace) as exc:
+                logger.warning("shard %d: could not rewrite the replica on node %r: %s", ref.shard_id, node, exc)
+            else:
+                logger.info("shard %d: rewrote the replica on node %r", ref.shard_id, node)
+                rewritten.append(node)
+
+        async with trio.open_nursery() as nursery:
+            for node in missing + corrupt:
+                nursery.start_soon(rewrite, node)
+
+        holders = set(good) | set(rewritten)
+        nodes = tuple(node for node in ref.nodes if node in holders)
+        relocated: list[str] = []
+        if relocate and len(nodes) < self._replicas:
+            candidates = [name for name in place(ref.shard_id, self._names) if name not in ref.nodes]
+            relocated, _ = await self._put_to_first_available(
+                ref.shard_id, good_replica, candidates, self._replicas - len(nodes), sync=True
+            )
+            nodes += tuple(name for name in candidates if name in relocated)
+            logger.info("shard %d: new replicas on %s", ref.shard_id, relocated)
+        return RepairResult(
+            ref.shard_id,
+            good=len(good),
+            missing=len(missing),
+            corrupt=len(corrupt),
+            unreachable=len(unreachable),
+            repaired=len(rewritten) + len(relocated),
+            nodes=nodes,
+        )
+
+    # -- deleting and syncing ----------------------------------------------
+    async def delete(self, shard_id: int, nodes: Sequence[str]) -> None:
+        """Delete the replicas on `nodes`; absent ones are fine.
+
+        Tries every store, then raises StoreUnavailable naming those that failed.
+        """
+        failures = await self._on_each_store(nodes, lambda store: store.delete(shard_id))
+        if failures:
+            raise StoreUnavailable(f"shard {shard_id}: could not delete replicas: " + "; ".join(failures))
+
+    async def sync(self, refs: Sequence[ShardRef]) -> None:
+        """Make replicas written with sync=False durable, one call per store.
+
+        Tries every store, then raises StoreUnavailable naming those that failed.
+        """
+        by_node: dict[str, list[int]] = collections.defaultdict(list)
+        for ref in refs:
+            for node in ref.nodes:
+                by_node[node].append(ref.shard_id)
+        failures = await self._on_each_store(list(by_node), lambda store: store.sync(by_node[store.name]))
+        if failures:
+            raise StoreUnavailable("could not sync replicas: " + "; ".join(failures))
+
+    async def _delete_quietly(self, shard_id: int, nodes: Sequence[str]) -> None:
+        """Delete replicas of a failed write; one left behind is an orphan for fsck."""
+        for failure in await self._on_each_store(nodes, lambda store: store.delete(shard_id)):
+            logger.warning("shard %d: could not delete a partial replica: %s", shard_id, failure)
+
+    async def _on_each_store(
+        self, nodes: Sequence[str], operation: Callable[[NodeStore], Awaitable[None]]
+    ) -> list[str]:
+        """Run `operation(store)` on the stores named `nodes` in parallel;
+        returns a description of each failure."""
+        failures: list[str] = []
+
+        async def run_on(node: str) -> None:
+            store = self._stores.get(node)
+            if store is None:
+                failures.append(f"{node}: not a configured store")
+                return
+            try:
+                await operation(store)
+            except (StoreUnavailable, NoSpace) as exc:
+                failures.append(f"{node}: {exc}")
+
+        async with trio.open_nursery() as nursery:
+            for node in dict.fromkeys(nodes):
+                nursery.start_soon(run_on, node)
+        return failures
+
+    @staticmethod
+    async def _hash_work(nbytes: int, function: Callable[..., _T], *args: object) -> _T:
+        """Run checksum work on the trio thread if small, else in a worker thread."""
+        if nbytes < _HASH_IN_THREAD_BYTES:
+            return function(*args)
+        return await trio.to_thread.run_sync(function, *args)
