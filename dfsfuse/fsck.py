@@ -1,0 +1,113 @@
+"""`dfsfuse fsck`: reconcile the metadata with the node stores, and repair.
+
+It runs only while the file system is not mounted (it takes the data dir's
+lock), and in this order, each step safe to interrupt and run again:
+1. inodes left with no name by a crash are deleted (their shards become garbage);
+2. garbage shards have their replicas deleted;
+3. every live shard's replicas are read in full and verified; missing or
+   corrupt ones are rewritten from a good replica (and re-placed when their
+   store cannot take them), and the metadata records where they now are;
+4. replica files that no metadata refers to (orphans, e.g. from a crash between
+   storing a shard and committing it) are deleted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import trio
+
+from .config import Config
+from .datadir import DataDirLock, mountpoint_of, require_file_system
+from .errors import DfsError
+from .runtime import open_components
+from .status import SHARD_PAGE, replica_ids
+
+
+@dataclasses.dataclass
+class FsckReport:
+    shards: int = 0
+    missing: int = 0
+    corrupt: int = 0
+    orphans: int = 0
+    repaired: int = 0
+    orphans_removed: int = 0
+    unrecoverable: int = 0
+    deleted_inodes: int = 0
+
+    def summary(self) -> str:
+        return (
+            f"fsck: {self.shards} shards checked, {self.missing} replicas missing, {self.corrupt} corrupt, "
+            f"{self.orphans} orphan; repaired {self.repaired}, removed {self.orphans_removed} orphans, "
+            f"{self.unrecoverable} unrecoverable"
+        )
+
+
+def fsck(config: Config) -> int:
+    require_file_system(config)
+    lock = DataDirLock(config.lock_path)
+    where = mountpoint_of(config)
+    lock.acquire(f"it is mounted{' at ' + where if where else ''}; unmount it first")
+    try:
+        report = trio.run(_fsck, config)
+    finally:
+        lock.release()
+    print(report.summary())
+    return 1 if report.unrecoverable else 0
+
+
+async def _fsck(config: Config) -> FsckReport:
+    report = FsckReport()
+    async with open_components(config, cached=False) as parts:
+        meta, replicator = parts.meta, parts.replicator
+        for inode in await meta.orphan_inodes():
+            await meta.delete_inode(inode)
+            report.deleted_inodes += 1
+        if report.deleted_inodes:
+            print(f"deleted {report.deleted_inodes} inodes that had no name left")
+
+        garbage_ids: set[int] = set()
+        while batch := [g for g in await meta.garbage(SHARD_PAGE) if g[0] not in garbage_ids]:
+            done = []
+            for shard_id, nodes in batch:
+                try:
+                    await replicator.delete(shard_id, nodes)
+                    done.append(shard_id)
+                except DfsError as error:
+                    print(f"garbage shard {shard_id}: {error}")
+                    garbage_ids.add(shard_id)
+            await meta.forget_garbage(done)
+
+        live: set[int] = set()
+        after = -1
+        while page := await meta.shards(after, SHARD_PAGE):
+            for record in page:
+                ref = record.ref
+                live.add(ref.shard_id)
+                report.shards += 1
+                result = await replicator.repair(ref, relocate=True)
+                report.missing += result.missing
+                report.corrupt += result.corrupt
+                report.repaired += result.repaired
+                if result.unrecoverable:
+                    report.unrecoverable += 1
+                    print(f"inode {record.inode} shard {ref.shard_id} (index {record.index}): no good replica")
+                elif result.nodes != ref.nodes:
+                    await meta.set_shard_nodes(ref.shard_id, result.nodes)
+            after = page[-1].ref.shard_id
+
+        for store in parts.stores:
+            try:
+                held = await replica_ids(store)
+            except DfsError as error:
+                print(f"node {store.name}: cannot list replicas: {error}")
+                continue
+            for shard_id in sorted(held - live - garbage_ids):
+                report.orphans += 1
+                try:
+                    await store.delete(shard_id)
+                    report.orphans_removed += 1
+                except DfsError as error:
+                    print(f"node {store.name}: orphan shard {shard_id} not removed: {error}")
+        await meta.sync()
+    return report

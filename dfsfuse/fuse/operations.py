@@ -1,0 +1,270 @@
+"""The FUSE adapter: the only module that imports pyfuse3.
+
+Each handler converts one kernel request into one FileSystem call and its
+result into pyfuse3's types; a DfsError becomes FUSEError(errno). Anything
+else is a bug: it is logged with its traceback and the request fails with EIO
+instead of ending the main loop.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+from typing import Awaitable, Callable, TypeVar
+
+import pyfuse3
+
+from ..errors import DfsError
+from ..metadata.base import AttrChanges, InodeAttrs
+from ..vfs.filesystem import Caller, FileSystem
+
+log = logging.getLogger("dfsfuse.fuse")
+
+# This mount is the only writer of its metadata, so the kernel may cache
+# attributes and names for a while; every change goes through the kernel.
+ATTR_TIMEOUT = 5.0
+ENTRY_TIMEOUT = 5.0
+READDIR_PAGE = 1000
+
+# Offsets in the kernel's readdir stream: 1 and 2 follow "." and "..", and an
+# entry's own offset from the metadata store is shifted past them.
+_DOT_ENTRIES = 2
+
+T = TypeVar("T")
+
+
+def _translate_errors(handler: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    @functools.wraps(handler)
+    async def wrapper(*args, **kwargs):
+        try:
+            return await handler(*args, **kwargs)
+        except DfsError as error:
+            raise pyfuse3.FUSEError(error.errno) from None
+        except pyfuse3.FUSEError:
+            raise
+        except Exception:
+            log.exception("internal error in %s", handler.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+def _entry(attrs: InodeAttrs) -> pyfuse3.EntryAttributes:
+    entry = pyfuse3.EntryAttributes()
+    entry.st_ino = attrs.inode
+    entry.generation = 0
+    entry.entry_timeout = ENTRY_TIMEOUT
+    entry.attr_timeout = ATTR_TIMEOUT
+    entry.st_mode = attrs.mode
+    entry.st_nlink = attrs.nlink
+    entry.st_uid = attrs.uid
+    entry.st_gid = attrs.gid
+    entry.st_rdev = attrs.rdev
+    entry.st_size = attrs.size
+    entry.st_blksize = 128 * 1024
+    entry.st_blocks = attrs.blocks
+    entry.st_atime_ns = attrs.atime_ns
+    entry.st_mtime_ns = attrs.mtime_ns
+    entry.st_ctime_ns = attrs.ctime_ns
+    return entry
+
+
+def _caller(ctx: pyfuse3.RequestContext) -> Caller:
+    return Caller(uid=ctx.uid, gid=ctx.gid, umask=ctx.umask)
+
+
+class Operations(pyfuse3.Operations):
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, fs: FileSystem):
+        super().__init__()
+        self.fs = fs
+
+    @_translate_errors
+    async def lookup(self, parent_inode, name, ctx=None):
+        return _entry(await self.fs.lookup(parent_inode, name))
+
+    async def forget(self, inode_list):
+        for inode, count in inode_list:
+            try:
+                await self.fs.forget(inode, count)
+            except Exception:  # forget has no request to fail; never end the loop
+                log.exception("forget of inode %d failed", inode)
+
+    @_translate_errors
+    async def getattr(self, inode, ctx=None):
+        return _entry(await self.fs.getattr(inode))
+
+    @_translate_errors
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        changes = AttrChanges(
+            mode=attr.st_mode & 0o7777 if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+        )
+        size = attr.st_size if fields.update_size else None
+        return _entry(await self.fs.setattr(inode, changes, size))
+
+    @_translate_errors
+    async def readlink(self, inode, ctx):
+        return await self.fs.readlink(inode)
+
+    @_translate_errors
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        return _entry(await self.fs.create_node(parent_inode, name, mode, _caller(ctx), rdev=rdev))
+
+    @_translate_errors
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        return _entry(await self.fs.create_node(parent_inode, name, (mode & 0o7777) | 0o040000, _caller(ctx)))
+
+    @_translate_errors
+    async def symlink(self, parent_inode, name, target, ctx):
+        return _entry(await self.fs.create_node(parent_inode, name, 0o120777, _caller(ctx), target=target))
+
+    @_translate_errors
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        return _entry(await self.fs.link(inode, new_parent_inode, new_name))
+
+    @_translate_errors
+    async def unlink(self, parent_inode, name, ctx):
+        await self.fs.unlink(parent_inode, name)
+
+    @_translate_errors
+    async def rmdir(self, parent_inode, name, ctx):
+        await self.fs.rmdir(parent_inode, name)
+
+    @_translate_errors
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        # pyfuse3's RENAME_* equal the metadata interface's (and Linux's) values.
+        await self.fs.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+
+    @_translate_errors
+    async def open(self, inode, flags, ctx):
+        handle = await self.fs.open(inode, flags)
+        return pyfuse3.FileInfo(fh=handle, keep_cache=True)
+
+    @_translate_errors
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        handle, attrs = await self.fs.create(parent_inode, name, mode, flags, _caller(ctx))
+        return pyfuse3.FileInfo(fh=handle, keep_cache=True), _entry(attrs)
+
+    @_translate_errors
+    async def read(self, fh, off, size):
+        return await self.fs.read(fh, off, size)
+
+    @_translate_errors
+    async def write(self, fh, off, buf):
+        return await self.fs.write(fh, off, buf)
+
+    @_translate_errors
+    async def flush(self, fh):
+        await self.fs.flush(fh)
+
+    @_translate_errors
+    async def release(self, fh):
+        await self.fs.release(fh)
+
+    @_translate_errors
+    async def fsync(self, fh, datasync):
+        await self.fs.fsync(fh, datasync)
+
+    @_translate_errors
+    async def opendir(self, inode, ctx):
+        attrs = await self.fs.getattr(inode)
+        if attrs.mode & 0o170000 != 0o040000:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    @_translate_errors
+    async def readdir(self, fh, start_id, token):
+        inode = fh
+        if start_id < 1:
+            if not pyfuse3.readdir_reply(token, b".", _entry(await self.fs.getattr(inode)), 1):
+                return
+            start_id = 1
+        if start_id < 2:
+            parent = await self.fs.getattr_of_parent(inode)
+            if not pyfuse3.readdir_reply(token, b"..", _entry(parent), 2):
+                return
+        after = max(0, start_id - _DOT_ENTRIES)
+        while True:
+            entries = await self.fs.readdir(inode, after, READDIR_PAGE)
+            for entry in entries:
+                if not pyfuse3.readdir_reply(token, entry.name, _entry(entry.attrs), entry.offset + _DOT_ENTRIES):
+                    return
+                self.fs.add_ref(entry.attrs.inode)
+            if len(entries) < READDIR_PAGE:
+                return
+            after = entries[-1].offset
+
+    async def releasedir(self, fh):
+        return None
+
+    @_translate_errors
+    async def fsyncdir(self, fh, datasync):
+        await self.fs.fsync_metadata()
+
+    @_translate_errors
+    async def statfs(self, ctx):
+        stats = await self.fs.statfs()
+        result = pyfuse3.StatvfsData()
+        result.f_bsize = stats.block_size
+        result.f_frsize = stats.block_size
+        result.f_blocks = stats.blocks
+        result.f_bfree = stats.blocks_free
+        result.f_bavail = stats.blocks_free
+        result.f_files = stats.files
+        result.f_ffree = stats.files_free
+        result.f_favail = stats.files_free
+        result.f_namemax = stats.name_max
+        return result
+
+    @_translate_errors
+    async def setxattr(self, inode, name, value, ctx):
+        # pyfuse3 does not pass XATTR_CREATE/XATTR_REPLACE; plain set semantics.
+        await self.fs.setxattr(inode, name, value, 0)
+
+    @_translate_errors
+    async def getxattr(self, inode, name, ctx):
+        return await self.fs.getxattr(inode, name)
+
+    @_translate_errors
+    async def listxattr(self, inode, ctx):
+        return await self.fs.listxattr(inode)
+
+    @_translate_errors
+    async def removexattr(self, inode, name, ctx):
+        await self.fs.removexattr(inode, name)
+
+
+def mount_options(fsname: str, extra: list[str]) -> set[str]:
+    """The FUSE mount options: ours plus the user's -o list."""
+    options = set(pyfuse3.default_options)
+    options.add(f"fsname={fsname}")
+    options.add("subtype=dfsfuse")
+    options.update(extra)
+    return options
+
+
+def start(operations: Operations, mountpoint: str, options: set[str]) -> None:
+    """Mount: after this the kernel queues requests until `serve` runs."""
+    pyfuse3.init(operations, mountpoint, options)
+
+
+async def serve() -> None:
+    """Answer kernel requests until the file system is unmounted."""
+    await pyfuse3.main(min_tasks=8, max_tasks=64)
+
+
+def stop(unmount: bool) -> None:
+    pyfuse3.close(unmount=unmount)
+
+
+def terminate() -> None:
+    """Make `serve` return (from a signal handler), which unmounts at close."""
+    pyfuse3.terminate()

@@ -1,0 +1,216 @@
+"""The composition root: build the stores and metadata, mount, serve, unmount.
+
+`mount` checks everything a person can get wrong before anything is mounted,
+takes the data directory's lock (one mount per data directory), and, unless
+asked to stay in the foreground, forks a daemon that reports back through a
+pipe: the command returns only when the file system is mounted, or prints
+the daemon's one-line error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import logging
+import os
+import signal
+import subprocess
+import sys
+from typing import AsyncIterator, Callable
+
+import trio
+
+from .config import Config
+from .datadir import DataDirLock, mountpoint_of, prepare_data_dir
+from .errors import DfsError, UserError
+from .metadata.base import MetadataStore
+from .metadata.cache import CachedMetadata
+from .metadata.sqlite import SqliteMetadata
+from .shards.replicator import Replicator
+from .storage.base import NodeStore
+from .storage.local import LocalStore
+
+log = logging.getLogger("dfsfuse")
+
+MOUNT_OPTIONS = {"allow_other", "ro", "rw", "nosuid", "suid", "nodev", "dev", "noexec", "exec", "noatime"}
+
+
+@dataclasses.dataclass
+class Components:
+    meta: MetadataStore
+    stores: list[NodeStore]
+    replicator: Replicator
+
+
+@contextlib.asynccontextmanager
+async def open_components(config: Config, cached: bool) -> AsyncIterator[Components]:
+    """Open the metadata engine and node stores of a data directory."""
+    try:
+        engine = await SqliteMetadata.open(str(config.metadata_path))
+    except OSError as error:
+        raise UserError(f"cannot open metadata {config.metadata_path}: {error.strerror or error}") from None
+    meta: MetadataStore = CachedMetadata(engine, config.metadata_entries) if cached else engine
+    stores: list[NodeStore] = []
+    try:
+        for node in config.nodes:
+            try:
+                stores.append(await LocalStore.open(node.name, str(node.path)))
+            except (OSError, DfsError) as error:
+                raise UserError(f"node store {node.name} at {node.path} cannot be used: {_reason(error)}") from None
+        yield Components(meta, stores, Replicator(stores, config.replicas, config.block_size))
+    finally:
+        with trio.CancelScope(shield=True):
+            for store in stores:
+                await store.close()
+            await meta.close()
+
+
+def _reason(error: BaseException) -> str:
+    return getattr(error, "strerror", None) or str(error) or type(error).__name__
+
+
+def check_mountpoint(path: str) -> str:
+    """The absolute mount point, or a UserError saying what is wrong with it."""
+    mountpoint = os.path.abspath(path)
+    if _is_dead_mount(mountpoint):
+        # A crashed mount leaves ENOTCONN behind; a lazy unmount clears it.
+        result = subprocess.run(["fusermount3", "-u", "-z", mountpoint], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise UserError(
+                f"{mountpoint} is a dead mount (its process ended); run: fusermount3 -u -z {mountpoint}"
+            )
+        print(f"dfsfuse: cleared the dead mount left at {mountpoint}", file=sys.stderr)
+    if not os.path.lexists(mountpoint):
+        raise UserError(f"mount point {mountpoint} does not exist (create it with: mkdir -p {mountpoint})")
+    if not os.path.isdir(mountpoint):
+        raise UserError(f"mount point {mountpoint} is not a directory")
+    if os.path.ismount(mountpoint):
+        raise UserError(f"{mountpoint} is already a mount point; unmount it first")
+    return mountpoint
+
+
+def _is_dead_mount(path: str) -> bool:
+    try:
+        os.stat(path)
+    except OSError as error:
+        return error.errno == errno.ENOTCONN
+    return False
+
+
+def parse_mount_options(raw: list[str]) -> list[str]:
+    options = [opt for group in raw for opt in group.split(",") if opt]
+    for option in options:
+        if option not in MOUNT_OPTIONS:
+            allowed = ", ".join(sorted(MOUNT_OPTIONS))
+            raise UserError(f"unsupported mount option {option!r} (supported: {allowed})")
+    return [opt for opt in options if opt != "rw"]
+
+
+def mount(config: Config, mountpoint: str, options: list[str], foreground: bool) -> int:
+    mountpoint = check_mountpoint(mountpoint)
+    options = parse_mount_options(options)
+    prepare_data_dir(config)
+    lock = DataDirLock(config.lock_path)
+    active = mountpoint_of(config)
+    lock.acquire(f"it is mounted at {active}; unmount it first" if active else "stop that process first")
+    if foreground:
+        _log_to(sys.stderr)
+        lock.write_pid()
+        return _run_mount(config, mountpoint, options, ready=lambda: None)
+    return _daemonize(config, mountpoint, options, lock)
+
+
+def _daemonize(config: Config, mountpoint: str, options: list[str], lock: DataDirLock) -> int:
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(write_end)
+        lock.release()  # the daemon's inherited descriptor keeps the lock
+        report = b""
+        while chunk := os.read(read_end, 4096):
+            report += chunk
+        os.close(read_end)
+        if report == b"ok":
+            return 0
+        message = report.decode(errors="replace").strip()
+        if not message:
+            message = f"the mount process ended before the file system was ready; see {config.log_path}"
+        raise UserError(message)
+    os.close(read_end)
+    os.setsid()
+    _detach_stdio()
+    _log_to(open(config.log_path, "a", buffering=1))
+    lock.write_pid()
+
+    def ready() -> None:
+        os.write(write_end, b"ok")
+        os.close(write_end)
+
+    try:
+        code = _run_mount(config, mountpoint, options, ready)
+    except UserError as error:
+        log.error("%s", error)
+        os.write(write_end, str(error).encode())
+        code = error.exit_code
+    except BaseException:
+        log.exception("the mount process failed")
+        code = 1
+    os._exit(code)
+
+
+def _detach_stdio() -> None:
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+
+
+def _log_to(stream) -> None:
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+
+
+def _run_mount(config: Config, mountpoint: str, options: list[str], ready: Callable[[], None]) -> int:
+    # Imported here so status/fsck never load pyfuse3.
+    from .fuse import operations as fuse
+    from .vfs.filesystem import FileSystem
+
+    async def main() -> int:
+        async with open_components(config, cached=True) as parts:
+            fs = FileSystem(parts.meta, parts.replicator, parts.stores, config)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(parts.replicator.run)
+                await nursery.start(fs.run)
+                try:
+                    fuse.start(fuse.Operations(fs), mountpoint, fuse.mount_options(f"dfsfuse:{config.data_dir}", options))
+                except RuntimeError as error:
+                    raise UserError(f"cannot mount at {mountpoint}: {error}") from None
+                log.info("mounted %s at %s", config.data_dir, mountpoint)
+                ready()
+                stopped_by_signal = False
+
+                async def stop_on_signal() -> None:
+                    nonlocal stopped_by_signal
+                    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+                        async for signum in signals:
+                            log.info("signal %d: unmounting", signum)
+                            stopped_by_signal = True
+                            fuse.terminate()
+                            return
+
+                nursery.start_soon(stop_on_signal)
+                try:
+                    await fuse.serve()
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await fs.shutdown()
+                        fuse.stop(unmount=stopped_by_signal)
+                nursery.cancel_scope.cancel()
+        log.info("unmounted cleanly")
+        return 0
+
+    return trio.run(main)

@@ -1,0 +1,423 @@
+"""POSIX semantics over the metadata store and shard I/O, free of FUSE.
+
+The FUSE adapter converts each kernel request into one call here. This layer
+adds what neither the metadata engine nor the stores know about: open files
+and their contents, kernel references (lookup counts) that keep an unlinked
+inode alive, ownership rules for new inodes (umask, setgid directories), name
+limits, and the background garbage collector that deletes replicas of shards
+nothing refers to any more.
+
+An inode whose last name is removed is deleted only when no handle has it
+open and the kernel holds no reference to it; if the mount dies first, the
+next mount deletes it (`orphan_inodes`).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import errno
+import logging
+import os
+import stat
+import time
+from typing import Sequence
+
+import trio
+
+from ..config import Config
+from ..errors import DfsError, InvalidArgument, NameTooLong, NotFound
+from ..metadata.base import AttrChanges, DirEntry, InodeAttrs, MetadataStore
+from ..shards.cache import ShardCache
+from ..shards.replicator import Replicator
+from ..storage.base import NodeStore
+from ..write.buffer import BufferKey, WriteBudget
+from ..write.flusher import Flusher
+from .contents import ContentServices, FileContents
+
+log = logging.getLogger("dfsfuse.vfs")
+
+NAME_MAX = 255
+GARBAGE_BATCH = 512
+
+
+@dataclasses.dataclass(frozen=True)
+class Caller:
+    """Who makes a request: the process's fsuid, fsgid and umask."""
+
+    uid: int
+    gid: int
+    umask: int = 0o022
+
+
+@dataclasses.dataclass(frozen=True)
+class FsStats:
+    block_size: int
+    blocks: int
+    blocks_free: int
+    files: int
+    files_free: int
+    name_max: int = NAME_MAX
+
+
+@dataclasses.dataclass
+class Handle:
+    contents: FileContents
+    flags: int
+    next_offset: int = 0  # where a sequential reader would read next
+
+
+class FileSystem:
+    def __init__(self, meta: MetadataStore, replicator: Replicator, stores: Sequence[NodeStore], config: Config):
+        self._meta = meta
+        self._replicator = replicator
+        self._stores = list(stores)
+        self._config = config
+        self._files: dict[int, FileContents] = {}
+        self._handles: dict[int, Handle] = {}
+        self._next_handle = 1
+        self._refs: collections.Counter[int] = collections.Counter()
+        self._unlinked: set[int] = set()
+        self._services: ContentServices | None = None
+
+    # -- lifecycle -------------------------------------------------------------
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Serve background work (flushes, read-ahead, garbage) until cancelled."""
+        async with trio.open_nursery() as nursery:
+            budget = WriteBudget(self._config.write_buffer_bytes, self._evict)
+            self._services = ContentServices(
+                meta=self._meta,
+                replicator=self._replicator,
+                flusher=Flusher(self._meta, self._replicator),
+                cache=ShardCache(self._config.shard_cache_bytes),
+                budget=budget,
+                shard_size=self._config.shard_size,
+                nursery=nursery,
+            )
+            for inode in await self._meta.orphan_inodes():
+                log.info("deleting inode %d, unlinked while open when the file system last stopped", inode)
+                await self._meta.delete_inode(inode)
+            await self._collect_garbage()
+            nursery.start_soon(self._garbage_collector)
+            task_status.started()
+            await trio.sleep_forever()
+
+    async def shutdown(self) -> None:
+        """After the kernel let go: write everything, delete what is unreferenced."""
+        for contents in list(self._files.values()):
+            try:
+                await contents.flush(sync=True)
+            except DfsError as error:
+                log.error("inode %d: data could not be stored at unmount: %s", contents.inode, error)
+        self._handles.clear()
+        self._files.clear()
+        self._refs.clear()
+        for inode in sorted(self._unlinked):
+            await self._meta.delete_inode(inode)
+        self._unlinked.clear()
+        await self._collect_garbage()
+        await self._meta.sync()
+        await trio.to_thread.run_sync(os.sync)
+
+    @property
+    def services(self) -> ContentServices:
+        if self._services is None:
+            raise RuntimeError("FileSystem.run has not started")
+        return self._services
+
+    def _evict(self, key: BufferKey) -> None:
+        inode, index = key
+        contents = self._files.get(inode)
+        if contents is not None:
+            contents.start_background_flush(index)
+
+    # -- kernel references -----------------------------------------------------
+    def add_ref(self, inode: int, count: int = 1) -> None:
+        self._refs[inode] += count
+
+    async def forget(self, inode: int, count: int) -> None:
+        remaining = self._refs[inode] - count
+        if remaining > 0:
+            self._refs[inode] = remaining
+            return
+        del self._refs[inode]
+        await self._delete_if_unreferenced(inode)
+
+    async def _delete_if_unreferenced(self, inode: int) -> None:
+        if inode in self._unlinked and not self._refs[inode] and inode not in self._files:
+            self._unlinked.discard(inode)
+            await self._meta.delete_inode(inode)
+            self.services.note_garbage()
+
+    def _note_links(self, attrs: InodeAttrs | None) -> None:
+        if attrs is not None and attrs.nlink == 0:
+            self._unlinked.add(attrs.inode)
+
+    # -- names -----------------------------------------------------------------
+    async def lookup(self, parent: int, name: bytes) -> InodeAttrs:
+        _check_name(name)
+        attrs = self._overlay(await self._meta.lookup(parent, name))
+        self.add_ref(attrs.inode)
+        return attrs
+
+    async def getattr(self, inode: int) -> InodeAttrs:
+        return self._overlay(await self._meta.getattr(inode))
+
+    async def getattr_of_parent(self, inode: int) -> InodeAttrs:
+        """The attributes of a directory's parent, without a kernel reference."""
+        return self._overlay(await self._meta.lookup(inode, b".."))
+
+    def _overlay(self, attrs: InodeAttrs) -> InodeAttrs:
+        """Attributes with the not yet committed size and times of an open file."""
+        contents = self._files.get(attrs.inode)
+        if contents is None:
+            return attrs
+        return dataclasses.replace(
+            attrs, size=contents.size, mtime_ns=contents.mtime_ns, ctime_ns=max(attrs.ctime_ns, contents.ctime_ns)
+        )
+
+    async def create_node(
+        self, parent: int, name: bytes, mode: int, caller: Caller, rdev: int = 0, target: bytes = b""
+    ) -> InodeAttrs:
+        """mknod, mkdir and symlink: a new inode owned by the caller."""
+        _check_name(name)
+        parent_attrs = await self._meta.getattr(parent)
+        mode, gid = _new_mode_and_group(parent_attrs, mode, caller)
+        attrs = await self._meta.create(
+            parent, name, mode, caller.uid, gid, time.time_ns(), rdev=rdev, target=target
+        )
+        self.add_ref(attrs.inode)
+        return attrs
+
+    async def link(self, inode: int, new_parent: int, new_name: bytes) -> InodeAttrs:
+        _check_name(new_name)
+        attrs = self._overlay(await self._meta.link(inode, new_parent, new_name, time.time_ns()))
+        self._unlinked.discard(inode)
+        self.add_ref(inode)
+        return attrs
+
+    async def unlink(self, parent: int, name: bytes) -> None:
+        _check_name(name)
+        attrs = await self._meta.unlink(parent, name, time.time_ns())
+        self._note_links(attrs)
+        await self._delete_if_unreferenced(attrs.inode)
+
+    async def rmdir(self, parent: int, name: bytes) -> None:
+        _check_name(name)
+        if name == b".":
+            raise InvalidArgument("cannot remove '.'")
+        attrs = await self._meta.rmdir(parent, name, time.time_ns())
+        self._note_links(attrs)
+        await self._delete_if_unreferenced(attrs.inode)
+
+    async def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, flags: int) -> None:
+        _check_name(old_name)
+        _check_name(new_name)
+        replaced = await self._meta.rename(old_parent, old_name, new_parent, new_name, flags, time.time_ns())
+        if replaced is not None:
+            self._note_links(replaced)
+            await self._delete_if_unreferenced(replaced.inode)
+
+    async def readlink(self, inode: int) -> bytes:
+        attrs = await self._meta.getattr(inode)
+        if not stat.S_ISLNK(attrs.mode):
+            raise InvalidArgument("not a symbolic link")
+        return attrs.target
+
+    async def readdir(self, inode: int, after: int, limit: int) -> list[DirEntry]:
+        entries = await self._meta.readdir(inode, after, limit)
+        return [dataclasses.replace(entry, attrs=self._overlay(entry.attrs)) for entry in entries]
+
+    # -- attributes ------------------------------------------------------------
+    async def setattr(self, inode: int, changes: AttrChanges, size: int | None) -> InodeAttrs:
+        if size is not None:
+            await self._truncate(inode, size)
+        if changes != AttrChanges() or size is None:
+            attrs = await self._meta.setattr(inode, changes, time.time_ns())
+            contents = self._files.get(inode)
+            if contents is not None:
+                contents.mtime_ns, contents.ctime_ns = attrs.mtime_ns, attrs.ctime_ns
+        return await self.getattr(inode)
+
+    async def _truncate(self, inode: int, size: int) -> None:
+        if size < 0:
+            raise InvalidArgument("negative size")
+        contents = self._files.get(inode)
+        if contents is not None:
+            await contents.truncate(size)
+            return
+        attrs = await self._meta.getattr(inode)
+        if stat.S_ISDIR(attrs.mode):
+            raise DfsError("cannot truncate a directory", errno.EISDIR)
+        if not stat.S_ISREG(attrs.mode):
+            raise InvalidArgument("only regular files can be truncated")
+        contents = FileContents(attrs, await self._meta.shard_map(inode), self.services)
+        await contents.truncate(size)
+
+    async def statfs(self) -> FsStats:
+        capacity_by_device: dict[str, tuple[int, int]] = {}
+        for store in self._stores:
+            try:
+                info = await store.stat()
+            except DfsError as error:
+                log.warning("statfs: node store %s: %s", store.name, error)
+                continue
+            capacity_by_device[info.device or store.name] = (info.capacity, info.free)
+        capacity = sum(c for c, _ in capacity_by_device.values()) // self._config.replicas
+        free = sum(f for _, f in capacity_by_device.values()) // self._config.replicas
+        usage = await self._meta.usage()
+        block = 4096
+        files = max(2**32, usage.inodes * 2)
+        return FsStats(block, capacity // block, free // block, files, files - usage.inodes)
+
+    # -- extended attributes ---------------------------------------------------
+    async def setxattr(self, inode: int, name: bytes, value: bytes, flags: int) -> None:
+        _check_xattr_name(name)
+        await self._meta.setxattr(inode, name, value, flags, time.time_ns())
+
+    async def getxattr(self, inode: int, name: bytes) -> bytes:
+        _check_xattr_name(name)
+        return await self._meta.getxattr(inode, name)
+
+    async def listxattr(self, inode: int) -> list[bytes]:
+        return await self._meta.listxattr(inode)
+
+    async def removexattr(self, inode: int, name: bytes) -> None:
+        _check_xattr_name(name)
+        await self._meta.removexattr(inode, name, time.time_ns())
+
+    # -- open files ------------------------------------------------------------
+    async def open(self, inode: int, flags: int) -> int:
+        contents = self._files.get(inode)
+        if contents is None:
+            attrs = await self._meta.getattr(inode)
+            if not stat.S_ISREG(attrs.mode):
+                raise DfsError("not a regular file", errno.EISDIR if stat.S_ISDIR(attrs.mode) else errno.EINVAL)
+            shard_map = await self._meta.shard_map(inode)
+            contents = self._files.get(inode)  # another open may have won the race
+            if contents is None:
+                contents = self._files[inode] = FileContents(attrs, shard_map, self.services)
+        contents.open_count += 1
+        handle = self._next_handle
+        self._next_handle += 1
+        self._handles[handle] = Handle(contents, flags)
+        return handle
+
+    async def create(self, parent: int, name: bytes, mode: int, flags: int, caller: Caller) -> tuple[int, InodeAttrs]:
+        attrs = await self.create_node(parent, name, stat.S_IFREG | stat.S_IMODE(mode), caller)
+        return await self.open(attrs.inode, flags), attrs
+
+    def _handle(self, handle: int) -> Handle:
+        try:
+            return self._handles[handle]
+        except KeyError:
+            raise DfsError("bad file handle", errno.EBADF) from None
+
+    async def read(self, handle: int, offset: int, size: int) -> bytes:
+        entry = self._handle(handle)
+        sequential = offset == entry.next_offset and offset > 0
+        entry.next_offset = offset + size
+        return await entry.contents.read(offset, size, sequential)
+
+    async def write(self, handle: int, offset: int, data: bytes) -> int:
+        return await self._handle(handle).contents.write(offset, data)
+
+    async def flush(self, handle: int) -> None:
+        await self._handle(handle).contents.flush(sync=False)
+
+    async def fsync(self, handle: int, datasync: bool) -> None:
+        await self._handle(handle).contents.flush(sync=True)
+
+    async def fsync_metadata(self) -> None:
+        """fsyncdir: directory changes are committed per call; make them durable."""
+        await self._meta.sync()
+
+    async def release(self, handle: int) -> None:
+        entry = self._handles.pop(handle, None)
+        if entry is None:
+            return
+        contents = entry.contents
+        contents.open_count -= 1
+        if contents.open_count:
+            return
+        try:
+            if not contents.is_clean:
+                await contents.flush(sync=False)
+        finally:
+            if not contents.open_count and contents.is_clean and self._files.get(contents.inode) is contents:
+                del self._files[contents.inode]
+                await self._delete_if_unreferenced(contents.inode)
+
+    # -- garbage -----------------------------------------------------------------
+    async def _garbage_collector(self) -> None:
+        while True:
+            event = self.services.garbage_added
+            await event.wait()
+            self.services.garbage_added = trio.Event()
+            if not await self._collect_garbage():
+                await trio.sleep(1)  # some shards were still being read or unreachable
+                self.services.note_garbage()
+
+    async def _collect_garbage(self) -> bool:
+        """Delete replicas of unreferenced shards; False if some had to wait."""
+        complete = True
+        after_skipped: set[int] = set()
+        while True:
+            batch = [g for g in await self._meta.garbage(GARBAGE_BATCH) if g[0] not in after_skipped]
+            if not batch:
+                return complete
+            deleted = []
+            for shard_id, nodes in batch:
+                if self._services is not None and shard_id in self._services.reads_in_flight:
+                    after_skipped.add(shard_id)
+                    complete = False
+                    continue
+                try:
+                    await self._replicator.delete(shard_id, nodes)
+                except DfsError as error:
+                    log.warning("shard %d: replicas not deleted yet: %s", shard_id, error)
+                    after_skipped.add(shard_id)
+                    complete = False
+                    continue
+                deleted.append(shard_id)
+            if deleted:
+                await self._meta.forget_garbage(deleted)
+            elif len(batch) < GARBAGE_BATCH:
+                return complete
+
+
+def _check_name(name: bytes) -> None:
+    if len(name) > NAME_MAX:
+        raise NameTooLong(f"name longer than {NAME_MAX} bytes")
+    if not name or b"/" in name:
+        raise NotFound("invalid name")
+
+
+def _check_xattr_name(name: bytes) -> None:
+    if not name or len(name) > 255:
+        raise DfsError("bad extended attribute name", errno.ERANGE if name else errno.EINVAL)
+    if name.startswith(b"system."):
+        # POSIX ACLs and other system attributes are not supported; tools such
+        # as cp -a treat ENOTSUP as "nothing to copy".
+        raise DfsError("system attributes are not supported", errno.EOPNOTSUPP)
+
+
+def _new_mode_and_group(parent: InodeAttrs, mode: int, caller: Caller) -> tuple[int, int]:
+    """Mode after umask and the group of a new inode, as Linux decides them.
+
+    A setgid directory passes its group on (and, to subdirectories, the setgid
+    bit itself); a new file keeps its own setgid bit only if the caller is in
+    its group or is root.
+    """
+    file_type = stat.S_IFMT(mode)
+    permissions = stat.S_IMODE(mode)
+    if not stat.S_ISLNK(mode):
+        permissions &= ~caller.umask
+    gid = caller.gid
+    if parent.mode & stat.S_ISGID:
+        gid = parent.gid
+        if stat.S_ISDIR(mode):
+            permissions |= stat.S_ISGID
+        elif permissions & stat.S_ISGID and caller.uid != 0 and caller.gid != gid:
+            permissions &= ~stat.S_ISGID
+    return file_type | permissions, gid
