@@ -20,15 +20,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import sys
+import tomllib
 from pathlib import Path
 
 from .errors import UserError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on Debian 12 / Ubuntu 22.04 only
-    import tomli as tomllib
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -175,7 +170,8 @@ def _expect(table: dict, key: str, kind: type, default: object = None):
         return default
     value = table[key]
     if not isinstance(value, kind) or isinstance(value, bool):
-        raise UserError(f"config: {key} must be a {kind.__name__}, not {value!r}")
+        noun = {int: "an integer", str: "a string"}.get(kind, kind.__name__)
+        raise UserError(f"config: {key} must be {noun}, not {value!r}")
     return value
 
 

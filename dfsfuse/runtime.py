@@ -213,4 +213,15 @@ def _run_mount(config: Config, mountpoint: str, options: list[str], ready: Calla
         log.info("unmounted cleanly")
         return 0
 
-    return trio.run(main)
+    try:
+        return trio.run(main)
+    except BaseExceptionGroup as group:
+        raise _single_user_error(group) from None
+
+
+def _single_user_error(group: BaseExceptionGroup) -> BaseException:
+    """The UserError inside trio's exception groups, or the group itself."""
+    user_errors, _ = group.split(UserError)
+    while isinstance(user_errors, BaseExceptionGroup) and len(user_errors.exceptions) == 1:
+        user_errors = user_errors.exceptions[0]
+    return user_errors if isinstance(user_errors, UserError) else group

@@ -1,0 +1,61 @@
+"""Configuration: defaults, TOML, and a one-line error for every mistake."""
+
+import pytest
+
+from dfsfuse import config
+from dfsfuse.errors import UserError
+
+
+def test_defaults_need_no_file(tmp_path):
+    settings = config.load(str(tmp_path / "data"))
+    assert settings.replicas == 2
+    assert settings.shard_size == 4 * config.MiB
+    assert settings.block_size == 64 * config.KiB
+    assert [n.name for n in settings.nodes] == ["node1", "node2", "node3"]
+    assert settings.nodes[0].path == tmp_path / "data" / "nodes" / "node1"
+    assert settings.metadata_path == tmp_path / "data" / "metadata.db"
+
+
+def test_default_data_dir_follows_xdg(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
+    assert config.load().data_dir == tmp_path / "dfsfuse" / "default"
+
+
+def test_file_settings_and_sizes(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text(
+        'replicas = 3\nshard_size = "1MiB"\nblock_size = "16k"\n'
+        '[cache]\nwrite_buffer = "8MiB"\n'
+        '[[nodes]]\nname = "a"\npath = "/srv/a"\n[[nodes]]\nname = "b"\npath = "rel"\n[[nodes]]\nname = "c"\npath = "/srv/c"\n'
+    )
+    settings = config.load(str(tmp_path / "d"), str(path))
+    assert (settings.replicas, settings.shard_size, settings.block_size) == (3, config.MiB, 16 * config.KiB)
+    assert settings.write_buffer_bytes == 8 * config.MiB
+    assert settings.nodes[1].path == tmp_path / "d" / "rel"
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("replicas = [", "not valid TOML"),
+        ("replicas = 4", "replicas = 4 needs between 1 and 3"),
+        ('replicas = "two"', "replicas must be an integer"),
+        ('shard_size = "4 parsecs"', "shard_size must be a size"),
+        ('block_size = "3KiB"', "block_size must be at least 4KiB"),
+        ("colour = 1", "unknown setting colour"),
+        ('[[nodes]]\nname = "a/b"\npath = "x"', "node name 'a/b'"),
+        ('[[nodes]]\nname = "a"\npath = "x"\n[[nodes]]\nname = "a"\npath = "y"', "node names must be unique"),
+    ],
+)
+def test_mistakes_are_one_line_user_errors(tmp_path, text, message):
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    with pytest.raises(UserError) as raised:
+        config.load(str(tmp_path), str(path))
+    assert message in str(raised.value)
+    assert "\n" not in str(raised.value)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        config.load(str(tmp_path), str(tmp_path / "nope.toml"))
