@@ -297,7 +297,17 @@ class FileSystem:
             contents = self._files.get(inode)  # another open may have won the race
             if contents is None:
                 contents = self._files[inode] = FileContents(attrs, shard_map, self.services)
+        return await self._open_contents(contents, flags)
+
+    async def _open_contents(self, contents: FileContents, flags: int) -> int:
         contents.open_count += 1
+        if flags & os.O_TRUNC:
+            # libfuse asks the kernel for atomic O_TRUNC: the truncate is ours.
+            try:
+                await contents.truncate(0)
+            except BaseException:
+                contents.open_count -= 1
+                raise
         handle = self._next_handle
         self._next_handle += 1
         self._handles[handle] = Handle(contents, flags)
@@ -305,7 +315,8 @@ class FileSystem:
 
     async def create(self, parent: int, name: bytes, mode: int, flags: int, caller: Caller) -> tuple[int, InodeAttrs]:
         attrs = await self.create_node(parent, name, stat.S_IFREG | stat.S_IMODE(mode), caller)
-        return await self.open(attrs.inode, flags), attrs
+        contents = self._files[attrs.inode] = FileContents(attrs, {}, self.services)
+        return await self._open_contents(contents, flags & ~os.O_TRUNC), attrs
 
     def _handle(self, handle: int) -> Handle:
         try:
