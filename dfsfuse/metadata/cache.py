@@ -1,0 +1,595 @@
+"""A write-through metadata cache in front of any MetadataStore.
+
+Served from memory once seen: getattr; lookup, both found and not found;
+whole directory listings, resumable at any offset; getxattr and listxattr,
+including "no such attribute" (the kernel asks for security.capability before
+every write); and shard maps. Every change goes to the engine first; then the
+cache updates or forgets exactly what the change touched.
+
+The only writer. The cache is correct only while every change to the engine
+goes through it: one mount per data directory, which the data directory lock
+guarantees. Nothing here notices a change made by someone else. An engine
+shared by several writers over a network would need, per record, a version
+or lease from the engine and invalidations pushed by it (or short expiry
+times), and readdir offsets that stay valid across other writers' changes.
+
+Concurrency. A hit is answered without an await. A miss or a change holds
+`_lock` from the engine call until the cache is updated, so records are
+filled and changed in the order the engine saw the calls; otherwise a read
+that started before a change could store what it read after the change was
+applied. For SQLite, which runs one call at a time anyway, this costs
+nothing; a networked engine would trade it for per-record versions. If a
+change fails in a way that leaves its outcome unknown (anything but the
+engine refusing it, e.g. a cancellation or a lost connection), the whole
+cache is dropped.
+
+Memory. Records are kept in one LRU order and weigh 1 each, plus 1 per
+directory entry of a listing, per xattr of an xattr record and per shard of a
+shard map; past `max_entries` the least recently used records are dropped
+whole. The attrs of an inode live once, in an _AttrSlot shared by every record
+that shows them (an attrs record, a lookup, listing entries), so a change
+updates them in one place for all; a change whose new attrs the engine does
+not return (a directory whose entries changed, xattrs) marks the slot stale,
+and the next read of it goes to the engine.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import contextlib
+import dataclasses
+from collections.abc import AsyncIterator, Mapping, Sequence
+
+import trio
+
+from dfsfuse.errors import (
+    Exists,
+    InvalidArgument,
+    IsADirectory,
+    NameTooLong,
+    NoData,
+    NotADirectory,
+    NotEmpty,
+    NotFound,
+    NotPermitted,
+)
+from dfsfuse.metadata.base import (
+    RENAME_EXCHANGE,
+    AttrChanges,
+    DirEntry,
+    InodeAttrs,
+    MetadataStore,
+    ShardRecord,
+    ShardRef,
+    UsageCounts,
+)
+
+# The errors with which an engine refuses a change and changes nothing.
+_REFUSALS = (
+    Exists,
+    InvalidArgument,
+    IsADirectory,
+    NameTooLong,
+    NoData,
+    NotADirectory,
+    NotEmpty,
+    NotFound,
+    NotPermitted,
+)
+
+# Record kinds; a record's key is (kind, inode) or, for lookups,
+# (_LOOKUP, parent, name).
+_RecordKey = tuple[str, int] | tuple[str, int, bytes]
+_ATTRS = "attrs"
+_LOOKUP = "lookup"
+_LISTING = "listing"
+_XATTRS = "xattrs"
+_SHARD_MAP = "shard map"
+
+
+class _AttrSlot:
+    """The attrs of one inode, shared by every record that shows them.
+
+    `attrs` is None while stale; `holders` counts the records referring to the
+    slot, which goes away with the last of them.
+    """
+
+    __slots__ = ("attrs", "holders")
+
+    def __init__(self, attrs: InodeAttrs):
+        self.attrs: InodeAttrs | None = attrs
+        self.holders = 0
+
+
+class _Listing:
+    """The entries of one directory from its first on, in offset order, with no
+    gap: `entries` grows page by page while a listing reads on from its end,
+    and is `complete` once the engine had nothing after the last entry. Each
+    entry's attrs are in the slot of its inode; `entries[i].attrs` is the
+    value last served, so an unchanged entry is served as it is."""
+
+    __slots__ = ("complete", "entries", "offsets")
+
+    def __init__(self) -> None:
+        self.offsets: list[int] = []
+        self.entries: list[DirEntry] = []
+        self.complete = False
+
+
+class _Xattrs:
+    """What is known of one inode's extended attributes."""
+
+    __slots__ = ("names", "values")
+
+    def __init__(self) -> None:
+        self.values: dict[bytes, bytes | None] = {}  # None: known to be absent
+        self.names: dict[bytes, None] | None = None  # every name, once listed
+
+    def weight(self) -> int:
+        return 1 + len(self.values) + len(self.names or ())
+
+
+class CachedMetadata(MetadataStore):
+    """`engine` behind a write-through cache of at most about `max_entries`
+    records; see the module docstring for what is cached and when it is right."""
+
+    def __init__(self, engine: MetadataStore, max_entries: int = 200_000):
+        self._engine = engine
+        self._max_entries = max_entries
+        self._lock = trio.Lock()
+        self._lru: collections.OrderedDict[_RecordKey, int] = collections.OrderedDict()  # key -> weight
+        self._weight = 0
+        self._slots: dict[int, _AttrSlot] = {}
+        self._lookups: dict[_RecordKey, int | None] = {}  # lookup key -> inode, None: absent
+        self._listings: dict[int, _Listing] = {}
+        self._xattrs: dict[int, _Xattrs] = {}
+        self._shard_maps: dict[int, dict[int, ShardRef]] = {}
+        self._shard_places: dict[int, tuple[int, int]] = {}  # shard id -> (inode, index) in _shard_maps
+
+    @property
+    def cached_entries(self) -> int:
+        """The total weight of the records held now; at most max_entries."""
+        return self._weight
+
+    # -- inodes and names -------------------------------------------------
+    async def getattr(self, inode: int) -> InodeAttrs:
+        slot = self._slots.get(inode)
+        if slot is not None and slot.attrs is not None:
+            self._touch((_ATTRS, inode))
+            return slot.attrs
+        async with self._lock:
+            attrs = await self._engine.getattr(inode)
+            self._store_attrs(attrs)
+            return attrs
+
+    async def lookup(self, parent: int, name: bytes) -> InodeAttrs:
+        """Names and ".." are cached (the ".." of a directory goes when it moves
+        or is removed); "." is not, as the kernel resolves it itself."""
+        if name == b".":
+            return await self._engine.lookup(parent, name)
+        key = (_LOOKUP, parent, name)
+        if key in self._lookups:
+            inode = self._lookups[key]
+            if inode is None:
+                self._lru.move_to_end(key)
+                raise NotFound(f"no {name!r} in directory {parent}")
+            attrs = self._slots[inode].attrs
+            if attrs is not None:
+                self._lru.move_to_end(key)
+                return attrs
+        async with self._lock:
+            try:
+                attrs = await self._engine.lookup(parent, name)
+            except NotFound:
+                self._set_lookup(parent, name, None)
+                raise
+            self._set_lookup(parent, name, attrs)
+            return attrs
+
+    async def create(
+        self,
+        parent: int,
+        name: bytes,
+        mode: int,
+        uid: int,
+        gid: int,
+        now_ns: int,
+        rdev: int = 0,
+        target: bytes = b"",
+    ) -> InodeAttrs:
+        async with self._changing():
+            attrs = await self._engine.create(parent, name, mode, uid, gid, now_ns, rdev, target)
+            self._entries_changed(parent)
+            self._set_lookup(parent, name, attrs)
+            return attrs
+
+    async def link(self, inode: int, new_parent: int, new_name: bytes, now_ns: int) -> InodeAttrs:
+        async with self._changing():
+            attrs = await self._engine.link(inode, new_parent, new_name, now_ns)
+            self._entries_changed(new_parent)
+            self._set_lookup(new_parent, new_name, attrs)
+            return attrs
+
+    async def unlink(self, parent: int, name: bytes, now_ns: int) -> InodeAttrs:
+        async with self._changing():
+            attrs = await self._engine.unlink(parent, name, now_ns)
+            self._entries_changed(parent)
+            self._set_lookup(parent, name, None)
+            self._store_attrs(attrs)
+            return attrs
+
+    async def rmdir(self, parent: int, name: bytes, now_ns: int) -> InodeAttrs:
+        async with self._changing():
+            attrs = await self._engine.rmdir(parent, name, now_ns)
+            self._entries_changed(parent)
+            self._set_lookup(parent, name, None)
+            self._store_attrs(attrs)
+            self._directory_removed(attrs.inode)
+            return attrs
+
+    async def rename(
+        self,
+        old_parent: int,
+        old_name: bytes,
+        new_parent: int,
+        new_name: bytes,
+        flags: int,
+        now_ns: int,
+    ) -> InodeAttrs | None:
+        async with self._changing():
+            # The inodes that move get a new ctime, and the engine does not say
+            # which they are; learn them first so no await comes between the
+            # engine's change and the cache's.
+            moving = [await self._inode_named(old_parent, old_name)]
+            if flags & RENAME_EXCHANGE:
+                moving.append(await self._inode_named(new_parent, new_name))
+            replaced = await self._engine.rename(old_parent, old_name, new_parent, new_name, flags, now_ns)
+            for parent, name in ((old_parent, old_name), (new_parent, new_name)):
+                self._entries_changed(parent)
+                self._remove((_LOOKUP, parent, name))
+            for inode in moving:
+                if inode is not None:
+                    self._mark_stale(inode)
+                    self._remove((_LOOKUP, inode, b".."))
+            if replaced is not None:
+                self._store_attrs(replaced)
+                self._directory_removed(replaced.inode)
+            return replaced
+
+    async def setattr(self, inode: int, changes: AttrChanges, now_ns: int) -> InodeAttrs:
+        async with self._changing():
+            attrs = await self._engine.setattr(inode, changes, now_ns)
+            self._store_attrs(attrs)
+            return attrs
+
+    async def readdir(self, parent: int, after: int, limit: int) -> list[DirEntry]:
+        listing = self._listings.get(parent)
+        if listing is not None:
+            page = self._page(listing, after, limit)
+            if page is not None:
+                self._touch((_LISTING, parent))
+                return page
+        async with self._lock:
+            page = await self._engine.readdir(parent, after, limit)
+            self._absorb_page(parent, after, limit, page)
+            return page
+
+    async def delete_inode(self, inode: int) -> None:
+        async with self._changing():
+            await self._engine.delete_inode(inode)
+            for kind in (_ATTRS, _XATTRS, _SHARD_MAP):
+                self._remove((kind, inode))
+            self._directory_removed(inode)
+            self._mark_stale(inode)
+
+    async def orphan_inodes(self) -> list[int]:
+        return await self._engine.orphan_inodes()
+
+    # -- file contents ----------------------------------------------------
+    async def shard_map(self, inode: int) -> dict[int, ShardRef]:
+        """A copy, so the caller may change it without changing the cache."""
+        shard_map = self._shard_maps.get(inode)
+        if shard_map is not None:
+            self._touch((_SHARD_MAP, inode))
+            return dict(shard_map)
+        async with self._lock:
+            shard_map = await self._engine.shard_map(inode)
+            self._remove((_SHARD_MAP, inode))
+            self._shard_maps[inode] = dict(shard_map)
+            for index, ref in shard_map.items():
+                self._shard_places[ref.shard_id] = (inode, index)
+            self._account((_SHARD_MAP, inode), 1 + len(shard_map))
+            return shard_map
+
+    async def commit_shards(
+        self,
+        inode: int,
+        shards: Mapping[int, ShardRef],
+        size: int,
+        drop_from: int | None = None,
+        mtime_ns: int | None = None,
+        ctime_ns: int | None = None,
+    ) -> InodeAttrs:
+        async with self._changing():
+            attrs = await self._engine.commit_shards(inode, shards, size, drop_from, mtime_ns, ctime_ns)
+            self._store_attrs(attrs)
+            shard_map = self._shard_maps.get(inode)
+            if shard_map is not None:
+                replaced = [index for index in shards if index in shard_map]
+                if drop_from is not None:
+                    replaced += [index for index in shard_map if index >= drop_from and index not in shards]
+                for index in replaced:
+                    del self._shard_places[shard_map.pop(index).shard_id]
+                for index, ref in shards.items():
+                    shard_map[index] = ref
+                    self._shard_places[ref.shard_id] = (inode, index)
+                self._account((_SHARD_MAP, inode), 1 + len(shard_map))
+            return attrs
+
+    async def allocate_shard_ids(self, count: int) -> range:
+        return await self._engine.allocate_shard_ids(count)
+
+    async def garbage(self, limit: int) -> list[tuple[int, tuple[str, ...]]]:
+        return await self._engine.garbage(limit)
+
+    async def forget_garbage(self, shard_ids: Sequence[int]) -> None:
+        await self._engine.forget_garbage(shard_ids)
+
+    async def shards(self, after_shard_id: int, limit: int) -> list[ShardRecord]:
+        return await self._engine.shards(after_shard_id, limit)
+
+    async def set_shard_nodes(self, shard_id: int, nodes: tuple[str, ...]) -> None:
+        async with self._changing():
+            await self._engine.set_shard_nodes(shard_id, nodes)
+            place = self._shard_places.get(shard_id)
+            if place is not None:
+                inode, index = place
+                shard_map = self._shard_maps[inode]
+                shard_map[index] = dataclasses.replace(shard_map[index], nodes=tuple(nodes))
+
+    async def usage(self) -> UsageCounts:
+        return await self._engine.usage()
+
+    # -- extended attributes ----------------------------------------------
+    async def setxattr(self, inode: int, name: bytes, value: bytes, flags: int, now_ns: int) -> None:
+        async with self._changing():
+            await self._engine.setxattr(inode, name, value, flags, now_ns)
+            self._mark_stale(inode)  # its ctime
+            xattrs = self._xattrs.get(inode)
+            if xattrs is not None:
+                xattrs.values[name] = value
+                if xattrs.names is not None:
+                    xattrs.names[name] = None
+                self._account((_XATTRS, inode), xattrs.weight())
+
+    async def getxattr(self, inode: int, name: bytes) -> bytes:
+        xattrs = self._xattrs.get(inode)
+        if xattrs is not None:
+            if name in xattrs.values:
+                self._touch((_XATTRS, inode))
+                value = xattrs.values[name]
+                if value is None:
+                    raise NoData(f"inode {inode} has no xattr {name!r}")
+                return value
+            if xattrs.names is not None and name not in xattrs.names:
+                self._touch((_XATTRS, inode))
+                raise NoData(f"inode {inode} has no xattr {name!r}")
+        async with self._lock:
+            try:
+                value = await self._engine.getxattr(inode, name)
+            except NoData:
+                self._remember_xattr(inode, name, None)
+                raise
+            self._remember_xattr(inode, name, value)
+            return value
+
+    async def listxattr(self, inode: int) -> list[bytes]:
+        xattrs = self._xattrs.get(inode)
+        if xattrs is not None and xattrs.names is not None:
+            self._touch((_XATTRS, inode))
+            return list(xattrs.names)
+        async with self._lock:
+            names = await self._engine.listxattr(inode)
+            xattrs = self._xattrs.setdefault(inode, _Xattrs())
+            xattrs.names = dict.fromkeys(names)
+            self._account((_XATTRS, inode), xattrs.weight())
+            return names
+
+    async def removexattr(self, inode: int, name: bytes, now_ns: int) -> None:
+        async with self._changing():
+            await self._engine.removexattr(inode, name, now_ns)
+            self._mark_stale(inode)  # its ctime
+            xattrs = self._xattrs.get(inode)
+            if xattrs is not None:
+                xattrs.values[name] = None
+                if xattrs.names is not None:
+                    xattrs.names.pop(name, None)
+                self._account((_XATTRS, inode), xattrs.weight())
+
+    # -- lifecycle --------------------------------------------------------
+    async def sync(self) -> None:
+        await self._engine.sync()
+
+    async def close(self) -> None:
+        self._forget_everything()
+        await self._engine.close()
+
+    # -- changes ------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def _changing(self) -> AsyncIterator[None]:
+        """Hold the lock around a change; forget everything if its outcome is unknown."""
+        async with self._lock:
+            try:
+                yield
+            except _REFUSALS:
+                raise
+            except BaseException:
+                self._forget_everything()
+                raise
+
+    async def _inode_named(self, parent: int, name: bytes) -> int | None:
+        """The inode `name` in `parent` names (None if none), from the cache if known."""
+        key = (_LOOKUP, parent, name)
+        if key in self._lookups:
+            return self._lookups[key]
+        try:
+            return (await self._engine.lookup(parent, name)).inode
+        except (NotFound, NotADirectory):
+            return None
+
+    def _directory_removed(self, inode: int) -> None:
+        """`inode`, if a directory, has no name any more: forget its listing and ".."."""
+        self._remove((_LISTING, inode))
+        self._remove((_LOOKUP, inode, b".."))
+
+    def _entries_changed(self, directory: int) -> None:
+        """Names were added to or removed from `directory`: its listing is wrong
+        now, and its mtime, ctime and maybe nlink changed."""
+        self._remove((_LISTING, directory))
+        self._mark_stale(directory)
+
+    # -- attrs slots ----------------------------------------------------------
+    def _store_attrs(self, attrs: InodeAttrs) -> None:
+        """Fresh attrs: update the inode's slot, and keep them in an attrs record."""
+        key = (_ATTRS, attrs.inode)
+        if key in self._lru:
+            self._slots[attrs.inode].attrs = attrs
+            self._lru.move_to_end(key)
+        else:
+            self._hold(attrs)
+            self._account(key, 1)
+
+    def _refresh_attrs(self, attrs: InodeAttrs) -> None:
+        """Fresh attrs: update the inode's slot if something holds it."""
+        slot = self._slots.get(attrs.inode)
+        if slot is not None:
+            slot.attrs = attrs
+
+    def _mark_stale(self, inode: int) -> None:
+        slot = self._slots.get(inode)
+        if slot is not None:
+            slot.attrs = None
+
+    def _hold(self, attrs: InodeAttrs) -> None:
+        slot = self._slots.get(attrs.inode)
+        if slot is None:
+            slot = self._slots[attrs.inode] = _AttrSlot(attrs)
+        slot.attrs = attrs
+        slot.holders += 1
+
+    def _release(self, inode: int) -> None:
+        slot = self._slots[inode]
+        slot.holders -= 1
+        if slot.holders == 0:
+            del self._slots[inode]
+
+    # -- lookups, listings, xattrs ----------------------------------------------
+    def _set_lookup(self, parent: int, name: bytes, attrs: InodeAttrs | None) -> None:
+        """Record that `name` in `parent` names the inode of `attrs` (None: nothing)."""
+        key = (_LOOKUP, parent, name)
+        self._remove(key)
+        if attrs is not None:
+            self._hold(attrs)
+        self._lookups[key] = None if attrs is None else attrs.inode
+        self._account(key, 1)
+
+    def _page(self, listing: _Listing, after: int, limit: int) -> list[DirEntry] | None:
+        """The page readdir(after, limit) from memory; None if the listing does
+        not reach that far yet or an entry's attrs are stale."""
+        start = bisect.bisect_right(listing.offsets, after)
+        end = start + max(limit, 0)
+        if end > len(listing.entries) and not listing.complete:
+            return None
+        page = listing.entries[start:end]
+        for position, entry in enumerate(page):
+            attrs = self._slots[entry.attrs.inode].attrs
+            if attrs is not entry.attrs:
+                if attrs is None:
+                    return None
+                entry = DirEntry(entry.name, attrs, entry.offset)
+                page[position] = listing.entries[start + position] = entry
+        return page
+
+    def _absorb_page(self, parent: int, after: int, limit: int, page: list[DirEntry]) -> None:
+        """Learn from a page the engine returned: fresh attrs for its entries, and
+        more of the directory's listing when the page continues it without a gap."""
+        for entry in page:
+            self._refresh_attrs(entry.attrs)
+        if limit <= 0:
+            return
+        listing = self._listings.get(parent)
+        if listing is None:
+            if after != 0:
+                return
+            listing = self._listings[parent] = _Listing()
+        covered = listing.offsets[-1] if listing.offsets else 0
+        if listing.complete or after > covered:
+            return
+        if page:
+            for entry in page[bisect.bisect_right([entry.offset for entry in page], covered) :]:
+                self._hold(entry.attrs)
+                listing.offsets.append(entry.offset)
+                listing.entries.append(entry)
+        elif after == covered:
+            listing.complete = True
+        self._account((_LISTING, parent), 1 + len(listing.entries))
+
+    def _remember_xattr(self, inode: int, name: bytes, value: bytes | None) -> None:
+        xattrs = self._xattrs.setdefault(inode, _Xattrs())
+        xattrs.values[name] = value
+        self._account((_XATTRS, inode), xattrs.weight())
+
+    # -- the LRU ------------------------------------------------------------------
+    def _touch(self, key: _RecordKey) -> None:
+        """Mark a record as just used, if there is one (attrs may be held by other records only)."""
+        try:
+            self._lru.move_to_end(key)
+        except KeyError:
+            pass
+
+    def _account(self, key: _RecordKey, weight: int) -> None:
+        """Register a record or its new weight as just used, then evict the least
+        recently used records (possibly this one) down to max_entries."""
+        self._weight += weight - self._lru.pop(key, 0)
+        self._lru[key] = weight
+        while self._weight > self._max_entries and self._lru:
+            evicted, evicted_weight = self._lru.popitem(last=False)
+            self._weight -= evicted_weight
+            self._drop(evicted)
+
+    def _remove(self, key: _RecordKey) -> None:
+        weight = self._lru.pop(key, None)
+        if weight is not None:
+            self._weight -= weight
+            self._drop(key)
+
+    def _drop(self, key: _RecordKey) -> None:
+        """Free the data of a record that has left the LRU."""
+        kind = key[0]
+        if kind == _LOOKUP:
+            named = self._lookups.pop(key)
+            if named is not None:
+                self._release(named)
+            return
+        inode = key[1]
+        if kind == _ATTRS:
+            self._release(inode)
+        elif kind == _LISTING:
+            for entry in self._listings.pop(inode).entries:
+                self._release(entry.attrs.inode)
+        elif kind == _XATTRS:
+            del self._xattrs[inode]
+        else:
+            for ref in self._shard_maps.pop(inode).values():
+                del self._shard_places[ref.shard_id]
+
+    def _forget_everything(self) -> None:
+        self._lru.clear()
+        self._weight = 0
+        self._slots.clear()
+        self._lookups.clear()
+        self._listings.clear()
+        self._xattrs.clear()
+        self._shard_maps.clear()
+        self._shard_places.clear()

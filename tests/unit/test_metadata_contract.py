@@ -1,0 +1,861 @@
+"""The contract every MetadataStore implementation passes.
+
+Each implementation is reached through a harness: `harness.store()` is an
+async context manager yielding a ready store, and entering it again reopens
+the same metadata (for persistence). Add a harness to HARNESSES to run the
+whole suite on another engine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import pathlib
+import random
+import stat
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+import trio
+
+from dfsfuse.errors import (
+    Exists,
+    InvalidArgument,
+    IsADirectory,
+    NameTooLong,
+    NoData,
+    NotADirectory,
+    NotEmpty,
+    NotFound,
+    NotPermitted,
+)
+from dfsfuse.metadata.base import (
+    RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
+    ROOT_INODE,
+    XATTR_CREATE,
+    XATTR_REPLACE,
+    AttrChanges,
+    DirEntry,
+    InodeAttrs,
+    MetadataStore,
+    ShardRecord,
+    ShardRef,
+    UsageCounts,
+)
+from dfsfuse.metadata.cache import CachedMetadata
+from dfsfuse.metadata.sqlite import SqliteMetadata
+
+FILE = stat.S_IFREG | 0o644
+DIRECTORY = stat.S_IFDIR | 0o755
+SYMLINK = stat.S_IFLNK | 0o777
+
+
+class SqliteHarness:
+    def __init__(self, root: pathlib.Path):
+        self.path = str(root / "metadata.db")
+
+    @contextlib.asynccontextmanager
+    async def store(self) -> AsyncIterator[MetadataStore]:
+        store = await SqliteMetadata.open(self.path)
+        try:
+            yield store
+        finally:
+            await store.close()
+
+
+class CachedSqliteHarness(SqliteHarness):
+    @contextlib.asynccontextmanager
+    async def store(self) -> AsyncIterator[MetadataStore]:
+        store = CachedMetadata(await SqliteMetadata.open(self.path))
+        try:
+            yield store
+        finally:
+            await store.close()
+
+
+HARNESSES = {"sqlite": SqliteHarness, "cached-sqlite": CachedSqliteHarness}
+
+
+@pytest.fixture(params=sorted(HARNESSES))
+def harness(request, tmp_path):
+    return HARNESSES[request.param](tmp_path)
+
+
+def run_with_store(harness, body: Callable[[MetadataStore], Awaitable[None]]) -> None:
+    async def main() -> None:
+        async with harness.store() as store:
+            await body(store)
+
+    trio.run(main)
+
+
+_clock = itertools.count(1_700_000_000_000_000_000, 1_000_000)
+
+
+def now() -> int:
+    """A fresh timestamp, later than every one before."""
+    return next(_clock)
+
+
+async def mkfile(store: MetadataStore, parent: int, name: bytes) -> InodeAttrs:
+    return await store.create(parent, name, FILE, 1000, 1000, now())
+
+
+async def mkdir(store: MetadataStore, parent: int, name: bytes) -> InodeAttrs:
+    return await store.create(parent, name, DIRECTORY, 1000, 1000, now())
+
+
+async def list_all(store: MetadataStore, directory: int, limit: int = 100) -> list[DirEntry]:
+    entries: list[DirEntry] = []
+    after = 0
+    while page := await store.readdir(directory, after, limit):
+        assert len(page) <= limit
+        entries += page
+        after = page[-1].offset
+    return entries
+
+
+async def names_in(store: MetadataStore, directory: int) -> set[bytes]:
+    return {entry.name for entry in await list_all(store, directory)}
+
+
+async def check_nlinks(store: MetadataStore) -> None:
+    """Walk the tree from the root: every nlink must match the names and
+    subdirectories found, and every directory's ".." its parent."""
+    names_of: dict[int, int] = {}
+    subdirectories: dict[int, int] = {}
+    pending = [ROOT_INODE]
+    while pending:
+        directory = pending.pop()
+        subdirectories[directory] = 0
+        for entry in await list_all(store, directory):
+            if stat.S_ISDIR(entry.attrs.mode):
+                subdirectories[directory] += 1
+                assert (await store.lookup(entry.attrs.inode, b"..")).inode == directory
+                pending.append(entry.attrs.inode)
+            else:
+                names_of[entry.attrs.inode] = names_of.get(entry.attrs.inode, 0) + 1
+    for directory, count in subdirectories.items():
+        assert (await store.getattr(directory)).nlink == 2 + count, directory
+    for inode, count in names_of.items():
+        assert (await store.getattr(inode)).nlink == count, inode
+
+
+def ref(shard_id: int, length: int = 1000, nodes: tuple[str, ...] = ("a", "b")) -> ShardRef:
+    return ShardRef(shard_id, length, shard_id.to_bytes(16, "little"), nodes)
+
+
+# -- inodes and names ---------------------------------------------------------
+
+
+def test_root_directory_exists(harness):
+    async def body(store: MetadataStore) -> None:
+        root = await store.getattr(ROOT_INODE)
+        assert root.inode == ROOT_INODE
+        assert root.mode == stat.S_IFDIR | 0o755
+        assert root.nlink == 2
+        assert (root.uid, root.gid) == (os.getuid(), os.getgid())
+        assert await store.readdir(ROOT_INODE, 0, 10) == []
+        assert await store.lookup(ROOT_INODE, b".") == root
+        assert await store.lookup(ROOT_INODE, b"..") == root
+
+    run_with_store(harness, body)
+
+
+def test_getattr_of_missing_inode_is_not_found(harness):
+    async def body(store: MetadataStore) -> None:
+        with pytest.raises(NotFound):
+            await store.getattr(12345)
+
+    run_with_store(harness, body)
+
+
+def test_create_file(harness):
+    async def body(store: MetadataStore) -> None:
+        t = now()
+        attrs = await store.create(ROOT_INODE, b"file", FILE, 1000, 1001, t)
+        assert attrs == InodeAttrs(attrs.inode, FILE, 1, 1000, 1001, 0, 0, 0, t, t, t, b"")
+        assert attrs.inode != ROOT_INODE
+        assert await store.getattr(attrs.inode) == attrs
+        assert await store.lookup(ROOT_INODE, b"file") == attrs
+        root = await store.getattr(ROOT_INODE)
+        assert (root.mtime_ns, root.ctime_ns, root.nlink) == (t, t, 2)
+
+    run_with_store(harness, body)
+
+
+def test_create_every_kind(harness):
+    async def body(store: MetadataStore) -> None:
+        directory = await mkdir(store, ROOT_INODE, b"dir")
+        assert directory.nlink == 2 and stat.S_ISDIR(directory.mode)
+        assert (await store.getattr(ROOT_INODE)).nlink == 3
+        link = await store.create(directory.inode, b"link", SYMLINK, 0, 0, now(), target=b"../somewhere")
+        assert (link.target, link.size, link.nlink) == (b"../somewhere", 12, 1)
+        assert (await store.getattr(link.inode)).target == b"../somewhere"
+        device = await store.create(directory.inode, b"dev", stat.S_IFCHR | 0o600, 0, 0, now(), rdev=0x0501)
+        assert device.rdev == 0x0501 and stat.S_ISCHR(device.mode)
+        fifo = await store.create(directory.inode, b"fifo", stat.S_IFIFO | 0o600, 0, 0, now())
+        assert stat.S_ISFIFO((await store.getattr(fifo.inode)).mode)
+        assert await names_in(store, directory.inode) == {b"link", b"dev", b"fifo"}
+        assert (await store.getattr(directory.inode)).nlink == 2
+        await check_nlinks(store)
+
+    run_with_store(harness, body)
+
+
+def test_inode_numbers_are_not_reused(harness):
+    async def body(store: MetadataStore) -> None:
+        first = await mkfile(store, ROOT_INODE, b"a")
+        await store.unlink(ROOT_INODE, b"a", now())
+        await store.delete_inode(first.inode)
+        second = await mkfile(store, ROOT_INODE, b"a")
+        assert second.inode != first.inode
+
+    run_with_store(harness, body)
+
+
+def test_create_errors(harness):
+    async def body(store: MetadataStore) -> None:
+        file = await mkfile(store, ROOT_INODE, b"file")
+        with pytest.raises(Exists):
+            await mkfile(store, ROOT_INODE, b"file")
+        with pytest.raises(Exists):
+            await mkdir(store, ROOT_INODE, b"file")
+        with pytest.raises(NotFound):
+            await mkfile(store, 9999, b"x")
+        with pytest.raises(NotADirectory):
+            await mkfile(store, file.inode, b"x")
+        for bad_name in (b"", b".", b"..", b"a/b", b"a\0b"):
+            with pytest.raises(InvalidArgument):
+                await mkfile(store, ROOT_INODE, bad_name)
+        with pytest.raises(NameTooLong):
+            await mkfile(store, ROOT_INODE, b"n" * 256)
+        await mkfile(store, ROOT_INODE, b"n" * 255)
+        assert await names_in(store, ROOT_INODE) == {b"file", b"n" * 255}
+
+    run_with_store(harness, body)
+
+
+def test_lookup(harness):
+    async def body(store: MetadataStore) -> None:
+        a = await mkdir(store, ROOT_INODE, b"a")
+        b = await mkdir(store, a.inode, b"b")
+        file = await mkfile(store, b.inode, b"file")
+        assert (await store.lookup(b.inode, b"file")).inode == file.inode
+        assert (await store.lookup(b.inode, b"..")).inode == a.inode
+        assert (await store.lookup(b.inode, b".")).inode == b.inode
+        assert (await store.lookup(a.inode, b"..")).inode == ROOT_INODE
+        with pytest.raises(NotFound):
+            await store.lookup(b.inode, b"missing")
+        with pytest.raises(NotFound):
+            await store.lookup(b.inode, b"missing")  # twice: a remembered absence is still NotFound
+        with pytest.raises(NotADirectory):
+            await store.lookup(file.inode, b"x")
+        with pytest.raises(NotFound):
+            await store.lookup(9999, b"x")
+
+    run_with_store(harness, body)
+
+
+def test_names_are_bytes_not_text(harness):
+    async def body(store: MetadataStore) -> None:
+        name = "caf\u00e9".encode() + b"\xff"
+        attrs = await mkfile(store, ROOT_INODE, name)
+        assert (await store.lookup(ROOT_INODE, name)).inode == attrs.inode
+        assert [entry.name for entry in await list_all(store, ROOT_INODE)] == [name]
+
+    run_with_store(harness, body)
+
+
+def test_hard_links(harness):
+    async def body(store: MetadataStore) -> None:
+        a = await mkdir(store, ROOT_INODE, b"a")
+        file = await mkfile(store, ROOT_INODE, b"file")
+        t = now()
+        linked = await store.link(file.inode, a.inode, b"again", t)
+        assert (linked.inode, linked.nlink, linked.ctime_ns) == (file.inode, 2, t)
+        assert (await store.lookup(a.inode, b"again")) == linked
+        assert (await store.getattr(file.inode)) == linked
+        parent = await store.getattr(a.inode)
+        assert (parent.mtime_ns, parent.ctime_ns) == (t, t)
+        with pytest.raises(Exists):
+            await store.link(file.inode, a.inode, b"again", now())
+        with pytest.raises(NotPermitted):
+            await store.link(a.inode, ROOT_INODE, b"dirlink", now())
+        with pytest.raises(NotFound):
+            await store.link(9999, ROOT_INODE, b"x", now())
+        with pytest.raises(NotADirectory):
+            await store.link(file.inode, file.inode, b"x", now())
+        await check_nlinks(store)
+        assert (await store.unlink(ROOT_INODE, b"file", now())).nlink == 1
+        assert (await store.lookup(a.inode, b"again")).nlink == 1
+        assert (await store.unlink(a.inode, b"again", now())).nlink == 0
+        with pytest.raises(NotFound):  # as linkat(2): no new name for an inode with none left
+            await store.link(file.inode, ROOT_INODE, b"back", now())
+        await check_nlinks(store)
+
+    run_with_store(harness, body)
+
+
+def test_unlink(harness):
+    async def body(store: MetadataStore) -> None:
+        a = await mkdir(store, ROOT_INODE, b"a")
+        file = await mkfile(store, a.inode, b"file")
+        t = now()
+        after = await store.unlink(a.inode, b"file", t)
+        assert (after.inode, after.nlink, after.ctime_ns) == (file.inode, 0, t)
+        parent = await store.getattr(a.inode)
+        assert (parent.mtime_ns, parent.ctime_ns, parent.nlink) == (t, t, 2)
+        with pytest.raises(NotFound):
+            await store.lookup(a.inode, b"file")
+        assert await store.getattr(file.inode) == after  # still there while open
+        assert await store.orphan_inodes() == [file.inode]
+        assert await list_all(store, a.inode) == []
+        with pytest.raises(NotFound):
+            await store.unlink(a.inode, b"file", now())
+        with pytest.raises(IsADirectory):
+            await store.unlink(ROOT_INODE, b"a", now())
+        other = await mkfile(store, ROOT_INODE, b"other")
+        with pytest.raises(NotADirectory):
+            await store.unlink(other.inode, b"x", now())
+        with pytest.raises(NotFound):
+            await store.unlink(9999, b"x", now())
+
+    run_with_store(harness, body)
+
+
+def test_rmdir(harness):
+    async def body(store: MetadataStore) -> None:
+        a = await mkdir(store, ROOT_INODE, b"a")
+        b = await mkdir(store, a.inode, b"b")
+        await mkfile(store, b.inode, b"file")
+        assert (await store.getattr(a.inode)).nlink == 3
+        with pytest.raises(NotEmpty):
+            await store.rmdir(a.inode, b"b", now())
+        with pytest.raises(NotADirectory):
+            await store.rmdir(b.inode, b"file", now())
+        with pytest.raises(NotFound):
+            await store.rmdir(a.inode, b"missing", now())
+        await store.unlink(b.inode, b"file", now())
+        assert (await store.lookup(b.inode, b"..")).inode == a.inode
+        t = now()
+        removed = await store.rmdir(a.inode, b"b", t)
+        assert (removed.inode, removed.nlink, removed.ctime_ns) == (b.inode, 0, t)
+        parent = await store.getattr(a.inode)
+        assert (parent.nlink, parent.mtime_ns, parent.ctime_ns) == (2, t, t)
+        with pytest.raises(NotFound):
+            await store.lookup(a.inode, b"b")
+        # The removed directory may still be open: it lists as empty, takes no new names.
+        assert await store.readdir(b.inode, 0, 10) == []
+        for name in (b"file", b".."):
+            with pytest.raises(NotFound):
+                await store.lookup(b.inode, name)
+        with pytest.raises(NotFound):
+            await mkfile(store, b.inode, b"new")
+        assert b.inode in await store.orphan_inodes()
+        await store.delete_inode(b.inode)
+        with pytest.raises(NotFound):
+            await store.getattr(b.inode)
+        await check_nlinks(store)
+
+    run_with_store(harness, body)
+
+
+def test_setattr(harness):
+    async def body(store: MetadataStore) -> None:
+        file = await mkfile(store, ROOT_INODE, b"file")
+        t = now()
+        changes = AttrChanges(mode=0o4751, uid=7, gid=8, atime_ns=11, mtime_ns=12)
+        changed = await store.setattr(file.inode, changes, t)
+        assert changed == InodeAttrs(file.inode, stat.S_IFREG | 0o4751, 1, 7, 8, 0, 0, 0, 11, 12, t, b"")
+        assert await store.getattr(file.inode) == changed
+        t = now()
+        # The file type cannot change; bits outside 0o7777 are ignored.
+        same = await store.setattr(file.inode, AttrChanges(mode=stat.S_IFDIR | 0o600), t)
+        assert same.mode == stat.S_IFREG | 0o600 and same.ctime_ns == t and same.uid == 7
+        assert (await store.lookup(ROOT_INODE, b"file")) == same
+        assert [entry.attrs for entry in await list_all(store, ROOT_INODE)] == [same]
+        with pytest.raises(NotFound):
+            await store.setattr(9999, AttrChanges(uid=1), now())
+
+    run_with_store(harness, body)
+
+
+# -- rename ---------------------------------------------------------------------
+
+
+def test_rename_a_file_within_and_across_directories(harness):
+    async def body(store: MetadataStore) -> None:
+        a = await mkdir(store, ROOT_INODE, b"a")
+        b = await mkdir(store, ROOT_INODE, b"b")
+        file = await mkfile(store, a.inode, b"one")
+        t = now()
+        assert await store.rename(a.inode, b"one", a.inode, b"two", 0, t) is None
+        assert await names_in(store, a.inode) == {b"two"}
+        moved = await store.lookup(a.inode, b"two")
+        assert (moved.inode, moved.ctime_ns) == (file.inode, t)
+        assert (await store.getattr(a.inode)).mtime_ns == t
+        t = now()
+        assert await store.rename(a.inode, b"two", b.inode, b"three", 0, t) is None
+        assert await names_in(store, a.inode) == set()
+        assert (await store.lookup(b.inode, b"three")).inode == file.inode
+        assert (await store.getattr(file.inode)).ctime_ns == t
+        for directory in (a, b):
+            attrs = await store.getattr(directory.inode)
+            assert (attrs.mtime_ns, attrs.ctime_ns) == (t, t)
+        with pytest.raises(NotFound):
+            await store.lookup(a.inode, b"two")
+        await check_nlinks(store)
+
+    run_with_store(harness, body)
+
+
+def test_rename_a_directory_moves_its_parent_link(harness):
+    async def body(store: MetadataStore) -> None:
+        a = await mkdir(store, ROOT_INODE, b"a")
+        b = await mkdir(store, ROOT_INODE, b"b")
+        sub = await mkdir(store, a.inode, b"sub")
+        await mkfile(store, sub.inode, b"inside")
+        assert (await store.lookup(sub.inode, b"..")).inode == a.inode
+        await store.rename(a.inode, b"sub", b.inode, b"moved", 0, now())
+        assert (await store.getattr(a.inode)).nlink == 2
+        assert (await store.getattr(b.inode)).nlink == 3
+        assert (await store.lookup(sub.inode, b"..")).inode == b.inode
+        assert await names_in(store, sub.inode) == {b"inside"}
+        await check_nlinks(store)
+
+    run_with_store(harness, body)
+
+
+def test_rename_replaces_a_file(harness):
+    async def body(store: MetadataStore) -> None:
+        source = await mkfile(store, ROOT_INODE, b"source")
+        victim = await mkfile(store, ROOT_INODE, b"victim")
+        t = now()
+        replaced = await store.rename(ROOT_INODE, b"source", ROOT_INODE, b"victim", 0, t)
+        assert replaced is not None
+        assert (replaced.inode, replaced.nlink, replaced.ctime_ns) == (victim.inode, 0, t)
+        assert await store.getattr(victim.inode) == replaced
+        assert (await store.lookup(ROOT_INODE, b"victim")).inode == source.inode
+        assert await names_in(store, ROOT_INODE) == {b"victim"}
+        assert await store.orphan_inodes() == [victim.inode]
+        # A victim with another name keeps it.
+        linked = await mkfile(store, ROOT_INODE, b"linked")
+        await store.link(linked.inode, ROOT_INODE, b"other-name", now())
+        replaced = await store.rename(ROOT_INODE, b"victim", ROOT_INODE, b"linked", 0, now())
+        assert replaced is not None and (replaced.inode, replaced.nlink) == (linked.inode, 1)
+        await check_nlinks(store)
+
+    run_with_store(harness, body)
+
+
+def test_rename_replaces_an_empty_directory(harness):
+    async def body(store: MetadataStore) -> None:
+        a = await mkdir(store, ROOT_INODE, b"a")
+        b = await mkdir(store, ROOT_INODE, b"b")
+        moving = await mkdir(store, a.inode, b"moving")
+        victim = await mkdir(store, b.inode, b"victim")
+        replaced = await store.rename(a.inode, b"moving", b.inode, b"victim", 0, now())
+        assert replaced is not None and (replaced.inode, replaced.nlink) == (victim.inode, 0)
+        assert (await store.lookup(b.inode, b"victim")).inode == moving.inode
+        assert (await store.getattr(a.inode)).nlink == 2
+        assert (await store.getattr(b.inode)).nlink == 3
+        # The same within one directory.
+        other = await mkdir(store, b.inode, b"other")
+        replaced = await store.rename(b.inode, b"victim", b.inode, b"other", 0, now())
+        assert replaced is not None and replaced.inode == other.inode
+        assert (await store.getattr(b.inode)).nlink == 3
+        await check_nlinks(store)
+
+    run_with_store(harness, body)
+
+
+def test_rename_type_and_emptiness_errors(harness):
+    async def body(store: MetadataStore) -> None:
+        directory = await mkdir(store, ROOT_INODE, b"dir")
+        full = await mkdir(store, ROOT_INODE, b"full")
+        content = await mkfile(store, full.inode, b"content")
+        await mkfile(store, ROOT_INODE, b"file")
+        with pytest.raises(NotEmpty):
+            await store.rename(ROOT_INODE, b"dir", ROOT_INODE, b"full", 0, now())
+        with pytest.raises(NotADirectory):
+            await store.rename(ROOT_INODE, b"dir", ROOT_INODE, b"file", 0, now())
+        with pytest.raises(IsADirectory):
+            await store.rename(ROOT_INODE, b"file", ROOT_INODE, b"dir", 0, now())
+        with pytest.raises(NotFound):
+            await store.rename(ROOT_INODE, b"missing", ROOT_INODE, b"x", 0, now())
+        with pytest.raises(NotFound):
+            await store.rename(ROOT_INODE, b"file", 9999, b"x", 0, now())
+        with pytest.raises(NotADirectory):
+            await store.rename(ROOT_INODE, b"dir", content.inode, b"x", 0, now())
+        with pytest.raises(InvalidArgument):
+            await store.rename(ROOT_INODE, b"file", ROOT_INODE, b"x", RENAME_NOREPLACE | RENAME_EXCHANGE, now())
+        with pytest.raises(InvalidArgument):
+            await store.rename(ROOT_INODE, b"file", ROOT_INODE, b"bad/name", 0, now())
+        assert await names_in(store, ROOT_INODE) == {b"dir", b"full", b"file"}
+        assert await names_in(store, directory.inode) == set()
+        await check_nlinks(store)
+
+    run_with_store(harness, body)
+
+
+def test_rename_into_own_subtree_is_invalid(harness):
+    async def body(store: MetadataStore) -> None:
+        a = await mkdir(store, ROOT_INODE, b"a")
+        b = await mkdir(store, a.inode, b"b")
+        c = await mkdir(store, b.inode, b"c")
+        with pytest.raises(InvalidArgument):
+            await store.rename(ROOT_INODE, b"a", c.inode, b"a", 0, now())
+        with pytest.raises(InvalidArgument):
+            await store.rename(ROOT_INODE, b"a", a.inode, b"self", 0, now())
+        await mkfile(store, c.inode, b"x")
+        with pytest.raises(InvalidArgument):  # exchange would put "a" below itself
+            await store.rename(c.inode, b"x", ROOT_INODE, b"a", RENAME_EXCHANGE, now())
+        # Moving up out of its own parent is fine.
+        await store.rename(b.inode, b"c", ROOT_INODE, b"c", 0, now())
+        assert (await store.lookup(c.inode, b"..")).inode == ROOT_INODE
+        await check_nlinks(store)
+
+    run_with_store(harness, body)
+
+
+def test_rename_onto_the_same_inode_does_nothing(harness):
+    async def body(store: MetadataStore) -> None:
+        file = await mkfile(store, ROOT_INODE, b"one")
+        await store.link(file.inode, ROOT_INODE, b"two", now())
+        before = await store.getattr(file.inode)
+        assert await store.rename(ROOT_INODE, b"one", ROOT_INODE, b"one", 0, now()) is None
+        assert await store.rename(ROOT_INODE, b"one", ROOT_INODE, b"two", 0, now()) is None
+        assert await names_in(store, ROOT_INODE) == {b"one", b"two"}
+        assert await store.getattr(file.inode) == before
+        await check_nlinks(store)
+
+    run_with_store(harness, body)
+
+
+def test_rename_noreplace(harness):
+    async def body(store: MetadataStore) -> None:
+        await mkfile(store, ROOT_INODE, b"one")
+        await mkfile(store, ROOT_INODE, b"two")
+        with pytest.raises(Exists):
+            await store.rename(ROOT_INODE, b"one", ROOT_INODE, b"two", RENAME_NOREPLACE, now())
+        assert await store.rename(ROOT_INODE, b"one", ROOT_INODE, b"three", RENAME_NOREPLACE, now()) is None
+        assert await names_in(store, ROOT_INODE) == {b"two", b"three"}
+
+    run_with_store(harness, body)
+
+
+def test_rename_exchange(harness):
+    async def body(store: MetadataStore) -> None:
+        a = await mkdir(store, ROOT_INODE, b"a")
+        b = await mkdir(store, ROOT_INODE, b"b")
+        file = await mkfile(store, a.inode, b"file")
+        directory = await mkdir(store, b.inode, b"dir")
+        await mkfile(store, directory.inode, b"inside")
+        await check_nlinks(store)  # reads everything, so a cache holds it all
+        t = now()
+        assert await store.rename(a.inode, b"file", b.inode, b"dir", RENAME_EXCHANGE, t) is None
+        for inode in (file.inode, directory.inode):
+            assert (await store.getattr(inode)).ctime_ns == t
+        assert (await store.lookup(a.inode, b"file")).inode == directory.inode
+        assert (await store.lookup(b.inode, b"dir")).inode == file.inode
+        assert (await store.lookup(directory.inode, b"..")).inode == a.inode
+        assert (await store.getattr(a.inode)).nlink == 3
+        assert (await store.getattr(b.inode)).nlink == 2
+        await check_nlinks(store)
+        # Two files in one directory.
+        await mkfile(store, ROOT_INODE, b"x")
+        await mkfile(store, ROOT_INODE, b"y")
+        x, y = await store.lookup(ROOT_INODE, b"x"), await store.lookup(ROOT_INODE, b"y")
+        await store.rename(ROOT_INODE, b"x", ROOT_INODE, b"y", RENAME_EXCHANGE, now())
+        assert (await store.lookup(ROOT_INODE, b"x")).inode == y.inode
+        assert (await store.lookup(ROOT_INODE, b"y")).inode == x.inode
+        with pytest.raises(NotFound):
+            await store.rename(ROOT_INODE, b"x", ROOT_INODE, b"absent", RENAME_EXCHANGE, now())
+        await check_nlinks(store)
+
+    run_with_store(harness, body)
+
+
+# -- readdir ---------------------------------------------------------------------
+
+
+def test_readdir_pages_resume_at_any_offset(harness):
+    names = [b"entry-%04d" % i for i in range(2500)]
+
+    async def body(store: MetadataStore) -> None:
+        directory = await mkdir(store, ROOT_INODE, b"big")
+        await mkfile(store, ROOT_INODE, b"elsewhere")
+        for name in names:
+            await mkfile(store, directory.inode, name)
+        full = await list_all(store, directory.inode, limit=1000)
+        assert sorted(entry.name for entry in full) == names
+        offsets = [entry.offset for entry in full]
+        assert offsets == sorted(set(offsets)) and offsets[0] > 0
+        for limit in (1, 7, 2500, 5000):
+            assert await list_all(store, directory.inode, limit) == full
+        rng = random.Random(1)
+        for position in rng.sample(range(len(full)), 30):
+            page = await store.readdir(directory.inode, full[position].offset, 5)
+            assert page == full[position + 1 : position + 6]
+        for entry in rng.sample(full, 10):
+            assert entry.attrs == await store.getattr(entry.attrs.inode)
+        assert await store.readdir(directory.inode, full[-1].offset, 10) == []
+        assert await store.readdir(directory.inode, 0, 0) == []
+
+    run_with_store(harness, body)
+
+
+def test_readdir_while_entries_come_and_go(harness):
+    names = [b"f%04d" % i for i in range(2500)]
+
+    async def body(store: MetadataStore) -> None:
+        directory = await mkdir(store, ROOT_INODE, b"d")
+        for name in names:
+            await mkfile(store, directory.inode, name)
+        await list_all(store, directory.inode)  # a complete listing first, for caches
+        seen: list[bytes] = []
+        after = 0
+        for _ in range(10):
+            page = await store.readdir(directory.inode, after, 100)
+            seen += [entry.name for entry in page]
+            after = page[-1].offset
+        rng = random.Random(2)
+        removed = set(rng.sample(names, 400))  # some listed already, most not yet
+        for name in removed:
+            await store.unlink(directory.inode, name, now())
+        added = {b"new-%03d" % i for i in range(50)}
+        for name in added:
+            await mkfile(store, directory.inode, name)
+        while page := await store.readdir(directory.inode, after, 100):
+            seen += [entry.name for entry in page]
+            after = page[-1].offset
+        assert len(seen) == len(set(seen)), "an entry was listed twice"
+        kept = set(names) - removed
+        assert kept <= set(seen), "an entry that stayed was skipped"
+        assert set(seen) <= set(names) | added
+        assert await names_in(store, directory.inode) == kept | added
+
+    run_with_store(harness, body)
+
+
+def test_readdir_errors(harness):
+    async def body(store: MetadataStore) -> None:
+        file = await mkfile(store, ROOT_INODE, b"file")
+        with pytest.raises(NotADirectory):
+            await store.readdir(file.inode, 0, 10)
+        with pytest.raises(NotFound):
+            await store.readdir(9999, 0, 10)
+
+    run_with_store(harness, body)
+
+
+# -- shards and garbage --------------------------------------------------------------
+
+
+def test_commit_shards_replaces_drops_and_collects(harness):
+    async def body(store: MetadataStore) -> None:
+        file = await mkfile(store, ROOT_INODE, b"file")
+        assert await store.shard_map(file.inode) == {}
+        first = await store.commit_shards(file.inode, {0: ref(1, 4096), 1: ref(2, 4096), 3: ref(3, 100)}, 12388)
+        assert (first.size, first.blocks) == (12388, 17)  # ceil(8292 / 512): holes take no space
+        assert await store.getattr(file.inode) == first
+        assert await store.shard_map(file.inode) == {0: ref(1, 4096), 1: ref(2, 4096), 3: ref(3, 100)}
+        assert await store.garbage(10) == []
+        t = now()
+        second = await store.commit_shards(file.inode, {1: ref(4, 10)}, 12388, mtime_ns=t, ctime_ns=t + 1)
+        assert (second.mtime_ns, second.ctime_ns, second.blocks) == (t, t + 1, 9)
+        assert await store.shard_map(file.inode) == {0: ref(1, 4096), 1: ref(4, 10), 3: ref(3, 100)}
+        assert await store.garbage(10) == [(2, ("a", "b"))]
+        # Truncate to one shard, then write a new second one.
+        third = await store.commit_shards(file.inode, {1: ref(5, 50)}, 4146, drop_from=1)
+        assert (third.size, third.blocks, third.mtime_ns) == (4146, 9, t)
+        assert await store.shard_map(file.inode) == {0: ref(1, 4096), 1: ref(5, 50)}
+        assert [shard_id for shard_id, _ in await store.garbage(10)] == [2, 3, 4]
+        assert await store.garbage(2) == [(2, ("a", "b")), (3, ("a", "b"))]
+        # Committing a shard again where it already is changes nothing.
+        await store.commit_shards(file.inode, {1: ref(5, 50)}, 4146)
+        assert [shard_id for shard_id, _ in await store.garbage(10)] == [2, 3, 4]
+        empty = await store.commit_shards(file.inode, {}, 0, drop_from=0)
+        assert (empty.size, empty.blocks) == (0, 0)
+        assert await store.shard_map(file.inode) == {}
+        assert [shard_id for shard_id, _ in await store.garbage(10)] == [1, 2, 3, 4, 5]
+        await store.forget_garbage([2, 4, 99])
+        assert [shard_id for shard_id, _ in await store.garbage(10)] == [1, 3, 5]
+
+    run_with_store(harness, body)
+
+
+def test_commit_shards_errors(harness):
+    async def body(store: MetadataStore) -> None:
+        directory = await mkdir(store, ROOT_INODE, b"dir")
+        with pytest.raises(IsADirectory):
+            await store.commit_shards(directory.inode, {0: ref(1)}, 1000)
+        with pytest.raises(NotFound):
+            await store.commit_shards(9999, {0: ref(1)}, 1000)
+        with pytest.raises(NotFound):
+            await store.shard_map(9999)
+        assert await store.shards(0, 10) == []
+
+    run_with_store(harness, body)
+
+
+def test_shards_listing_and_set_shard_nodes(harness):
+    async def body(store: MetadataStore) -> None:
+        one = await mkfile(store, ROOT_INODE, b"one")
+        two = await mkfile(store, ROOT_INODE, b"two")
+        await store.commit_shards(one.inode, {0: ref(10), 1: ref(30)}, 2000)
+        await store.commit_shards(two.inode, {5: ref(20)}, 6000)
+        assert await store.shard_map(one.inode) == {0: ref(10), 1: ref(30)}  # cached, if it is a cache
+        assert await store.shards(0, 10) == [
+            ShardRecord(one.inode, 0, ref(10)),
+            ShardRecord(two.inode, 5, ref(20)),
+            ShardRecord(one.inode, 1, ref(30)),
+        ]
+        assert await store.shards(10, 1) == [ShardRecord(two.inode, 5, ref(20))]
+        assert await store.shards(30, 10) == []
+        await store.set_shard_nodes(30, ("c", "d"))
+        assert await store.shard_map(one.inode) == {0: ref(10), 1: ref(30, nodes=("c", "d"))}
+        assert (await store.shards(20, 10))[0].ref.nodes == ("c", "d")
+        with pytest.raises(NotFound):
+            await store.set_shard_nodes(99, ("a",))
+
+    run_with_store(harness, body)
+
+
+def test_delete_inode_collects_shards_and_xattrs(harness):
+    async def body(store: MetadataStore) -> None:
+        file = await mkfile(store, ROOT_INODE, b"file")
+        await store.commit_shards(file.inode, {0: ref(7), 1: ref(8)}, 2000)
+        await store.setxattr(file.inode, b"user.a", b"1", 0, now())
+        await store.delete_inode(file.inode)  # still named: nothing happens
+        assert (await store.getattr(file.inode)).nlink == 1
+        assert await store.garbage(10) == []
+        await store.unlink(ROOT_INODE, b"file", now())
+        await store.delete_inode(file.inode)
+        assert [shard_id for shard_id, _ in await store.garbage(10)] == [7, 8]
+        assert await store.orphan_inodes() == []
+        assert await store.shards(0, 10) == []
+        for call in (store.getattr(file.inode), store.shard_map(file.inode), store.listxattr(file.inode)):
+            with pytest.raises(NotFound):
+                await call
+        await store.delete_inode(file.inode)  # gone already: nothing happens
+
+    run_with_store(harness, body)
+
+
+def test_allocate_shard_ids_never_repeat(harness):
+    async def main() -> None:
+        handed_out: list[int] = []
+        for _ in range(3):
+            async with harness.store() as store:
+                for count in (1, 5, 0, 100):
+                    ids = await store.allocate_shard_ids(count)
+                    assert len(ids) == count
+                    handed_out += ids
+        assert len(handed_out) == len(set(handed_out)) == 318
+        assert min(handed_out) > 0
+
+    trio.run(main)
+
+
+def test_usage(harness):
+    async def body(store: MetadataStore) -> None:
+        assert await store.usage() == UsageCounts(1, 0, 0, 0)
+        one = await mkfile(store, ROOT_INODE, b"one")
+        await mkdir(store, ROOT_INODE, b"dir")
+        await store.create(ROOT_INODE, b"link", SYMLINK, 0, 0, now(), target=b"target")
+        await store.commit_shards(one.inode, {0: ref(1, 4096), 2: ref(2, 10)}, 9000)
+        assert await store.usage() == UsageCounts(inodes=4, logical_bytes=9000, stored_bytes=4106, shards=2)
+
+    run_with_store(harness, body)
+
+
+# -- xattrs ---------------------------------------------------------------------------
+
+
+def test_xattrs(harness):
+    async def body(store: MetadataStore) -> None:
+        file = await mkfile(store, ROOT_INODE, b"file")
+        with pytest.raises(NoData):
+            await store.getxattr(file.inode, b"security.capability")
+        with pytest.raises(NoData):
+            await store.getxattr(file.inode, b"security.capability")
+        assert await store.listxattr(file.inode) == []
+        t = now()
+        await store.setxattr(file.inode, b"user.one", b"1", 0, t)
+        assert (await store.getattr(file.inode)).ctime_ns == t
+        await store.setxattr(file.inode, b"user.two", b"\x00binary\xff", XATTR_CREATE, now())
+        assert await store.getxattr(file.inode, b"user.two") == b"\x00binary\xff"
+        assert sorted(await store.listxattr(file.inode)) == [b"user.one", b"user.two"]
+        with pytest.raises(Exists):
+            await store.setxattr(file.inode, b"user.one", b"x", XATTR_CREATE, now())
+        with pytest.raises(NoData):
+            await store.setxattr(file.inode, b"user.three", b"x", XATTR_REPLACE, now())
+        await store.setxattr(file.inode, b"user.one", b"replaced", XATTR_REPLACE, now())
+        await store.setxattr(file.inode, b"user.one", b"", 0, now())
+        assert await store.getxattr(file.inode, b"user.one") == b""
+        t = now()
+        await store.removexattr(file.inode, b"user.one", t)
+        assert (await store.getattr(file.inode)).ctime_ns == t
+        with pytest.raises(NoData):
+            await store.getxattr(file.inode, b"user.one")
+        with pytest.raises(NoData):
+            await store.removexattr(file.inode, b"user.one", now())
+        assert await store.listxattr(file.inode) == [b"user.two"]
+        with pytest.raises(NoData):
+            await store.getxattr(file.inode, b"security.capability")
+        directory = await mkdir(store, ROOT_INODE, b"dir")
+        await store.setxattr(directory.inode, b"user.one", b"dir", 0, now())
+        assert await store.getxattr(directory.inode, b"user.one") == b"dir"
+        for call in (
+            store.getxattr(9999, b"user.one"),
+            store.listxattr(9999),
+            store.setxattr(9999, b"user.one", b"x", 0, now()),
+            store.removexattr(9999, b"user.one", now()),
+        ):
+            with pytest.raises(NotFound):
+                await call
+
+    run_with_store(harness, body)
+
+
+# -- lifecycle ------------------------------------------------------------------------
+
+
+def test_everything_persists_across_close_and_reopen(harness):
+    async def main() -> None:
+        async with harness.store() as store:
+            directory = await mkdir(store, ROOT_INODE, b"dir")
+            file = await mkfile(store, directory.inode, b"file")
+            await store.link(file.inode, ROOT_INODE, b"hard", now())
+            await store.create(directory.inode, b"link", SYMLINK, 0, 0, now(), target=b"file")
+            await store.commit_shards(file.inode, {0: ref(1), 2: ref(2)}, 5000)
+            await store.commit_shards(file.inode, {2: ref(3)}, 5000)
+            await store.setxattr(file.inode, b"user.k", b"v", 0, now())
+            orphan = await mkfile(store, ROOT_INODE, b"orphan")
+            await store.unlink(ROOT_INODE, b"orphan", now())
+            await store.sync()
+            before = {
+                "root": await list_all(store, ROOT_INODE),
+                "dir": await list_all(store, directory.inode),
+                "file": await store.getattr(file.inode),
+                "shards": await store.shard_map(file.inode),
+                "garbage": await store.garbage(10),
+                "usage": await store.usage(),
+            }
+        async with harness.store() as store:
+            assert await list_all(store, ROOT_INODE) == before["root"]
+            assert await list_all(store, directory.inode) == before["dir"]
+            assert await store.getattr(file.inode) == before["file"]
+            assert await store.shard_map(file.inode) == before["shards"]
+            assert await store.garbage(10) == before["garbage"]
+            assert await store.usage() == before["usage"]
+            assert await store.getxattr(file.inode, b"user.k") == b"v"
+            assert await store.orphan_inodes() == [orphan.inode]
+            assert (await store.lookup(directory.inode, b"..")).inode == ROOT_INODE
+            await check_nlinks(store)
+
+    trio.run(main)
