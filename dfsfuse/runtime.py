@@ -51,6 +51,13 @@ async def open_components(config: Config, cached: bool) -> AsyncIterator[Compone
     except OSError as error:
         raise UserError(f"cannot open metadata {config.metadata_path}: {error.strerror or error}") from None
     meta: MetadataStore = CachedMetadata(engine, config.metadata_entries) if cached else engine
+    recorded = await meta.layout(config.shard_size, config.block_size)
+    if recorded != (config.shard_size, config.block_size):
+        await meta.close()
+        raise UserError(
+            f"config: this file system was made with shard_size {recorded[0]} and block_size {recorded[1]}; "
+            "they cannot change (set them back in the config file)"
+        )
     stores: list[NodeStore] = []
     try:
         for node in config.nodes:

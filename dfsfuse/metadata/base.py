@@ -248,6 +248,15 @@ class MetadataStore(abc.ABC):
         """Record where a live shard's replicas now are (after a repair)."""
 
     @abc.abstractmethod
+    async def layout(self, shard_size: int, block_size: int) -> tuple[int, int]:
+        """The file system's (shard size, block size), fixed for its whole life.
+
+        The first call records the given values; every later call returns the
+        recorded ones, whatever it is given (shard indexes and replica
+        formats depend on them).
+        """
+
+    @abc.abstractmethod
     async def usage(self) -> UsageCounts:
         """Counts for status and statfs."""
 

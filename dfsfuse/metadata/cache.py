@@ -330,6 +330,9 @@ class CachedMetadata(MetadataStore):
     async def allocate_shard_ids(self, count: int) -> range:
         return await self._engine.allocate_shard_ids(count)
 
+    async def layout(self, shard_size: int, block_size: int) -> tuple[int, int]:
+        return await self._engine.layout(shard_size, block_size)
+
     async def garbage(self, limit: int) -> list[tuple[int, tuple[str, ...]]]:
         return await self._engine.garbage(limit)
 

@@ -74,6 +74,11 @@ _SCHEMA_V1 = """
 --                   allocate_shard_ids makes every bump durable before it
 --                   returns, so no shard id is reused, even after a crash.
 --                   Shard ids start at 1.
+--   shard_size      bytes of file data per shard, and
+--   block_size      bytes per checksum block of a replica: recorded by the
+--                   first layout() call (the first mount) and never changed,
+--                   since shard indexes and replica offsets depend on them.
+--                   Absent until then.
 CREATE TABLE meta (
     key   TEXT PRIMARY KEY,
     value INTEGER NOT NULL
@@ -392,6 +397,9 @@ class SqliteMetadata(MetadataStore):
         if count < 0:
             raise InvalidArgument(f"cannot allocate {count} shard ids")
         return await self._thread.run(_allocate_shard_ids_durably, self._db, count)
+
+    async def layout(self, shard_size: int, block_size: int) -> tuple[int, int]:
+        return await self._write(_layout, shard_size, block_size)
 
     async def garbage(self, limit: int) -> list[tuple[int, tuple[str, ...]]]:
         return await self._read(_garbage, limit)
@@ -805,6 +813,13 @@ def _allocate_shard_ids_durably(db: sqlite3.Connection, count: int) -> range:
         return _transaction(db, "BEGIN IMMEDIATE", _allocate_shard_ids, (count,))
     finally:
         db.execute("PRAGMA synchronous = NORMAL")
+
+
+def _layout(db: sqlite3.Connection, shard_size: int, block_size: int) -> tuple[int, int]:
+    for key, value in (("shard_size", shard_size), ("block_size", block_size)):
+        db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)", (key, value))
+    rows = dict(db.execute("SELECT key, value FROM meta WHERE key IN ('shard_size', 'block_size')"))
+    return rows["shard_size"], rows["block_size"]
 
 
 def _garbage(db: sqlite3.Connection, limit: int) -> list[tuple[int, tuple[str, ...]]]:

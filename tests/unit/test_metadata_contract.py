@@ -859,3 +859,14 @@ def test_everything_persists_across_close_and_reopen(harness):
             await check_nlinks(store)
 
     trio.run(main)
+
+
+def test_layout_is_recorded_once_and_kept(harness):
+    async def main() -> None:
+        async with harness.store() as store:
+            assert await store.layout(1 << 20, 1 << 14) == (1 << 20, 1 << 14)
+            assert await store.layout(4 << 20, 1 << 16) == (1 << 20, 1 << 14)
+        async with harness.store() as store:
+            assert await store.layout(4 << 20, 1 << 16) == (1 << 20, 1 << 14)
+
+    trio.run(main)
