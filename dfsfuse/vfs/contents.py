@@ -1,17 +1,25 @@
 """The contents of one regular file: buffered writes, verified reads, truncate.
 
 One FileContents exists per inode while the file is open (shared by all its
-handles) and briefly for a truncate of a closed file. It owns the file's
+handles) and while a closed file is being truncated. It owns the file's
 dirty shard buffers and its copy of the shard map, and follows the rule that
 makes crashes harmless: a shard's replicas are stored first, then one
 metadata transaction points the file at it.
 
-Concurrency (all on the trio loop): `_write_lock` orders writes and truncates
-among themselves; `_commit_lock` orders metadata commits so the committed size
-never goes backwards; a shard index that is being flushed is kept in
-`_flushing` (still readable) and writers to it wait for the flush to finish.
-Store errors are kept in `_error` and reported by the next write, flush or
-fsync, as the kernel's write-back does.
+Concurrency (all on the trio loop, where tasks interleave at every await):
+- `_write_lock` is held by a write (while it finds and fills buffers), by a
+  truncate (for all of it), and by anyone taking dirty buffers to flush them.
+  So a buffer is never taken from under a write or a truncate.
+- A taken buffer sits in `_flushing` (still readable) until its shard is
+  stored and committed; a writer or truncate that needs that shard index
+  waits for it first. Storing happens outside the lock.
+- `_commit_lock` orders the metadata commits of the file, so the committed
+  size never goes backwards.
+
+Errors: a buffer whose store failed goes back to the dirty set and is tried
+again by the next flush. `flush` raises whenever data is still unstored when
+it finishes, so every close and fsync learns of it; `write` refuses new data
+while earlier data could not be stored.
 """
 
 from __future__ import annotations
@@ -38,6 +46,10 @@ log = logging.getLogger("dfsfuse.contents")
 # fetch only the checksum blocks they touch.
 WHOLE_SHARD_READ = 128 * 1024
 
+# Replicas stored without fsync are remembered per inode so that a later fsync
+# can sync them; past this many in all they are synced in the background.
+UNSYNCED_LIMIT = 65536
+
 
 @dataclasses.dataclass
 class ContentServices:
@@ -52,9 +64,39 @@ class ContentServices:
     nursery: trio.Nursery
     reads_in_flight: collections.Counter[int] = dataclasses.field(default_factory=collections.Counter)
     garbage_added: trio.Event = dataclasses.field(default_factory=trio.Event)
+    # inode -> {shard id: ref} of replicas stored without fsync, kept across
+    # opens so an fsync after a reopen still makes them durable.
+    unsynced: dict[int, dict[int, ShardRef]] = dataclasses.field(default_factory=dict)
+    unsynced_count: int = 0
 
     def note_garbage(self) -> None:
         self.garbage_added.set()
+
+    def remember_unsynced(self, inode: int, ref: ShardRef) -> None:
+        self.unsynced.setdefault(inode, {})[ref.shard_id] = ref
+        self.unsynced_count += 1
+        if self.unsynced_count > UNSYNCED_LIMIT:
+            everything = [ref for refs in self.unsynced.values() for ref in refs.values()]
+            self.unsynced.clear()
+            self.unsynced_count = 0
+            self.nursery.start_soon(self._sync_quietly, everything)
+
+    def forget_unsynced(self, inode: int, shard_ids: list[int] | None = None) -> None:
+        """Forget the given shards of `inode` (all of them if None)."""
+        refs = self.unsynced.get(inode)
+        if refs is None:
+            return
+        for shard_id in list(refs) if shard_ids is None else shard_ids:
+            if refs.pop(shard_id, None) is not None:
+                self.unsynced_count -= 1
+        if not refs:
+            del self.unsynced[inode]
+
+    async def _sync_quietly(self, refs: list[ShardRef]) -> None:
+        try:
+            await self.replicator.sync(refs)
+        except DfsError as error:
+            log.warning("background sync of %d replicas failed: %s", len(refs), error)
 
 
 class FileContents:
@@ -72,8 +114,8 @@ class FileContents:
         self._dirty: dict[int, ShardBuffer] = {}
         self._flushing: dict[int, ShardBuffer] = {}
         self._flush_done: dict[int, trio.Event] = {}
-        self._unsynced: dict[int, ShardRef] = {}
-        self._error: DfsError | None = None
+        self._error: DfsError | None = None  # the last store failure
+        self._failed: set[int] = set()  # dirty shard indexes whose store failed
         self._write_lock = trio.Lock()
         self._commit_lock = trio.Lock()
 
@@ -81,12 +123,18 @@ class FileContents:
     def is_clean(self) -> bool:
         return not (self._dirty or self._flushing or self._times_dirty or self.size != self._committed_size)
 
+    def _raise_stored_error(self) -> None:
+        if self._failed and self._error is not None:
+            # A fresh exception each time: re-raising one object would chain
+            # every failed call's traceback onto it.
+            raise type(self._error)(str(self._error), self._error.errno)
+
     # -- writing -------------------------------------------------------------
     async def write(self, offset: int, data: bytes) -> int:
-        await self._services.budget.wait_for_room()
+        self._raise_stored_error()
+        await self._services.budget.wait_for_room(self._raise_stored_error)
         async with self._write_lock:
-            if self._error is not None:
-                raise self._error
+            self._raise_stored_error()
             view = memoryview(data)
             position = 0
             size = self._shard_size
@@ -119,39 +167,55 @@ class FileContents:
     def start_background_flush(self, index: int) -> None:
         """Flush one dirty shard without waiting (a full shard, or budget eviction)."""
         if index in self._dirty:
-            self._services.nursery.start_soon(self._flush_shard, index, False)
+            # Counted from now, so writers waiting for room know relief is coming.
+            self._services.budget.begin_flush()
+            self._services.nursery.start_soon(self._flush_in_background, index)
 
-    async def _flush_shard(self, index: int, sync: bool) -> None:
+    async def _flush_in_background(self, index: int) -> None:
+        async with self._write_lock:
+            buffer = self._take(index)
+        if buffer is None:
+            await self._services.budget.end_flush(0)
+        else:
+            await self._store_taken(index, buffer, sync=False)
+
+    def _take(self, index: int) -> ShardBuffer | None:
+        """Move a dirty buffer to `_flushing`; the caller holds `_write_lock`
+        and has counted the flush with `budget.begin_flush`."""
         buffer = self._dirty.pop(index, None)
         if buffer is None:
-            return
-        services = self._services
-        services.budget.untrack((self.inode, index))
-        done = trio.Event()
+            return None
+        self._services.budget.untrack((self.inode, index))
         self._flushing[index] = buffer
-        self._flush_done[index] = done
+        self._flush_done[index] = trio.Event()
+        return buffer
+
+    async def _store_taken(self, index: int, buffer: ShardBuffer, sync: bool) -> None:
+        """Store and commit a taken buffer; on failure it becomes dirty again."""
+        budget = self._services.budget
+        stored = False
         try:
             if len(buffer):
                 await self._store_and_commit(index, buffer, sync)
+            stored = True
+            self._failed.discard(index)
+        except DfsError as error:
+            log.error("inode %d shard %d: could not store: %s", self.inode, index, error)
+            self._error = error
         except Exception as error:  # noqa: BLE001 - a background failure must reach the application
-            if not isinstance(error, DfsError):
-                log.exception("inode %d shard %d: unexpected error while flushing", self.inode, index)
-                error = DataError(f"inode {self.inode} shard {index}: {error}")
-            else:
-                log.error("inode %d shard %d: flush failed: %s", self.inode, index, error)
-            if self._error is None:
-                self._error = error
-            # Keep the data: a later flush or fsync tries again. A fresh copy,
-            # since views of the old bytearray may outlive the failed store and
-            # would forbid resizing it.
-            self._dirty[index] = ShardBuffer(buffer.data)
-            services.budget.track((self.inode, index))
-        else:
-            await services.budget.release(len(buffer))
+            log.exception("inode %d shard %d: unexpected error while storing", self.inode, index)
+            self._error = DataError(f"inode {self.inode} shard {index}: {error}")
         finally:
+            # Also on cancellation: the data must not vanish. A fresh copy,
+            # since views of the old bytearray may outlive a failed store and
+            # would forbid resizing it.
             del self._flushing[index]
-            del self._flush_done[index]
-            done.set()
+            if not stored:
+                self._dirty[index] = ShardBuffer(buffer.data)
+                self._failed.add(index)
+            self._flush_done.pop(index).set()
+            with trio.CancelScope(shield=True):
+                await budget.end_flush(0 if not stored else len(buffer))
 
     async def _store_and_commit(self, index: int, buffer: ShardBuffer, sync: bool) -> None:
         services = self._services
@@ -165,15 +229,15 @@ class FileContents:
                 )
                 self._committed_size = size
                 self._replace_ref(index, ref)
-        except BaseException:
-            with trio.CancelScope(shield=True):
-                await self._discard_stored(ref)
+        except DfsError:
+            # The engine refused the commit, so nothing points at the new
+            # replicas. (Any other failure may have committed: leave them to fsck.)
+            await self._discard_stored(ref)
             raise
         if not sync:
-            self._unsynced[ref.shard_id] = ref
+            services.remember_unsynced(self.inode, ref)
 
     async def _discard_stored(self, ref: ShardRef) -> None:
-        """Delete replicas of a shard whose commit failed (they are orphans)."""
         try:
             await self._services.replicator.delete(ref.shard_id, ref.nodes)
         except DfsError as error:
@@ -185,7 +249,7 @@ class FileContents:
             self._shard_map[index] = ref
         if old is not None:
             self._services.cache.discard(old.shard_id)
-            self._unsynced.pop(old.shard_id, None)
+            self._services.forget_unsynced(self.inode, [old.shard_id])
             self._services.note_garbage()
 
     def _touch(self) -> None:
@@ -195,22 +259,32 @@ class FileContents:
     async def flush(self, sync: bool) -> None:
         """Store every dirty shard and commit size and times; with `sync`, durably.
 
-        Raises the first error any flush of this file met since the last report.
+        Raises if, when it is done, some of the file's data failed to store
+        (its own attempt or a background flush that ended meanwhile).
         """
-        async with trio.open_nursery() as nursery:
+        async with self._write_lock:
+            taken = []
             for index in list(self._dirty):
-                nursery.start_soon(self._flush_shard, index, sync)
+                self._services.budget.begin_flush()
+                taken.append((index, self._take(index)))
+        async with trio.open_nursery() as nursery:
+            for index, buffer in taken:
+                nursery.start_soon(self._store_taken, index, buffer, sync)
         await self._wait_for_flushes()
-        if sync and self._unsynced:
-            await self._services.replicator.sync(list(self._unsynced.values()))
-            self._unsynced.clear()
-        if not self._dirty:
-            await self._commit_size_and_times()
+        if self._failed:
+            self._raise_stored_error()
+        self._error = None
+        await self._commit_size_and_times()
         if sync:
-            await self._services.meta.sync()
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
+            await self._sync_stored()
+
+    async def _sync_stored(self) -> None:
+        services = self._services
+        refs = list(services.unsynced.get(self.inode, {}).values())
+        if refs:
+            await services.replicator.sync(refs)
+            services.forget_unsynced(self.inode, [ref.shard_id for ref in refs])
+        await services.meta.sync()
 
     async def _commit_size_and_times(self) -> None:
         async with self._commit_lock:
@@ -227,54 +301,72 @@ class FileContents:
         while self._flush_done:
             await next(iter(self._flush_done.values())).wait()
 
+    async def discard(self) -> None:
+        """Drop all buffered data (the file was unlinked and closed)."""
+        async with self._write_lock:
+            await self._wait_for_flushes()
+            for index in list(self._dirty):
+                await self._drop_dirty(index)
+            self.size = self._committed_size
+            self._times_dirty = False
+
     # -- truncate ------------------------------------------------------------
     async def truncate(self, new_size: int) -> InodeAttrs:
-        """Set the size; a shrink rewrites the cut shard so stale bytes never return."""
+        """Set the size; a shrink stores the cut last shard anew, so the bytes
+        past the new end never come back. On failure nothing changes."""
         async with self._write_lock:
             await self._wait_for_flushes()
             shard_size = self._shard_size
             keep = shard_count(new_size, shard_size)
-            replacement: dict[int, ShardRef] = {}
-            if new_size < self.size:
-                for index in [i for i in self._dirty if i >= keep]:
-                    await self._drop_dirty(index)
-                tail_index, tail_length = divmod(new_size, shard_size)
-                if tail_length:
-                    tail = await self._cut_tail(tail_index, tail_length)
-                    if tail is not None:
-                        replacement[tail_index] = tail
+            tail_index, tail_length = divmod(new_size, shard_size)
+            tail: ShardRef | None = None
+            if new_size < self.size and tail_length:
+                tail = await self._store_cut_tail(tail_index, tail_length)
             now = time.time_ns()
-            async with self._commit_lock:
-                attrs = await self._services.meta.commit_shards(
-                    self.inode, replacement, new_size, drop_from=keep, mtime_ns=now, ctime_ns=now
-                )
-                for index in [i for i in self._shard_map if i >= keep]:
-                    self._replace_ref(index, None)
-                for index, ref in replacement.items():
-                    self._replace_ref(index, ref)
-                    self._unsynced[ref.shard_id] = ref
-                self.size = self._committed_size = new_size
-                self.mtime_ns = self.ctime_ns = now
+            replacement = {} if tail is None else {tail_index: tail}
+            try:
+                async with self._commit_lock:
+                    attrs = await self._services.meta.commit_shards(
+                        self.inode, replacement, new_size, drop_from=keep, mtime_ns=now, ctime_ns=now
+                    )
+                    self._committed_size = new_size
+            except DfsError:
+                if tail is not None:
+                    await self._discard_stored(tail)
+                raise
+            # Committed: now the in-memory state follows, with no await between.
+            for index in [i for i in self._shard_map if i >= keep]:
+                self._replace_ref(index, None)
+            dropped = [i for i in self._dirty if i >= keep or (tail is not None and i == tail_index)]
+            if tail is not None:
+                self._replace_ref(tail_index, tail)
+                self._services.remember_unsynced(self.inode, tail)
+            self.size = new_size
+            self.mtime_ns = self.ctime_ns = now
+            for index in dropped:
+                await self._drop_dirty(index)
             return attrs
 
     async def _drop_dirty(self, index: int) -> None:
+        self._failed.discard(index)
         buffer = self._dirty.pop(index)
         self._services.budget.untrack((self.inode, index))
         await self._services.budget.release(len(buffer))
 
-    async def _cut_tail(self, index: int, length: int) -> ShardRef | None:
-        """Store the first `length` bytes of shard `index` as a new shard, if it is longer."""
+    async def _store_cut_tail(self, index: int, length: int) -> ShardRef | None:
+        """Store the first `length` bytes of shard `index` as a new shard, if
+        what the shard holds now (buffered or stored) is longer."""
         buffer = self._dirty.get(index)
         if buffer is not None:
-            await self._services.budget.release(buffer.truncate(length))
-            ref = await self._services.flusher.store(bytes(buffer.data), sync=False)
-            await self._drop_dirty(index)
-            return ref
-        ref = self._shard_map.get(index)
-        if ref is None or ref.length <= length:
-            return None
-        data = await self._shard_data(ref)
-        return await self._services.flusher.store(memoryview(data)[:length], sync=False)
+            if len(buffer) <= length:
+                return None
+            data = bytes(buffer.data[:length])
+        else:
+            ref = self._shard_map.get(index)
+            if ref is None or ref.length <= length:
+                return None
+            data = (await self._shard_data(ref))[:length]
+        return await self._services.flusher.store(data, sync=False)
 
     # -- reading -------------------------------------------------------------
     async def read(self, offset: int, size: int, sequential: bool) -> bytes:
@@ -284,7 +376,9 @@ class FileContents:
         whole = sequential or size >= WHOLE_SHARD_READ
         parts = []
         for index, inner, take in shard_span(offset, size, self._shard_size):
-            pending = self._dirty.get(index) or self._flushing.get(index)
+            pending = self._dirty.get(index)
+            if pending is None:
+                pending = self._flushing.get(index)
             if pending is not None:
                 chunk = bytes(pending.data[inner : inner + take])
             else:
@@ -310,23 +404,31 @@ class FileContents:
 
     async def _shard_data(self, ref: ShardRef) -> bytes:
         """The whole verified shard, from the cache or the stores."""
-        return await self._services.cache.get_or_fetch(
-            ref.shard_id, lambda: self._guarded_read(ref, 0, ref.length)
-        )
+        in_flight = self._services.reads_in_flight
+        in_flight[ref.shard_id] += 1  # also while waiting for another reader's fetch
+        try:
+            return await self._services.cache.get_or_fetch(
+                ref.shard_id, lambda: self._guarded_read(ref, 0, ref.length)
+            )
+        finally:
+            self._done_reading(ref.shard_id)
 
     async def _guarded_read(self, ref: ShardRef, offset: int, length: int) -> bytes:
         """Read while telling the garbage collector that this shard is in use."""
-        in_flight = self._services.reads_in_flight
-        in_flight[ref.shard_id] += 1
+        self._services.reads_in_flight[ref.shard_id] += 1
         try:
             return await self._services.replicator.read(ref, offset, length)
         except DataError:
             log.error("inode %d: no good replica of shard %d", self.inode, ref.shard_id)
             raise
         finally:
-            in_flight[ref.shard_id] -= 1
-            if not in_flight[ref.shard_id]:
-                del in_flight[ref.shard_id]
+            self._done_reading(ref.shard_id)
+
+    def _done_reading(self, shard_id: int) -> None:
+        in_flight = self._services.reads_in_flight
+        in_flight[shard_id] -= 1
+        if not in_flight[shard_id]:
+            del in_flight[shard_id]
 
     def _read_ahead(self, index: int) -> None:
         ref = self._shard_map.get(index)
@@ -336,7 +438,7 @@ class FileContents:
         async def fetch_quietly() -> None:
             try:
                 await self._shard_data(ref)
-            except DfsError:
-                pass  # the real read will retry and report
+            except Exception:  # noqa: BLE001 - the real read will retry and report
+                log.debug("read-ahead of shard %d failed", ref.shard_id, exc_info=True)
 
         self._services.nursery.start_soon(fetch_quietly)

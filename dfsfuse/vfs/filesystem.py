@@ -147,6 +147,7 @@ class FileSystem:
         if inode in self._unlinked and not self._refs[inode] and inode not in self._files:
             self._unlinked.discard(inode)
             await self._meta.delete_inode(inode)
+            self.services.forget_unsynced(inode)
             self.services.note_garbage()
 
     def _note_links(self, attrs: InodeAttrs | None) -> None:
@@ -251,8 +252,15 @@ class FileSystem:
             raise DfsError("cannot truncate a directory", errno.EISDIR)
         if not stat.S_ISREG(attrs.mode):
             raise InvalidArgument("only regular files can be truncated")
-        contents = FileContents(attrs, await self._meta.shard_map(inode), self.services)
-        await contents.truncate(size)
+        shard_map = await self._meta.shard_map(inode)
+        contents = self._files.get(inode)  # opened meanwhile?
+        if contents is None:
+            # Registered while it works, so an open in the meantime shares it.
+            contents = self._files[inode] = FileContents(attrs, shard_map, self.services)
+        try:
+            await contents.truncate(size)
+        finally:
+            await self._drop_if_closed(contents)
 
     async def statfs(self) -> FsStats:
         capacity_by_device: dict[str, tuple[int, int]] = {}
@@ -307,6 +315,7 @@ class FileSystem:
                 await contents.truncate(0)
             except BaseException:
                 contents.open_count -= 1
+                await self._drop_if_closed(contents)
                 raise
         handle = self._next_handle
         self._next_handle += 1
@@ -352,12 +361,18 @@ class FileSystem:
         if contents.open_count:
             return
         try:
-            if not contents.is_clean:
+            if contents.inode in self._unlinked:
+                await contents.discard()  # nobody can see the data again
+            elif not contents.is_clean:
                 await contents.flush(sync=False)
         finally:
-            if not contents.open_count and contents.is_clean and self._files.get(contents.inode) is contents:
-                del self._files[contents.inode]
-                await self._delete_if_unreferenced(contents.inode)
+            await self._drop_if_closed(contents)
+
+    async def _drop_if_closed(self, contents: FileContents) -> None:
+        """Forget a file's contents once nothing has it open and all is stored."""
+        if not contents.open_count and contents.is_clean and self._files.get(contents.inode) is contents:
+            del self._files[contents.inode]
+            await self._delete_if_unreferenced(contents.inode)
 
     # -- garbage -----------------------------------------------------------------
     async def _garbage_collector(self) -> None:
@@ -365,8 +380,13 @@ class FileSystem:
             event = self.services.garbage_added
             await event.wait()
             self.services.garbage_added = trio.Event()
-            if not await self._collect_garbage():
-                await trio.sleep(1)  # some shards were still being read or unreachable
+            try:
+                complete = await self._collect_garbage()
+            except Exception:  # noqa: BLE001 - keep the mount alive; try again later
+                log.exception("garbage collection failed")
+                complete = False
+            if not complete:
+                await trio.sleep(1)  # some shards were being read, or a store failed
                 self.services.note_garbage()
 
     async def _collect_garbage(self) -> bool:
@@ -377,6 +397,9 @@ class FileSystem:
             batch = [g for g in await self._meta.garbage(GARBAGE_BATCH) if g[0] not in after_skipped]
             if not batch:
                 return complete
+            # The commits that made these shards garbage must survive a power
+            # loss before the replicas go, or metadata could point at nothing.
+            await self._meta.sync()
             deleted = []
             for shard_id, nodes in batch:
                 if self._services is not None and shard_id in self._services.reads_in_flight:

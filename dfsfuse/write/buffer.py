@@ -15,6 +15,8 @@ from typing import Callable
 
 import trio
 
+from ..errors import DataError
+
 
 class ShardBuffer:
     """The pending contents of one shard: a growable bytearray."""
@@ -50,14 +52,19 @@ BufferKey = tuple[int, int]  # (inode, shard index)
 class WriteBudget:
     """Global accounting of buffered bytes with backpressure.
 
-    `evict` is called with the key of the oldest buffer when writers must
-    wait; it starts flushing that buffer (which eventually calls `release`).
+    `evict` is called with the key of the oldest tracked buffer when writers
+    must wait; it starts flushing that buffer, which brackets the work with
+    `begin_flush` and `end_flush`. A buffer whose store failed is not tracked
+    again (its file's next flush retries it), so when the budget is full of
+    such data and nothing is being flushed, writers get an error instead of
+    waiting for ever.
     """
 
     def __init__(self, max_bytes: int, evict: Callable[[BufferKey], None]):
         self.max_bytes = max_bytes
         self._evict = evict
         self._used = 0
+        self._flushes = 0
         self._oldest_first: collections.OrderedDict[BufferKey, None] = collections.OrderedDict()
         self._changed = trio.Condition()
 
@@ -66,7 +73,7 @@ class WriteBudget:
         return self._used
 
     def track(self, key: BufferKey) -> None:
-        """Note that a dirty buffer exists for `key` (oldest first)."""
+        """Note that an evictable dirty buffer exists for `key` (oldest first)."""
         self._oldest_first.setdefault(key, None)
 
     def untrack(self, key: BufferKey) -> None:
@@ -80,13 +87,30 @@ class WriteBudget:
         async with self._changed:
             self._changed.notify_all()
 
-    async def wait_for_room(self) -> None:
-        """Return once buffered bytes are under the limit, evicting oldest first."""
-        while self._used >= self.max_bytes:
+    def begin_flush(self) -> None:
+        self._flushes += 1
+
+    async def end_flush(self, released: int) -> None:
+        self._flushes -= 1
+        await self.release(released)
+
+    async def wait_for_room(self, check: Callable[[], None]) -> None:
+        """Return once buffered bytes are under the limit, evicting oldest first.
+
+        `check` is called on every wake-up and may raise to stop waiting (the
+        writer's own file has failed). DataError when the budget is full of
+        data that could not be stored.
+        """
+        while True:
+            check()
+            if self._used < self.max_bytes:
+                return
             if self._oldest_first:
                 key = next(iter(self._oldest_first))
                 self.untrack(key)
                 self._evict(key)
+            elif not self._flushes:
+                raise DataError("the write buffer is full of data that could not be stored")
             async with self._changed:
-                if self._used >= self.max_bytes:
+                if self._used >= self.max_bytes and (self._flushes or self._oldest_first):
                     await self._changed.wait()

@@ -6,11 +6,9 @@ metadata behind its cache, and local node stores, without the kernel. Shards
 are 64 KiB and the write buffer holds a few of them (fsharness.py), so the
 files here span many shards and the memory budget evicts all the time.
 
-Tests named test_bug_* show defects found in review. They are marked
-xfail(strict=True) with the exception they fail with today: the suite stays
-green, and each starts to XPASS (and so to fail, strictly) when its bug is
-fixed, at which point its marker goes. Run them as plain tests with
-`pytest --runxfail tests/component`.
+Tests named test_bug_* reproduce defects found in review (races between
+truncate and flushes, lost errors, ordering against power loss); they keep
+those defects from coming back.
 """
 
 from __future__ import annotations
@@ -181,11 +179,6 @@ def test_random_operations_match_a_model_and_survive_a_restart(harness):
     random_workload(harness, seed=20240611, steps=2000, settle_before_truncate=True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=(KeyError, AssertionError),
-    reason="BUG 1: a flush that starts while truncate runs takes buffers truncate is cutting",
-)
 def test_bug_random_operations_with_truncate_right_after_writes(harness):
     """The workload above as an application runs it: ftruncate right after a
     write that filled a shard. Fails within a few hundred steps today."""
@@ -197,11 +190,6 @@ def test_bug_random_operations_with_truncate_right_after_writes(harness):
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=(KeyError, AssertionError),
-    reason="BUG 1: a flush that starts while truncate runs takes buffers truncate is cutting",
-)
 def test_bug_truncate_right_after_a_write_that_fills_a_shard(harness):
     """write() ending at a shard's end starts a background flush of that shard;
     an ftruncate into that shard right after races with it. Depending on trio's
@@ -225,7 +213,6 @@ def test_bug_truncate_right_after_a_write_that_fills_a_shard(harness):
     run(main)
 
 
-@pytest.mark.xfail(strict=True, raises=KeyError, reason="BUG 1: truncate's _drop_dirty pops a buffer a flush took")
 def test_bug_truncate_while_a_flush_takes_the_tail_buffer(harness):
     """Deterministic: truncate is storing the cut tail of a dirty shard when a
     flush (close of another handle) takes that same dirty buffer."""
@@ -243,8 +230,8 @@ def test_bug_truncate_while_a_flush_takes_the_tail_buffer(harness):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(fs.setattr, inode, AttrChanges(), 10)
                 await wait_until(lambda: sum(s.puts_waiting for s in env.stores) == 2)  # truncate's tail shard
-                nursery.start_soon(fs.flush, other)
-                await wait_until(lambda: sum(s.puts_waiting for s in env.stores) == 4)  # and the flush's
+                nursery.start_soon(fs.flush, other)  # waits for the truncate to finish
+                await trio.testing.wait_all_tasks_blocked()
                 gate.set()
             assert await fs.read(handle, 0, SHARD) == data[:10]
 
@@ -520,11 +507,6 @@ def test_store_error_in_a_background_flush_is_reported_and_the_data_kept(tmp_pat
     run(main)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=trio.TooSlowError,
-    reason="BUG 2: a failed flush never wakes writers waiting for room in the write budget",
-)
 def test_bug_writers_hang_when_the_store_keeps_failing_under_memory_pressure(tmp_path):
     """With the write buffer full of shards that cannot be stored, a writer should
     get the error (EIO), not wait forever for room that never comes."""
@@ -544,11 +526,6 @@ def test_bug_writers_hang_when_the_store_keeps_failing_under_memory_pressure(tmp
     run(main)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG 3: a truncate that fails to store the cut shard has already dropped and cut dirty buffers",
-)
 def test_bug_failed_truncate_leaves_the_file_as_it_was(tmp_path):
     harness = Harness(tmp_path, nodes=2, replicas=2)
 
@@ -624,11 +601,6 @@ async def assert_durable(env, inode: int) -> None:
 
 
 @pytest.mark.parametrize("how", ["close and reopen", "truncate while closed"])
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG 4: unsynced replicas are remembered per FileContents, which goes at release",
-)
 def test_bug_fsync_syncs_replicas_written_before_the_file_was_reopened(harness, how):
     """`sync FILE` (coreutils) opens a file and fsyncs it: data written and
     closed earlier must be durable when it returns."""
@@ -666,11 +638,6 @@ def test_fsync_syncs_shards_flushed_in_the_background(harness):
     run(main)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG 5: flush(sync=True) clears _unsynced after awaiting, dropping refs added meanwhile",
-)
 def test_bug_fsync_forgets_shards_flushed_while_it_was_syncing(harness):
     async def main():
         async with harness.running() as env:
@@ -705,11 +672,6 @@ def test_bug_fsync_forgets_shards_flushed_while_it_was_syncing(harness):
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG 6: truncate of a closed file uses a FileContents that open() does not see",
-)
 def test_bug_open_during_truncate_of_a_closed_file_sees_the_old_file(harness):
     async def main():
         async with harness.running() as env:
@@ -1137,11 +1099,6 @@ def test_rename_over_an_open_file_keeps_it_readable_until_released(harness):
     run(main)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG 7: a flush error is reported to one flush only; a concurrent flush returns success unstored",
-)
 def test_bug_concurrent_flushes_both_report_a_store_failure(tmp_path):
     """Two handles are closed at the same time while the store fails: the data
     is not stored, so neither close() may succeed."""
@@ -1185,11 +1142,6 @@ def traceback_length(error: BaseException) -> int:
     return count
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG 8: write() re-raises the one stored exception, whose traceback (and the frames in it) grows each time",
-)
 def test_bug_repeated_write_errors_do_not_pile_up(tmp_path):
     """An application that keeps writing while a store is down gets EIO each
     time; each failure must not keep the frames (and data) of all the
@@ -1217,19 +1169,13 @@ def test_bug_repeated_write_errors_do_not_pile_up(tmp_path):
             assert all(error is not None and error.errno == errno.EIO for error in errors)
             assert traceback_length(errors[-1]) < 20, f"{traceback_length(errors[-1])} frames held by one error"
             env.store["node2"].put_error = None
-            with pytest.raises(DfsError):
-                await fs.flush(handle)  # the error is reported, and then it is gone
-            await fs.flush(handle)
+            await fs.flush(handle)  # the store is back: the kept data is stored now
+            assert await fs.read(handle, 0, 10) != bytes(10)
             await fs.release(handle)
 
     run(main)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG 9: the collector deletes replicas before the transaction that made them garbage is durable",
-)
 def test_bug_replaced_replicas_are_deleted_only_once_the_replacement_is_durable(harness):
     """SQLite with synchronous=NORMAL may lose its last transactions in a power
     failure. If the old shard's replicas are already deleted then, the rolled

@@ -28,7 +28,7 @@ def test_budget_evicts_oldest_first_and_blocks_until_released():
         finished = trio.Event()
 
         async def writer():
-            await budget.wait_for_room()
+            await budget.wait_for_room(lambda: None)
             finished.set()
 
         async with trio.open_nursery() as nursery:
@@ -48,6 +48,6 @@ def test_budget_returns_at_once_when_under_limit():
         budget = WriteBudget(100, lambda key: None)
         budget.grow(99)
         with trio.fail_after(1):
-            await budget.wait_for_room()
+            await budget.wait_for_room(lambda: None)
 
     trio.run(main)
