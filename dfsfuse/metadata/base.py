@@ -9,6 +9,11 @@ Directory listing offsets are opaque positive integers chosen by the engine:
 `readdir(parent, after=0)` starts a listing and `readdir(parent, after=e.offset)`
 resumes right after entry `e`. Entries added or removed during a listing may or
 may not appear, but no other entry is skipped or repeated.
+
+Changes return the attrs after of the inodes and directories they touched,
+and changes of names the offsets of their entries, so that a cache in front
+of the engine can follow them exactly instead of reading them back (which
+would cost a round trip per name created).
 """
 
 from __future__ import annotations
@@ -87,6 +92,44 @@ class DirEntry:
 
 
 @dataclasses.dataclass(frozen=True)
+class EntryChange:
+    """What create, link, unlink and rmdir did, so that a cache can follow the
+    change without asking the engine again.
+
+    `attrs` is the inode named, after the change; `parent` the directory's
+    attrs after (mtime, ctime, nlink); `offset` the readdir offset of the entry
+    added or removed. An added entry always has the highest offset in its
+    directory, so it comes last in a listing.
+    """
+
+    attrs: InodeAttrs
+    parent: InodeAttrs
+    offset: int
+
+
+@dataclasses.dataclass(frozen=True)
+class RenameChange:
+    """What a rename did, in the same spirit as EntryChange.
+
+    All attrs are as after the change. `moved` is the inode that old_name
+    named (its ctime changed); `exchanged`, with RENAME_EXCHANGE, the inode
+    that new_name named and old_name names now; `replaced`, without it, the
+    inode that new_name named and no longer does (nlink reduced, so the caller
+    can delete it once unreferenced), if any. `parents` are old_parent and
+    new_parent (just one if they are the same directory). `offset` is the
+    readdir offset of the entry now named new_name in new_parent: an entry
+    keeps its offset when it is renamed, and both entries keep theirs in an
+    exchange.
+    """
+
+    moved: InodeAttrs
+    exchanged: InodeAttrs | None
+    replaced: InodeAttrs | None
+    parents: tuple[InodeAttrs, ...]
+    offset: int
+
+
+@dataclasses.dataclass(frozen=True)
 class UsageCounts:
     inodes: int
     logical_bytes: int  # sum of file sizes (regular files)
@@ -129,7 +172,7 @@ class MetadataStore(abc.ABC):
         now_ns: int,
         rdev: int = 0,
         target: bytes = b"",
-    ) -> InodeAttrs:
+    ) -> EntryChange:
         """Make a new inode of any type (mode includes S_IFMT) and name it.
 
         A directory starts with nlink 2 and adds one to its parent's nlink; a
@@ -139,23 +182,23 @@ class MetadataStore(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def link(self, inode: int, new_parent: int, new_name: bytes, now_ns: int) -> InodeAttrs:
+    async def link(self, inode: int, new_parent: int, new_name: bytes, now_ns: int) -> EntryChange:
         """A new name for an existing non-directory inode; nlink + 1.
 
         Exists if taken; NotPermitted (EPERM) if `inode` is a directory.
         """
 
     @abc.abstractmethod
-    async def unlink(self, parent: int, name: bytes, now_ns: int) -> InodeAttrs:
-        """Remove a non-directory name; returns the inode's attrs after (nlink - 1).
+    async def unlink(self, parent: int, name: bytes, now_ns: int) -> EntryChange:
+        """Remove a non-directory name; `attrs` are the inode's after (nlink - 1).
 
         The inode itself stays until `delete_inode` (it may still be open).
         IsADirectory if the name is a directory, NotFound if absent.
         """
 
     @abc.abstractmethod
-    async def rmdir(self, parent: int, name: bytes, now_ns: int) -> InodeAttrs:
-        """Remove an empty directory; returns its attrs after (nlink 0).
+    async def rmdir(self, parent: int, name: bytes, now_ns: int) -> EntryChange:
+        """Remove an empty directory; `attrs` are its attrs after (nlink 0).
 
         NotEmpty, NotADirectory or NotFound as appropriate. The parent's
         nlink drops by one.
@@ -170,17 +213,16 @@ class MetadataStore(abc.ABC):
         new_name: bytes,
         flags: int,
         now_ns: int,
-    ) -> InodeAttrs | None:
+    ) -> RenameChange | None:
         """POSIX rename with RENAME_NOREPLACE and RENAME_EXCHANGE (flags).
 
         Without flags an existing target is replaced: a file by a non-directory,
         an empty directory by a directory (NotEmpty, IsADirectory, NotADirectory
-        otherwise); the replaced inode's attrs after the change (nlink reduced)
-        are returned so the caller can delete it once unreferenced, else None.
-        Renaming a directory into its own subtree is InvalidArgument. Renaming
-        a name onto itself (or onto another link of the same inode) does
-        nothing. Parent nlinks follow directories that move; ctime of the moved
-        inode and mtime/ctime of both parents become now_ns.
+        otherwise). Renaming a directory into its own subtree is InvalidArgument.
+        Renaming a name onto itself (or onto another link of the same inode)
+        does nothing and returns None. Parent nlinks follow directories that
+        move; ctime of the moved inodes and mtime/ctime of both parents become
+        now_ns.
         """
 
     @abc.abstractmethod
@@ -262,9 +304,9 @@ class MetadataStore(abc.ABC):
 
     # -- extended attributes ----------------------------------------------
     @abc.abstractmethod
-    async def setxattr(self, inode: int, name: bytes, value: bytes, flags: int, now_ns: int) -> None:
+    async def setxattr(self, inode: int, name: bytes, value: bytes, flags: int, now_ns: int) -> InodeAttrs:
         """Set an xattr; flags XATTR_CREATE (Exists if present) or XATTR_REPLACE
-        (NoData if absent). ctime becomes now_ns."""
+        (NoData if absent). ctime becomes now_ns; returns the inode's attrs after."""
 
     @abc.abstractmethod
     async def getxattr(self, inode: int, name: bytes) -> bytes:
@@ -275,8 +317,8 @@ class MetadataStore(abc.ABC):
         """Names of all xattrs of the inode."""
 
     @abc.abstractmethod
-    async def removexattr(self, inode: int, name: bytes, now_ns: int) -> None:
-        """NoData if absent. ctime becomes now_ns."""
+    async def removexattr(self, inode: int, name: bytes, now_ns: int) -> InodeAttrs:
+        """NoData if absent. ctime becomes now_ns; returns the inode's attrs after."""
 
     # -- lifecycle --------------------------------------------------------
     @abc.abstractmethod

@@ -4,7 +4,18 @@ Served from memory once seen: getattr; lookup, both found and not found;
 whole directory listings, resumable at any offset; getxattr and listxattr,
 including "no such attribute" (the kernel asks for security.capability before
 every write); and shard maps. Every change goes to the engine first; then the
-cache updates or forgets exactly what the change touched.
+cache updates exactly what the change touched, from what the engine returns
+(the attrs after of the inodes and parent directories, the offsets of the
+entries). So creating a name costs one engine call: the kernel's lookup of the
+new name, and the getattr of the parent that decides the new inode's group,
+are answered from memory.
+
+Listings. A listing holds a directory's entries from its first on, with a name
+index. One that is complete (read to its end, or started empty by a mkdir
+through the cache) also answers lookups of absent names, and stays complete
+through changes: an entry added goes in at its offset (a new name's is the
+highest, so it is appended), an entry removed comes out. A partial listing
+takes in an added entry only if its offset falls within the part it covers.
 
 The only writer. The cache is correct only while every change to the engine
 goes through it: one mount per data directory, which the data directory lock
@@ -28,9 +39,8 @@ directory entry of a listing, per xattr of an xattr record and per shard of a
 shard map; past `max_entries` the least recently used records are dropped
 whole. The attrs of an inode live once, in an _AttrSlot shared by every record
 that shows them (an attrs record, a lookup, listing entries), so a change
-updates them in one place for all; a change whose new attrs the engine does
-not return (a directory whose entries changed, xattrs) marks the slot stale,
-and the next read of it goes to the engine.
+updates them in one place for all. A deleted inode's slot is marked stale, and
+the next read of it goes to the engine.
 """
 
 from __future__ import annotations
@@ -39,6 +49,7 @@ import bisect
 import collections
 import contextlib
 import dataclasses
+import stat
 from collections.abc import AsyncIterator, Mapping, Sequence
 
 import trio
@@ -55,11 +66,12 @@ from dfsfuse.errors import (
     NotPermitted,
 )
 from dfsfuse.metadata.base import (
-    RENAME_EXCHANGE,
     AttrChanges,
     DirEntry,
+    EntryChange,
     InodeAttrs,
     MetadataStore,
+    RenameChange,
     ShardRecord,
     ShardRef,
     UsageCounts,
@@ -107,14 +119,25 @@ class _Listing:
     gap: `entries` grows page by page while a listing reads on from its end,
     and is `complete` once the engine had nothing after the last entry. Each
     entry's attrs are in the slot of its inode; `entries[i].attrs` is the
-    value last served, so an unchanged entry is served as it is."""
+    value last served, so an unchanged entry is served as it is. `names` maps
+    the name of each entry held to its offset."""
 
-    __slots__ = ("complete", "entries", "offsets")
+    __slots__ = ("complete", "entries", "names", "offsets")
 
-    def __init__(self) -> None:
+    def __init__(self, complete: bool = False) -> None:
         self.offsets: list[int] = []
         self.entries: list[DirEntry] = []
-        self.complete = False
+        self.names: dict[bytes, int] = {}
+        self.complete = complete
+
+    def covers(self, offset: int) -> bool:
+        """Whether an entry at `offset` belongs in the listing as far as it goes."""
+        return self.complete or (bool(self.offsets) and offset < self.offsets[-1])
+
+    def position(self, name: bytes) -> int | None:
+        """The index in `entries` of the entry named `name`, if held."""
+        offset = self.names.get(name)
+        return None if offset is None else bisect.bisect_left(self.offsets, offset)
 
 
 class _Xattrs:
@@ -178,13 +201,28 @@ class CachedMetadata(MetadataStore):
             if attrs is not None:
                 self._lru.move_to_end(key)
                 return attrs
+        listing = self._listing_of_name(parent, name)
+        if listing is not None:
+            position = listing.position(name)
+            if position is not None:
+                attrs = self._slots[listing.entries[position].attrs.inode].attrs
+                if attrs is not None:
+                    self._lru.move_to_end((_LISTING, parent))
+                    return attrs
+            elif listing.complete:
+                self._lru.move_to_end((_LISTING, parent))
+                raise NotFound(f"no {name!r} in directory {parent}")
         async with self._lock:
             try:
                 attrs = await self._engine.lookup(parent, name)
             except NotFound:
                 self._set_lookup(parent, name, None)
                 raise
-            self._set_lookup(parent, name, attrs)
+            listing = self._listing_of_name(parent, name)
+            if listing is not None and name in listing.names:
+                self._refresh_attrs(attrs)
+            else:
+                self._set_lookup(parent, name, attrs)
             return attrs
 
     async def create(
@@ -197,36 +235,41 @@ class CachedMetadata(MetadataStore):
         now_ns: int,
         rdev: int = 0,
         target: bytes = b"",
-    ) -> InodeAttrs:
+    ) -> EntryChange:
+        """A directory made here starts with a complete, empty listing, so that
+        lookups of the names about to be created in it need no engine call."""
         async with self._changing():
-            attrs = await self._engine.create(parent, name, mode, uid, gid, now_ns, rdev, target)
-            self._entries_changed(parent)
-            self._set_lookup(parent, name, attrs)
-            return attrs
+            change = await self._engine.create(parent, name, mode, uid, gid, now_ns, rdev, target)
+            self._name_added(parent, name, change.attrs, change.offset)
+            self._refresh_attrs(change.parent)
+            if stat.S_ISDIR(mode):
+                self._listings[change.attrs.inode] = _Listing(complete=True)
+                self._account((_LISTING, change.attrs.inode), 1)
+            return change
 
-    async def link(self, inode: int, new_parent: int, new_name: bytes, now_ns: int) -> InodeAttrs:
+    async def link(self, inode: int, new_parent: int, new_name: bytes, now_ns: int) -> EntryChange:
         async with self._changing():
-            attrs = await self._engine.link(inode, new_parent, new_name, now_ns)
-            self._entries_changed(new_parent)
-            self._set_lookup(new_parent, new_name, attrs)
-            return attrs
+            change = await self._engine.link(inode, new_parent, new_name, now_ns)
+            self._name_added(new_parent, new_name, change.attrs, change.offset)
+            self._refresh_attrs(change.parent)
+            return change
 
-    async def unlink(self, parent: int, name: bytes, now_ns: int) -> InodeAttrs:
+    async def unlink(self, parent: int, name: bytes, now_ns: int) -> EntryChange:
         async with self._changing():
-            attrs = await self._engine.unlink(parent, name, now_ns)
-            self._entries_changed(parent)
-            self._set_lookup(parent, name, None)
-            self._store_attrs(attrs)
-            return attrs
+            change = await self._engine.unlink(parent, name, now_ns)
+            self._name_removed(parent, name)
+            self._store_attrs(change.attrs)
+            self._refresh_attrs(change.parent)
+            return change
 
-    async def rmdir(self, parent: int, name: bytes, now_ns: int) -> InodeAttrs:
+    async def rmdir(self, parent: int, name: bytes, now_ns: int) -> EntryChange:
         async with self._changing():
-            attrs = await self._engine.rmdir(parent, name, now_ns)
-            self._entries_changed(parent)
-            self._set_lookup(parent, name, None)
-            self._store_attrs(attrs)
-            self._directory_removed(attrs.inode)
-            return attrs
+            change = await self._engine.rmdir(parent, name, now_ns)
+            self._name_removed(parent, name)
+            self._store_attrs(change.attrs)
+            self._refresh_attrs(change.parent)
+            self._directory_removed(change.attrs.inode)
+            return change
 
     async def rename(
         self,
@@ -236,26 +279,27 @@ class CachedMetadata(MetadataStore):
         new_name: bytes,
         flags: int,
         now_ns: int,
-    ) -> InodeAttrs | None:
+    ) -> RenameChange | None:
         async with self._changing():
-            # The inodes that move get a new ctime, and the engine does not say
-            # which they are; learn them first so no await comes between the
-            # engine's change and the cache's.
-            moving = [await self._inode_named(old_parent, old_name)]
-            if flags & RENAME_EXCHANGE:
-                moving.append(await self._inode_named(new_parent, new_name))
-            replaced = await self._engine.rename(old_parent, old_name, new_parent, new_name, flags, now_ns)
-            for parent, name in ((old_parent, old_name), (new_parent, new_name)):
-                self._entries_changed(parent)
-                self._remove((_LOOKUP, parent, name))
-            for inode in moving:
-                if inode is not None:
-                    self._mark_stale(inode)
-                    self._remove((_LOOKUP, inode, b".."))
-            if replaced is not None:
-                self._store_attrs(replaced)
-                self._directory_removed(replaced.inode)
-            return replaced
+            change = await self._engine.rename(old_parent, old_name, new_parent, new_name, flags, now_ns)
+            if change is None:
+                return None
+            if change.exchanged is not None:
+                # Both entries stay where they are; only the inodes they name swap.
+                self._name_replaced(old_parent, old_name, change.exchanged)
+                self._name_replaced(new_parent, new_name, change.moved)
+            else:
+                self._name_removed(old_parent, old_name)
+                self._name_added(new_parent, new_name, change.moved, change.offset)
+            for moved in (change.moved, change.exchanged):
+                if moved is not None:
+                    self._remove((_LOOKUP, moved.inode, b".."))
+            if change.replaced is not None:
+                self._store_attrs(change.replaced)
+                self._directory_removed(change.replaced.inode)
+            for parent_attrs in change.parents:
+                self._refresh_attrs(parent_attrs)
+            return change
 
     async def setattr(self, inode: int, changes: AttrChanges, now_ns: int) -> InodeAttrs:
         async with self._changing():
@@ -355,16 +399,17 @@ class CachedMetadata(MetadataStore):
         return await self._engine.usage()
 
     # -- extended attributes ----------------------------------------------
-    async def setxattr(self, inode: int, name: bytes, value: bytes, flags: int, now_ns: int) -> None:
+    async def setxattr(self, inode: int, name: bytes, value: bytes, flags: int, now_ns: int) -> InodeAttrs:
         async with self._changing():
-            await self._engine.setxattr(inode, name, value, flags, now_ns)
-            self._mark_stale(inode)  # its ctime
+            attrs = await self._engine.setxattr(inode, name, value, flags, now_ns)
+            self._refresh_attrs(attrs)
             xattrs = self._xattrs.get(inode)
             if xattrs is not None:
                 xattrs.values[name] = value
                 if xattrs.names is not None:
                     xattrs.names[name] = None
                 self._account((_XATTRS, inode), xattrs.weight())
+            return attrs
 
     async def getxattr(self, inode: int, name: bytes) -> bytes:
         xattrs = self._xattrs.get(inode)
@@ -399,16 +444,17 @@ class CachedMetadata(MetadataStore):
             self._account((_XATTRS, inode), xattrs.weight())
             return names
 
-    async def removexattr(self, inode: int, name: bytes, now_ns: int) -> None:
+    async def removexattr(self, inode: int, name: bytes, now_ns: int) -> InodeAttrs:
         async with self._changing():
-            await self._engine.removexattr(inode, name, now_ns)
-            self._mark_stale(inode)  # its ctime
+            attrs = await self._engine.removexattr(inode, name, now_ns)
+            self._refresh_attrs(attrs)
             xattrs = self._xattrs.get(inode)
             if xattrs is not None:
                 xattrs.values[name] = None
                 if xattrs.names is not None:
                     xattrs.names.pop(name, None)
                 self._account((_XATTRS, inode), xattrs.weight())
+            return attrs
 
     # -- lifecycle --------------------------------------------------------
     async def sync(self) -> None:
@@ -431,26 +477,63 @@ class CachedMetadata(MetadataStore):
                 self._forget_everything()
                 raise
 
-    async def _inode_named(self, parent: int, name: bytes) -> int | None:
-        """The inode `name` in `parent` names (None if none), from the cache if known."""
-        key = (_LOOKUP, parent, name)
-        if key in self._lookups:
-            return self._lookups[key]
-        try:
-            return (await self._engine.lookup(parent, name)).inode
-        except (NotFound, NotADirectory):
-            return None
-
     def _directory_removed(self, inode: int) -> None:
         """`inode`, if a directory, has no name any more: forget its listing and ".."."""
         self._remove((_LISTING, inode))
         self._remove((_LOOKUP, inode, b".."))
 
-    def _entries_changed(self, directory: int) -> None:
-        """Names were added to or removed from `directory`: its listing is wrong
-        now, and its mtime, ctime and maybe nlink changed."""
-        self._remove((_LISTING, directory))
-        self._mark_stale(directory)
+    def _name_added(self, parent: int, name: bytes, attrs: InodeAttrs, offset: int) -> None:
+        """`name` in `parent` now names the inode of `attrs` by the entry at
+        `offset`; the entry the name had before, if any, is gone."""
+        listing = self._listings.get(parent)
+        if listing is not None:
+            self._unlist(parent, listing, name)
+        if listing is not None and listing.covers(offset):
+            self._remove((_LOOKUP, parent, name))
+            position = bisect.bisect_left(listing.offsets, offset)
+            self._hold(attrs)
+            listing.offsets.insert(position, offset)
+            listing.entries.insert(position, DirEntry(name, attrs, offset))
+            listing.names[name] = offset
+            self._account((_LISTING, parent), 1 + len(listing.entries))
+        else:
+            self._set_lookup(parent, name, attrs)
+
+    def _name_removed(self, parent: int, name: bytes) -> None:
+        """`name` in `parent` names nothing any more."""
+        listing = self._listings.get(parent)
+        if listing is not None:
+            self._unlist(parent, listing, name)
+        if listing is not None and listing.complete:
+            self._remove((_LOOKUP, parent, name))  # the listing answers that it is absent
+        else:
+            self._set_lookup(parent, name, None)
+
+    def _name_replaced(self, parent: int, name: bytes, attrs: InodeAttrs) -> None:
+        """`name` in `parent` keeps its entry, which now names the inode of `attrs`."""
+        listing = self._listings.get(parent)
+        position = None if listing is None else listing.position(name)
+        if listing is not None and position is not None:
+            entry = listing.entries[position]
+            self._hold(attrs)
+            self._release(entry.attrs.inode)
+            listing.entries[position] = DirEntry(name, attrs, entry.offset)
+            self._remove((_LOOKUP, parent, name))
+        else:
+            self._set_lookup(parent, name, attrs)
+
+    def _unlist(self, parent: int, listing: _Listing, name: bytes) -> None:
+        """Take the entry named `name` out of `parent`'s listing, if it holds it."""
+        position = listing.position(name)
+        if position is not None:
+            del listing.offsets[position], listing.names[name]
+            self._release(listing.entries.pop(position).attrs.inode)
+            self._account((_LISTING, parent), 1 + len(listing.entries))
+
+    def _listing_of_name(self, parent: int, name: bytes) -> _Listing | None:
+        """The listing of `parent` if held, where `name` is or would be; None
+        for "..", which no listing holds."""
+        return None if name == b".." else self._listings.get(parent)
 
     # -- attrs slots ----------------------------------------------------------
     def _store_attrs(self, attrs: InodeAttrs) -> None:
@@ -534,6 +617,7 @@ class CachedMetadata(MetadataStore):
                 self._hold(entry.attrs)
                 listing.offsets.append(entry.offset)
                 listing.entries.append(entry)
+                listing.names[entry.name] = entry.offset
         elif after == covered:
             listing.complete = True
         self._account((_LISTING, parent), 1 + len(listing.entries))

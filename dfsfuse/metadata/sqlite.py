@@ -54,8 +54,10 @@ from dfsfuse.metadata.base import (
     XATTR_REPLACE,
     AttrChanges,
     DirEntry,
+    EntryChange,
     InodeAttrs,
     MetadataStore,
+    RenameChange,
     ShardRecord,
     ShardRef,
     UsageCounts,
@@ -343,16 +345,16 @@ class SqliteMetadata(MetadataStore):
         now_ns: int,
         rdev: int = 0,
         target: bytes = b"",
-    ) -> InodeAttrs:
+    ) -> EntryChange:
         return await self._write(_create, parent, name, mode, uid, gid, now_ns, rdev, target)
 
-    async def link(self, inode: int, new_parent: int, new_name: bytes, now_ns: int) -> InodeAttrs:
+    async def link(self, inode: int, new_parent: int, new_name: bytes, now_ns: int) -> EntryChange:
         return await self._write(_link, inode, new_parent, new_name, now_ns)
 
-    async def unlink(self, parent: int, name: bytes, now_ns: int) -> InodeAttrs:
+    async def unlink(self, parent: int, name: bytes, now_ns: int) -> EntryChange:
         return await self._write(_unlink, parent, name, now_ns)
 
-    async def rmdir(self, parent: int, name: bytes, now_ns: int) -> InodeAttrs:
+    async def rmdir(self, parent: int, name: bytes, now_ns: int) -> EntryChange:
         return await self._write(_rmdir, parent, name, now_ns)
 
     async def rename(
@@ -363,7 +365,7 @@ class SqliteMetadata(MetadataStore):
         new_name: bytes,
         flags: int,
         now_ns: int,
-    ) -> InodeAttrs | None:
+    ) -> RenameChange | None:
         return await self._write(_rename, old_parent, old_name, new_parent, new_name, flags, now_ns)
 
     async def setattr(self, inode: int, changes: AttrChanges, now_ns: int) -> InodeAttrs:
@@ -417,8 +419,8 @@ class SqliteMetadata(MetadataStore):
         return await self._read(_usage)
 
     # -- extended attributes ----------------------------------------------
-    async def setxattr(self, inode: int, name: bytes, value: bytes, flags: int, now_ns: int) -> None:
-        await self._write(_setxattr, inode, name, value, flags, now_ns)
+    async def setxattr(self, inode: int, name: bytes, value: bytes, flags: int, now_ns: int) -> InodeAttrs:
+        return await self._write(_setxattr, inode, name, value, flags, now_ns)
 
     async def getxattr(self, inode: int, name: bytes) -> bytes:
         return await self._read(_getxattr, inode, name)
@@ -426,8 +428,8 @@ class SqliteMetadata(MetadataStore):
     async def listxattr(self, inode: int) -> list[bytes]:
         return await self._read(_listxattr, inode)
 
-    async def removexattr(self, inode: int, name: bytes, now_ns: int) -> None:
-        await self._write(_removexattr, inode, name, now_ns)
+    async def removexattr(self, inode: int, name: bytes, now_ns: int) -> InodeAttrs:
+        return await self._write(_removexattr, inode, name, now_ns)
 
     # -- lifecycle --------------------------------------------------------
     async def sync(self) -> None:
@@ -499,15 +501,17 @@ def _require_directory(db: sqlite3.Connection, inode: int, *, live: bool = True)
         raise NotADirectory(f"inode {inode} is not a directory")
 
 
-def _touch_directory(db: sqlite3.Connection, directory: int, now_ns: int, nlink_delta: int) -> None:
-    """A live directory's entries changed: set its mtime and ctime, adjust its nlink."""
-    cursor = db.execute(
+def _touch_directory(db: sqlite3.Connection, directory: int, now_ns: int, nlink_delta: int) -> InodeAttrs:
+    """A live directory's entries changed: set its mtime and ctime, adjust its
+    nlink; its attrs after."""
+    row = db.execute(
         "UPDATE inodes SET nlink = nlink + ?, mtime_ns = ?, ctime_ns = ?"
-        " WHERE id = ? AND nlink > 0 AND mode & ? = ?",
+        f" WHERE id = ? AND nlink > 0 AND mode & ? = ? RETURNING {_ATTRS}",
         (nlink_delta, now_ns, now_ns, directory, FILE_TYPE_BITS, stat.S_IFDIR),
-    )
-    if cursor.rowcount == 0:
+    ).fetchone()
+    if row is None:
         _require_directory(db, directory)  # raises: only a missing, removed or non-directory misses
+    return InodeAttrs(*row)
 
 
 def _entry(db: sqlite3.Connection, parent: int, name: bytes) -> tuple[int, InodeAttrs] | None:
@@ -528,11 +532,16 @@ def _existing_entry(db: sqlite3.Connection, parent: int, name: bytes) -> tuple[i
     return found
 
 
-def _add_entry(db: sqlite3.Connection, parent: int, name: bytes, inode: int) -> None:
+def _add_entry(db: sqlite3.Connection, parent: int, name: bytes, inode: int) -> int:
+    """Name `inode` in `parent`; the new entry's id (its readdir offset)."""
     try:
-        db.execute("INSERT INTO entries (parent, name, inode) VALUES (?, ?, ?)", (parent, name, inode))
+        entry_id = db.execute(
+            "INSERT INTO entries (parent, name, inode) VALUES (?, ?, ?)", (parent, name, inode)
+        ).lastrowid
     except sqlite3.IntegrityError:
         raise Exists(f"{name!r} exists in directory {parent}") from None
+    assert entry_id is not None
+    return entry_id
 
 
 def _has_entries(db: sqlite3.Connection, directory: int) -> bool:
@@ -569,12 +578,12 @@ def _create(
     now_ns: int,
     rdev: int,
     target: bytes,
-) -> InodeAttrs:
+) -> EntryChange:
     _check_new_name(name)
     is_directory = stat.S_ISDIR(mode)
     if not stat.S_ISLNK(mode):
         target = b""
-    _touch_directory(db, parent, now_ns, 1 if is_directory else 0)
+    parent_attrs = _touch_directory(db, parent, now_ns, 1 if is_directory else 0)
     nlink = 2 if is_directory else 1
     size = len(target)
     inode = db.execute(
@@ -583,40 +592,44 @@ def _create(
         (mode, nlink, uid, gid, rdev, size, now_ns, now_ns, now_ns, target, parent if is_directory else None),
     ).lastrowid
     assert inode is not None
-    _add_entry(db, parent, name, inode)
-    return InodeAttrs(inode, mode, nlink, uid, gid, rdev, size, 0, now_ns, now_ns, now_ns, target)
+    offset = _add_entry(db, parent, name, inode)
+    attrs = InodeAttrs(inode, mode, nlink, uid, gid, rdev, size, 0, now_ns, now_ns, now_ns, target)
+    return EntryChange(attrs, parent_attrs, offset)
 
 
-def _link(db: sqlite3.Connection, inode: int, new_parent: int, new_name: bytes, now_ns: int) -> InodeAttrs:
+def _link(db: sqlite3.Connection, inode: int, new_parent: int, new_name: bytes, now_ns: int) -> EntryChange:
     _check_new_name(new_name)
     attrs = _inode_attrs(db, inode)
     if stat.S_ISDIR(attrs.mode):
         raise NotPermitted(f"inode {inode} is a directory and cannot be hard-linked")
     if attrs.nlink == 0:
         raise NotFound(f"inode {inode} has no name left to link to")  # as linkat(2) says
-    _touch_directory(db, new_parent, now_ns, 0)
-    _add_entry(db, new_parent, new_name, inode)
-    return _update_inode(db, inode, "nlink = nlink + 1, ctime_ns = ?", (now_ns,))
+    parent_attrs = _touch_directory(db, new_parent, now_ns, 0)
+    offset = _add_entry(db, new_parent, new_name, inode)
+    attrs = _update_inode(db, inode, "nlink = nlink + 1, ctime_ns = ?", (now_ns,))
+    return EntryChange(attrs, parent_attrs, offset)
 
 
-def _unlink(db: sqlite3.Connection, parent: int, name: bytes, now_ns: int) -> InodeAttrs:
+def _unlink(db: sqlite3.Connection, parent: int, name: bytes, now_ns: int) -> EntryChange:
     entry_id, attrs = _existing_entry(db, parent, name)
     if stat.S_ISDIR(attrs.mode):
         raise IsADirectory(f"{name!r} in directory {parent} is a directory")
     db.execute("DELETE FROM entries WHERE id = ?", (entry_id,))
-    _touch_directory(db, parent, now_ns, 0)
-    return _update_inode(db, attrs.inode, "nlink = nlink - 1, ctime_ns = ?", (now_ns,))
+    parent_attrs = _touch_directory(db, parent, now_ns, 0)
+    attrs = _update_inode(db, attrs.inode, "nlink = nlink - 1, ctime_ns = ?", (now_ns,))
+    return EntryChange(attrs, parent_attrs, entry_id)
 
 
-def _rmdir(db: sqlite3.Connection, parent: int, name: bytes, now_ns: int) -> InodeAttrs:
+def _rmdir(db: sqlite3.Connection, parent: int, name: bytes, now_ns: int) -> EntryChange:
     entry_id, attrs = _existing_entry(db, parent, name)
     if not stat.S_ISDIR(attrs.mode):
         raise NotADirectory(f"{name!r} in directory {parent} is not a directory")
     if _has_entries(db, attrs.inode):
         raise NotEmpty(f"directory {attrs.inode} is not empty")
     db.execute("DELETE FROM entries WHERE id = ?", (entry_id,))
-    _touch_directory(db, parent, now_ns, -1)
-    return _update_inode(db, attrs.inode, "nlink = 0, ctime_ns = ?", (now_ns,))
+    parent_attrs = _touch_directory(db, parent, now_ns, -1)
+    attrs = _update_inode(db, attrs.inode, "nlink = 0, ctime_ns = ?", (now_ns,))
+    return EntryChange(attrs, parent_attrs, entry_id)
 
 
 def _rename(
@@ -627,7 +640,7 @@ def _rename(
     new_name: bytes,
     flags: int,
     now_ns: int,
-) -> InodeAttrs | None:
+) -> RenameChange | None:
     if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
         raise InvalidArgument(f"invalid rename flags {flags:#x}")
     _check_new_name(new_name)
@@ -654,7 +667,7 @@ def _rename(
             nlink_deltas[origin] -= 1
             nlink_deltas[destination] += 1
 
-    replaced = None
+    exchanged = replaced = None
     if flags & RENAME_EXCHANGE:
         assert target is not None
         target_entry, other = target
@@ -665,19 +678,22 @@ def _rename(
         db.execute("UPDATE entries SET inode = ? WHERE id = ?", (source.inode, target_entry))
         if other_is_directory:
             move_directory(other.inode, new_parent, old_parent)
-        _update_inode(db, other.inode, "ctime_ns = ?", (now_ns,))
+        exchanged = _update_inode(db, other.inode, "ctime_ns = ?", (now_ns,))
+        new_name_entry = target_entry
     else:
         if target is not None:
             replaced = _remove_rename_target(db, target, source_is_directory, now_ns)
             if source_is_directory:
                 nlink_deltas[new_parent] -= 1
         db.execute("UPDATE entries SET parent = ?, name = ? WHERE id = ?", (new_parent, new_name, source_entry))
+        new_name_entry = source_entry
     if source_is_directory:
         move_directory(source.inode, old_parent, new_parent)
-    _update_inode(db, source.inode, "ctime_ns = ?", (now_ns,))
-    for directory, nlink_delta in nlink_deltas.items():
-        _touch_directory(db, directory, now_ns, nlink_delta)
-    return replaced
+    moved = _update_inode(db, source.inode, "ctime_ns = ?", (now_ns,))
+    parents = tuple(
+        _touch_directory(db, directory, now_ns, nlink_delta) for directory, nlink_delta in nlink_deltas.items()
+    )
+    return RenameChange(moved, exchanged, replaced, parents, new_name_entry)
 
 
 def _remove_rename_target(
@@ -857,8 +873,10 @@ def _usage(db: sqlite3.Connection) -> UsageCounts:
     return UsageCounts(inodes, logical_bytes, stored_bytes, shards)
 
 
-def _setxattr(db: sqlite3.Connection, inode: int, name: bytes, value: bytes, flags: int, now_ns: int) -> None:
-    _update_inode(db, inode, "ctime_ns = ?", (now_ns,))
+def _setxattr(
+    db: sqlite3.Connection, inode: int, name: bytes, value: bytes, flags: int, now_ns: int
+) -> InodeAttrs:
+    attrs = _update_inode(db, inode, "ctime_ns = ?", (now_ns,))
     present = db.execute("SELECT 1 FROM xattrs WHERE inode = ? AND name = ?", (inode, name)).fetchone()
     if flags & XATTR_CREATE and present:
         raise Exists(f"inode {inode} already has xattr {name!r}")
@@ -869,6 +887,7 @@ def _setxattr(db: sqlite3.Connection, inode: int, name: bytes, value: bytes, fla
         " ON CONFLICT (inode, name) DO UPDATE SET value = excluded.value",
         (inode, name, value),
     )
+    return attrs
 
 
 def _getxattr(db: sqlite3.Connection, inode: int, name: bytes) -> bytes:
@@ -888,11 +907,12 @@ def _listxattr(db: sqlite3.Connection, inode: int) -> list[bytes]:
     return names
 
 
-def _removexattr(db: sqlite3.Connection, inode: int, name: bytes, now_ns: int) -> None:
-    _update_inode(db, inode, "ctime_ns = ?", (now_ns,))
+def _removexattr(db: sqlite3.Connection, inode: int, name: bytes, now_ns: int) -> InodeAttrs:
+    attrs = _update_inode(db, inode, "ctime_ns = ?", (now_ns,))
     cursor = db.execute("DELETE FROM xattrs WHERE inode = ? AND name = ?", (inode, name))
     if cursor.rowcount == 0:
         raise NoData(f"inode {inode} has no xattr {name!r}")
+    return attrs
 
 
 def _checkpoint(db: sqlite3.Connection) -> None:

@@ -184,22 +184,23 @@ class FileSystem:
         _check_name(name)
         parent_attrs = await self._meta.getattr(parent)
         mode, gid = _new_mode_and_group(parent_attrs, mode, caller)
-        attrs = await self._meta.create(
+        created = await self._meta.create(
             parent, name, mode, caller.uid, gid, time.time_ns(), rdev=rdev, target=target
         )
+        attrs = created.attrs
         self.add_ref(attrs.inode)
         return attrs
 
     async def link(self, inode: int, new_parent: int, new_name: bytes) -> InodeAttrs:
         _check_name(new_name)
-        attrs = self._overlay(await self._meta.link(inode, new_parent, new_name, time.time_ns()))
+        attrs = self._overlay((await self._meta.link(inode, new_parent, new_name, time.time_ns())).attrs)
         self._unlinked.discard(inode)
         self.add_ref(inode)
         return attrs
 
     async def unlink(self, parent: int, name: bytes) -> None:
         _check_name(name)
-        attrs = await self._meta.unlink(parent, name, time.time_ns())
+        attrs = (await self._meta.unlink(parent, name, time.time_ns())).attrs
         self._note_links(attrs)
         await self._delete_if_unreferenced(attrs.inode)
 
@@ -207,17 +208,17 @@ class FileSystem:
         _check_name(name)
         if name == b".":
             raise InvalidArgument("cannot remove '.'")
-        attrs = await self._meta.rmdir(parent, name, time.time_ns())
+        attrs = (await self._meta.rmdir(parent, name, time.time_ns())).attrs
         self._note_links(attrs)
         await self._delete_if_unreferenced(attrs.inode)
 
     async def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, flags: int) -> None:
         _check_name(old_name)
         _check_name(new_name)
-        replaced = await self._meta.rename(old_parent, old_name, new_parent, new_name, flags, time.time_ns())
-        if replaced is not None:
-            self._note_links(replaced)
-            await self._delete_if_unreferenced(replaced.inode)
+        change = await self._meta.rename(old_parent, old_name, new_parent, new_name, flags, time.time_ns())
+        if change is not None and change.replaced is not None:
+            self._note_links(change.replaced)
+            await self._delete_if_unreferenced(change.replaced.inode)
 
     async def readlink(self, inode: int) -> bytes:
         attrs = await self._meta.getattr(inode)
@@ -365,6 +366,10 @@ class FileSystem:
                 await contents.discard()  # nobody can see the data again
             elif not contents.is_clean:
                 await contents.flush(sync=False)
+        except DfsError as error:
+            # No caller to tell (close already got its flush); the data stays
+            # buffered and the next open, or the unmount, tries again.
+            log.error("inode %d: data not stored at release: %s", contents.inode, error)
         finally:
             await self._drop_if_closed(contents)
 

@@ -26,6 +26,7 @@ from dfsfuse.metadata.base import (
     XATTR_REPLACE,
     AttrChanges,
     DirEntry,
+    EntryChange,
     InodeAttrs,
     MetadataStore,
     ShardRef,
@@ -38,7 +39,8 @@ DIRECTORY = stat.S_IFDIR | 0o755
 
 
 class CountingSqlite(SqliteMetadata):
-    """SqliteMetadata counting the calls of each read that a cache should absorb."""
+    """SqliteMetadata counting the calls of each read that a cache should absorb,
+    and of create (the one call that creating a name should cost)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -51,6 +53,10 @@ class CountingSqlite(SqliteMetadata):
     async def lookup(self, parent: int, name: bytes) -> InodeAttrs:
         self.calls["lookup"] += 1
         return await super().lookup(parent, name)
+
+    async def create(self, *args, **kwargs) -> EntryChange:
+        self.calls["create"] += 1
+        return await super().create(*args, **kwargs)
 
     async def readdir(self, parent: int, after: int, limit: int) -> list[DirEntry]:
         self.calls["readdir"] += 1
@@ -94,11 +100,11 @@ class HeldReplies(SqliteMetadata):
     async def readdir(self, parent: int, after: int, limit: int) -> list[DirEntry]:
         return await self._reply(await super().readdir(parent, after, limit))
 
-    async def create(self, *args, **kwargs) -> InodeAttrs:
+    async def create(self, *args, **kwargs) -> EntryChange:
         self.changing.set()
         return await super().create(*args, **kwargs)
 
-    async def unlink(self, *args, **kwargs) -> InodeAttrs:
+    async def unlink(self, *args, **kwargs) -> EntryChange:
         self.changing.set()
         return await super().unlink(*args, **kwargs)
 
@@ -111,7 +117,7 @@ class FailsAfterCommit(SqliteMetadata):
     """SqliteMetadata whose creates commit and then report a failure, as a
     networked engine's may when the reply is lost."""
 
-    async def create(self, *args, **kwargs) -> InodeAttrs:
+    async def create(self, *args, **kwargs) -> EntryChange:
         await super().create(*args, **kwargs)
         raise StoreUnavailable("the reply was lost")
 
@@ -144,8 +150,8 @@ def ref(shard_id: int, length: int = 1000) -> ShardRef:
 def test_repeated_reads_come_from_memory(tmp_path):
     async def main() -> None:
         async with cached(tmp_path) as (cache, engine):
-            directory = await cache.create(ROOT_INODE, b"dir", DIRECTORY, 0, 0, 1)
-            file = await cache.create(directory.inode, b"file", FILE, 0, 0, 2)
+            directory = (await cache.create(ROOT_INODE, b"dir", DIRECTORY, 0, 0, 1)).attrs
+            file = (await cache.create(directory.inode, b"file", FILE, 0, 0, 2)).attrs
             await cache.commit_shards(file.inode, {0: ref(1)}, 1000)
             await cache.setxattr(file.inode, b"user.k", b"v", 0, 3)
             engine.calls.clear()
@@ -164,10 +170,10 @@ def test_repeated_reads_come_from_memory(tmp_path):
                 assert await cache.listxattr(file.inode) == [b"user.k"]
                 assert await cache.shard_map(file.inode) == {0: ref(1)}
             # Only the first round reaches the engine, and only for what the
-            # changes above did not tell the cache.
+            # changes above did not tell the cache. The listing of "dir" is
+            # complete since its mkdir, so it answers for "file" and "absent".
             assert engine.calls == {
-                "lookup": 4,  # "..", the absent name; "dir" and "file", made stale by the later changes
-                "readdir": 2,  # the page and the empty page that ends the listing
+                "lookup": 1,  # ".."
                 "getxattr": 2,
                 "listxattr": 1,
                 "shard_map": 1,
@@ -194,14 +200,107 @@ def test_a_resumed_listing_comes_from_memory(tmp_path):
     trio.run(main)
 
 
+def test_creating_a_name_costs_one_engine_call(tmp_path):
+    """What FileSystem.create_node does after the kernel's lookup of the new name:
+    with the directory made through the cache, only the create reaches the engine."""
+
+    async def main() -> None:
+        async with cached(tmp_path) as (cache, engine):
+            directory = (await cache.create(ROOT_INODE, b"dir", DIRECTORY, 0, 0, 1)).attrs
+            await cache.getattr(directory.inode)
+            engine.calls.clear()
+            for i in range(100):
+                name = b"f%03d" % i
+                with pytest.raises(NotFound):
+                    await cache.lookup(directory.inode, name)
+                parent = await cache.getattr(directory.inode)
+                assert parent.mtime_ns == i + 1  # the time of the create before (or of the mkdir)
+                await cache.create(directory.inode, name, FILE, 0, 0, i + 2)
+            assert engine.calls == {"create": 100}
+            listing = await list_all(cache, directory.inode)
+            assert engine.calls == {"create": 100}
+            assert listing == await list_all(engine, directory.inode)
+            assert await cache.getattr(directory.inode) == await engine.getattr(directory.inode)
+
+    trio.run(main)
+
+
+def test_a_complete_listing_follows_every_change(tmp_path):
+    """A listing read to its end stays complete through every kind of change:
+    it is served, and absent names are answered, without the engine."""
+
+    async def main() -> None:
+        async with cached(tmp_path) as (cache, engine):
+            elsewhere = (await engine.create(ROOT_INODE, b"elsewhere", DIRECTORY, 0, 0, 1)).attrs
+            # Made first, so it has a lower offset than anything in "dir".
+            early = (await engine.create(elsewhere.inode, b"early", FILE, 0, 0, 1)).attrs
+            directory = (await engine.create(ROOT_INODE, b"dir", DIRECTORY, 0, 0, 1)).attrs
+            for name in (b"a", b"b", b"c"):
+                await engine.create(directory.inode, name, FILE, 0, 0, 1)
+            await engine.create(directory.inode, b"sub", DIRECTORY, 0, 0, 1)
+            await list_all(cache, directory.inode, limit=2)
+            await cache.getattr(directory.inode)
+            d = directory.inode
+            changes = [
+                lambda: cache.create(d, b"new", FILE, 0, 0, 2),
+                lambda: cache.create(d, b"newdir", DIRECTORY, 0, 0, 2),
+                lambda: cache.link(early.inode, d, b"hard", 3),
+                lambda: cache.unlink(d, b"b", 4),
+                lambda: cache.rename(d, b"a", d, b"renamed", 0, 5),
+                lambda: cache.rename(elsewhere.inode, b"early", d, b"moved-in", 0, 6),  # lands first
+                lambda: cache.rename(d, b"c", elsewhere.inode, b"moved-out", 0, 7),
+                lambda: cache.rename(d, b"renamed", d, b"new", 0, 8),  # replaces "new"
+                lambda: cache.rename(d, b"sub", elsewhere.inode, b"moved-out", RENAME_EXCHANGE, 9),
+                lambda: cache.rmdir(d, b"newdir", 10),
+            ]
+            names = [b"a", b"b", b"c", b"absent", b"new", b"newdir", b"renamed", b"sub"]
+            for change in changes:
+                await change()
+                listing = await list_all(engine, d)
+                lookups = [await outcome_of(engine.lookup(d, name)) for name in names]
+                attrs = await engine.getattr(d)
+                engine.calls.clear()
+                assert await list_all(cache, d, limit=3) == listing
+                assert [await outcome_of(cache.lookup(d, name)) for name in names] == lookups
+                assert await cache.getattr(d) == attrs
+                assert engine.calls == {}
+            assert [entry.name for entry in await list_all(cache, d)][:1] == [b"moved-in"]
+
+    trio.run(main)
+
+
+def test_a_partial_listing_takes_in_only_what_it_covers(tmp_path):
+    async def main() -> None:
+        async with cached(tmp_path) as (cache, engine):
+            early = (await engine.create(ROOT_INODE, b"early", FILE, 0, 0, 1)).attrs
+            directory = (await engine.create(ROOT_INODE, b"dir", DIRECTORY, 0, 0, 1)).attrs
+            d = directory.inode
+            for i in range(10):
+                await engine.create(d, b"%d" % i, FILE, 0, 0, 1)
+            assert len(await cache.readdir(d, 0, 4)) == 4
+            await cache.rename(ROOT_INODE, b"early", d, b"early", 0, 2)  # within what is held
+            await cache.unlink(d, b"2", 3)
+            await cache.create(d, b"late", FILE, 0, 0, 4)  # past it
+            for entry in await list_all(engine, d):
+                assert await cache.readdir(d, entry.offset, 1) == await engine.readdir(d, entry.offset, 1)
+            page = await engine.readdir(d, 0, 4)
+            engine.calls.clear()
+            assert await cache.readdir(d, 0, 4) == page
+            assert (await cache.lookup(d, b"early")).inode == early.inode
+            assert engine.calls == {}
+            assert await list_all(cache, d, limit=3) == await list_all(engine, d)
+
+    trio.run(main)
+
+
 @pytest.mark.parametrize("flags", [0, RENAME_EXCHANGE])
 def test_rename_refreshes_the_inodes_it_moves(tmp_path, flags):
     async def main() -> None:
         async with cached(tmp_path) as (cache, engine):
             # Made behind the cache's back, then held by attrs records only, so
             # the cache has to find out which inodes the names stand for.
-            one = await engine.create(ROOT_INODE, b"one", FILE, 0, 0, 1)
-            two = await engine.create(ROOT_INODE, b"two", DIRECTORY, 0, 0, 1)
+            one = (await engine.create(ROOT_INODE, b"one", FILE, 0, 0, 1)).attrs
+            two = (await engine.create(ROOT_INODE, b"two", DIRECTORY, 0, 0, 1)).attrs
             for inode in (one.inode, two.inode):
                 await cache.setattr(inode, AttrChanges(uid=3), 2)
             await cache.rename(ROOT_INODE, b"one", ROOT_INODE, b"two" if flags else b"three", flags, 3)
@@ -232,7 +331,7 @@ def test_a_listing_of_100000_entries_is_paged_and_kept(tmp_path):
         async with cached(tmp_path) as (cache, engine):
             # Filled through the engine, before the cache is used: quicker, and
             # the cache then meets a directory it has never seen.
-            directory = await engine.create(ROOT_INODE, b"huge", DIRECTORY, 0, 0, 1)
+            directory = (await engine.create(ROOT_INODE, b"huge", DIRECTORY, 0, 0, 1)).attrs
 
             async def make(first: int) -> None:
                 for i in range(first, count, 8):
@@ -255,7 +354,7 @@ def test_a_listing_of_100000_entries_is_paged_and_kept(tmp_path):
 def test_memory_stays_within_max_entries(tmp_path):
     async def main() -> None:
         async with cached(tmp_path, max_entries=50) as (cache, engine):
-            inodes = [(await cache.create(ROOT_INODE, b"f%d" % i, FILE, 0, 0, 1)).inode for i in range(200)]
+            inodes = [(await cache.create(ROOT_INODE, b"f%d" % i, FILE, 0, 0, 1)).attrs.inode for i in range(200)]
             assert cache.cached_entries <= 50
             for inode in inodes:
                 await cache.getattr(inode)
@@ -345,13 +444,13 @@ class Workload:
         return self.rng.choice(NAMES)
 
     async def create(self) -> None:
-        attrs = await self.cache.create(self.directory(), self.name(), FILE, 0, 0, self.now())
-        self.inodes.add(attrs.inode)
+        change = await self.cache.create(self.directory(), self.name(), FILE, 0, 0, self.now())
+        self.inodes.add(change.attrs.inode)
 
     async def mkdir(self) -> None:
-        attrs = await self.cache.create(self.directory(), self.name(), DIRECTORY, 0, 0, self.now())
-        self.inodes.add(attrs.inode)
-        self.directories.add(attrs.inode)
+        change = await self.cache.create(self.directory(), self.name(), DIRECTORY, 0, 0, self.now())
+        self.inodes.add(change.attrs.inode)
+        self.directories.add(change.attrs.inode)
 
     async def link(self) -> None:
         await self.cache.link(self.inode(), self.directory(), self.name(), self.now())
@@ -465,6 +564,25 @@ def test_cache_agrees_with_engine_after_random_changes(tmp_path, seed, max_entri
     trio.run(main)
 
 
+@pytest.mark.parametrize("seed", range(5, 10))
+def test_partial_listings_agree_with_engine_after_random_changes(tmp_path, seed):
+    """Checking reads every listing to its end, and a listing then stays
+    complete. So here a fresh cache takes over between checks, as at a new
+    mount, and its listings are read in part while the changes go on."""
+
+    async def main() -> None:
+        async with cached(tmp_path) as (_, engine):
+            workload = Workload(CachedMetadata(engine), engine, random.Random(seed))
+            for step in range(1, 401):
+                if step % 40 == 20:
+                    workload.cache = CachedMetadata(engine)
+                await workload.step()
+                if step % 40 == 0:
+                    await check_cache_agrees(workload.cache, engine, workload)
+
+    trio.run(main)
+
+
 def test_cache_agrees_with_engine_after_concurrent_changes(tmp_path):
     async def main() -> None:
         async with cached(tmp_path) as (cache, engine):
@@ -490,8 +608,8 @@ def test_a_read_overtaken_by_a_change_stores_nothing_stale(tmp_path, race):
     async def main() -> None:
         async with cached(tmp_path, engine_class=HeldReplies) as (cache, engine):
             assert isinstance(engine, HeldReplies)
-            directory = await engine.create(ROOT_INODE, b"dir", DIRECTORY, 0, 0, 1)
-            file = await engine.create(ROOT_INODE, b"file", FILE, 0, 0, 1)
+            directory = (await engine.create(ROOT_INODE, b"dir", DIRECTORY, 0, 0, 1)).attrs
+            file = (await engine.create(ROOT_INODE, b"file", FILE, 0, 0, 1)).attrs
             read, change, check = {
                 "getattr-setattr": (
                     lambda: cache.getattr(file.inode),

@@ -40,6 +40,7 @@ from dfsfuse.metadata.base import (
     DirEntry,
     InodeAttrs,
     MetadataStore,
+    RenameChange,
     ShardRecord,
     ShardRef,
     UsageCounts,
@@ -100,11 +101,11 @@ def now() -> int:
 
 
 async def mkfile(store: MetadataStore, parent: int, name: bytes) -> InodeAttrs:
-    return await store.create(parent, name, FILE, 1000, 1000, now())
+    return (await store.create(parent, name, FILE, 1000, 1000, now())).attrs
 
 
 async def mkdir(store: MetadataStore, parent: int, name: bytes) -> InodeAttrs:
-    return await store.create(parent, name, DIRECTORY, 1000, 1000, now())
+    return (await store.create(parent, name, DIRECTORY, 1000, 1000, now())).attrs
 
 
 async def list_all(store: MetadataStore, directory: int, limit: int = 100) -> list[DirEntry]:
@@ -175,13 +176,16 @@ def test_getattr_of_missing_inode_is_not_found(harness):
 def test_create_file(harness):
     async def body(store: MetadataStore) -> None:
         t = now()
-        attrs = await store.create(ROOT_INODE, b"file", FILE, 1000, 1001, t)
+        change = await store.create(ROOT_INODE, b"file", FILE, 1000, 1001, t)
+        attrs = change.attrs
         assert attrs == InodeAttrs(attrs.inode, FILE, 1, 1000, 1001, 0, 0, 0, t, t, t, b"")
         assert attrs.inode != ROOT_INODE
         assert await store.getattr(attrs.inode) == attrs
         assert await store.lookup(ROOT_INODE, b"file") == attrs
         root = await store.getattr(ROOT_INODE)
         assert (root.mtime_ns, root.ctime_ns, root.nlink) == (t, t, 2)
+        assert change.parent == root
+        assert await list_all(store, ROOT_INODE) == [DirEntry(b"file", attrs, change.offset)]
 
     run_with_store(harness, body)
 
@@ -191,12 +195,12 @@ def test_create_every_kind(harness):
         directory = await mkdir(store, ROOT_INODE, b"dir")
         assert directory.nlink == 2 and stat.S_ISDIR(directory.mode)
         assert (await store.getattr(ROOT_INODE)).nlink == 3
-        link = await store.create(directory.inode, b"link", SYMLINK, 0, 0, now(), target=b"../somewhere")
+        link = (await store.create(directory.inode, b"link", SYMLINK, 0, 0, now(), target=b"../somewhere")).attrs
         assert (link.target, link.size, link.nlink) == (b"../somewhere", 12, 1)
         assert (await store.getattr(link.inode)).target == b"../somewhere"
-        device = await store.create(directory.inode, b"dev", stat.S_IFCHR | 0o600, 0, 0, now(), rdev=0x0501)
+        device = (await store.create(directory.inode, b"dev", stat.S_IFCHR | 0o600, 0, 0, now(), rdev=0x0501)).attrs
         assert device.rdev == 0x0501 and stat.S_ISCHR(device.mode)
-        fifo = await store.create(directory.inode, b"fifo", stat.S_IFIFO | 0o600, 0, 0, now())
+        fifo = (await store.create(directory.inode, b"fifo", stat.S_IFIFO | 0o600, 0, 0, now())).attrs
         assert stat.S_ISFIFO((await store.getattr(fifo.inode)).mode)
         assert await names_in(store, directory.inode) == {b"link", b"dev", b"fifo"}
         assert (await store.getattr(directory.inode)).nlink == 2
@@ -259,6 +263,21 @@ def test_lookup(harness):
     run_with_store(harness, body)
 
 
+def test_a_new_entry_comes_last_in_its_listing(harness):
+    async def body(store: MetadataStore) -> None:
+        directory = await mkdir(store, ROOT_INODE, b"d")
+        elsewhere = await mkfile(store, ROOT_INODE, b"elsewhere")
+        offsets = [(await store.create(directory.inode, name, FILE, 0, 0, now())).offset for name in (b"a", b"b")]
+        await store.unlink(directory.inode, b"b", now())  # the last one goes; its offset is not reused
+        offsets.append((await store.link(elsewhere.inode, directory.inode, b"linked", now())).offset)
+        offsets.append((await store.create(directory.inode, b"b", FILE, 0, 0, now())).offset)
+        assert offsets == sorted(set(offsets))
+        listed = [entry.offset for entry in await list_all(store, directory.inode)]
+        assert listed == [offsets[0], offsets[2], offsets[3]]
+
+    run_with_store(harness, body)
+
+
 def test_names_are_bytes_not_text(harness):
     async def body(store: MetadataStore) -> None:
         name = "caf\u00e9".encode() + b"\xff"
@@ -274,12 +293,15 @@ def test_hard_links(harness):
         a = await mkdir(store, ROOT_INODE, b"a")
         file = await mkfile(store, ROOT_INODE, b"file")
         t = now()
-        linked = await store.link(file.inode, a.inode, b"again", t)
+        change = await store.link(file.inode, a.inode, b"again", t)
+        linked = change.attrs
         assert (linked.inode, linked.nlink, linked.ctime_ns) == (file.inode, 2, t)
         assert (await store.lookup(a.inode, b"again")) == linked
         assert (await store.getattr(file.inode)) == linked
         parent = await store.getattr(a.inode)
         assert (parent.mtime_ns, parent.ctime_ns) == (t, t)
+        assert change.parent == parent
+        assert await list_all(store, a.inode) == [DirEntry(b"again", linked, change.offset)]
         with pytest.raises(Exists):
             await store.link(file.inode, a.inode, b"again", now())
         with pytest.raises(NotPermitted):
@@ -289,9 +311,9 @@ def test_hard_links(harness):
         with pytest.raises(NotADirectory):
             await store.link(file.inode, file.inode, b"x", now())
         await check_nlinks(store)
-        assert (await store.unlink(ROOT_INODE, b"file", now())).nlink == 1
+        assert (await store.unlink(ROOT_INODE, b"file", now())).attrs.nlink == 1
         assert (await store.lookup(a.inode, b"again")).nlink == 1
-        assert (await store.unlink(a.inode, b"again", now())).nlink == 0
+        assert (await store.unlink(a.inode, b"again", now())).attrs.nlink == 0
         with pytest.raises(NotFound):  # as linkat(2): no new name for an inode with none left
             await store.link(file.inode, ROOT_INODE, b"back", now())
         await check_nlinks(store)
@@ -303,11 +325,14 @@ def test_unlink(harness):
     async def body(store: MetadataStore) -> None:
         a = await mkdir(store, ROOT_INODE, b"a")
         file = await mkfile(store, a.inode, b"file")
+        [listed] = await list_all(store, a.inode)
         t = now()
-        after = await store.unlink(a.inode, b"file", t)
+        change = await store.unlink(a.inode, b"file", t)
+        after = change.attrs
         assert (after.inode, after.nlink, after.ctime_ns) == (file.inode, 0, t)
         parent = await store.getattr(a.inode)
         assert (parent.mtime_ns, parent.ctime_ns, parent.nlink) == (t, t, 2)
+        assert (change.parent, change.offset) == (parent, listed.offset)
         with pytest.raises(NotFound):
             await store.lookup(a.inode, b"file")
         assert await store.getattr(file.inode) == after  # still there while open
@@ -340,11 +365,14 @@ def test_rmdir(harness):
             await store.rmdir(a.inode, b"missing", now())
         await store.unlink(b.inode, b"file", now())
         assert (await store.lookup(b.inode, b"..")).inode == a.inode
+        [listed] = await list_all(store, a.inode)
         t = now()
-        removed = await store.rmdir(a.inode, b"b", t)
+        change = await store.rmdir(a.inode, b"b", t)
+        removed = change.attrs
         assert (removed.inode, removed.nlink, removed.ctime_ns) == (b.inode, 0, t)
         parent = await store.getattr(a.inode)
         assert (parent.nlink, parent.mtime_ns, parent.ctime_ns) == (2, t, t)
+        assert (change.parent, change.offset) == (parent, listed.offset)
         with pytest.raises(NotFound):
             await store.lookup(a.inode, b"b")
         # The removed directory may still be open: it lists as empty, takes no new names.
@@ -391,20 +419,26 @@ def test_rename_a_file_within_and_across_directories(harness):
         a = await mkdir(store, ROOT_INODE, b"a")
         b = await mkdir(store, ROOT_INODE, b"b")
         file = await mkfile(store, a.inode, b"one")
+        [before] = await list_all(store, a.inode)
         t = now()
-        assert await store.rename(a.inode, b"one", a.inode, b"two", 0, t) is None
+        change = await store.rename(a.inode, b"one", a.inode, b"two", 0, t)
         assert await names_in(store, a.inode) == {b"two"}
         moved = await store.lookup(a.inode, b"two")
         assert (moved.inode, moved.ctime_ns) == (file.inode, t)
         assert (await store.getattr(a.inode)).mtime_ns == t
+        assert change == RenameChange(moved, None, None, (await store.getattr(a.inode),), before.offset)
         t = now()
-        assert await store.rename(a.inode, b"two", b.inode, b"three", 0, t) is None
+        change = await store.rename(a.inode, b"two", b.inode, b"three", 0, t)
         assert await names_in(store, a.inode) == set()
         assert (await store.lookup(b.inode, b"three")).inode == file.inode
         assert (await store.getattr(file.inode)).ctime_ns == t
         for directory in (a, b):
             attrs = await store.getattr(directory.inode)
             assert (attrs.mtime_ns, attrs.ctime_ns) == (t, t)
+        parents = (await store.getattr(a.inode), await store.getattr(b.inode))
+        moved = await store.getattr(file.inode)
+        assert change == RenameChange(moved, None, None, parents, before.offset)  # the entry keeps its offset
+        assert await list_all(store, b.inode) == [DirEntry(b"three", moved, before.offset)]
         with pytest.raises(NotFound):
             await store.lookup(a.inode, b"two")
         await check_nlinks(store)
@@ -419,9 +453,12 @@ def test_rename_a_directory_moves_its_parent_link(harness):
         sub = await mkdir(store, a.inode, b"sub")
         await mkfile(store, sub.inode, b"inside")
         assert (await store.lookup(sub.inode, b"..")).inode == a.inode
-        await store.rename(a.inode, b"sub", b.inode, b"moved", 0, now())
+        change = await store.rename(a.inode, b"sub", b.inode, b"moved", 0, now())
         assert (await store.getattr(a.inode)).nlink == 2
         assert (await store.getattr(b.inode)).nlink == 3
+        assert change is not None
+        assert change.parents == (await store.getattr(a.inode), await store.getattr(b.inode))
+        assert change.moved == await store.getattr(sub.inode)
         assert (await store.lookup(sub.inode, b"..")).inode == b.inode
         assert await names_in(store, sub.inode) == {b"inside"}
         await check_nlinks(store)
@@ -433,19 +470,24 @@ def test_rename_replaces_a_file(harness):
     async def body(store: MetadataStore) -> None:
         source = await mkfile(store, ROOT_INODE, b"source")
         victim = await mkfile(store, ROOT_INODE, b"victim")
+        source_offset = (await list_all(store, ROOT_INODE))[0].offset
         t = now()
-        replaced = await store.rename(ROOT_INODE, b"source", ROOT_INODE, b"victim", 0, t)
-        assert replaced is not None
+        change = await store.rename(ROOT_INODE, b"source", ROOT_INODE, b"victim", 0, t)
+        assert change is not None and change.replaced is not None and change.exchanged is None
+        replaced = change.replaced
         assert (replaced.inode, replaced.nlink, replaced.ctime_ns) == (victim.inode, 0, t)
         assert await store.getattr(victim.inode) == replaced
         assert (await store.lookup(ROOT_INODE, b"victim")).inode == source.inode
-        assert await names_in(store, ROOT_INODE) == {b"victim"}
+        assert await list_all(store, ROOT_INODE) == [DirEntry(b"victim", change.moved, source_offset)]
+        assert change.offset == source_offset
+        assert change.parents == (await store.getattr(ROOT_INODE),)
         assert await store.orphan_inodes() == [victim.inode]
         # A victim with another name keeps it.
         linked = await mkfile(store, ROOT_INODE, b"linked")
         await store.link(linked.inode, ROOT_INODE, b"other-name", now())
-        replaced = await store.rename(ROOT_INODE, b"victim", ROOT_INODE, b"linked", 0, now())
-        assert replaced is not None and (replaced.inode, replaced.nlink) == (linked.inode, 1)
+        change = await store.rename(ROOT_INODE, b"victim", ROOT_INODE, b"linked", 0, now())
+        assert change is not None and change.replaced is not None
+        assert (change.replaced.inode, change.replaced.nlink) == (linked.inode, 1)
         await check_nlinks(store)
 
     run_with_store(harness, body)
@@ -457,15 +499,17 @@ def test_rename_replaces_an_empty_directory(harness):
         b = await mkdir(store, ROOT_INODE, b"b")
         moving = await mkdir(store, a.inode, b"moving")
         victim = await mkdir(store, b.inode, b"victim")
-        replaced = await store.rename(a.inode, b"moving", b.inode, b"victim", 0, now())
-        assert replaced is not None and (replaced.inode, replaced.nlink) == (victim.inode, 0)
+        change = await store.rename(a.inode, b"moving", b.inode, b"victim", 0, now())
+        assert change is not None and change.replaced is not None
+        assert (change.replaced.inode, change.replaced.nlink) == (victim.inode, 0)
+        assert change.parents == (await store.getattr(a.inode), await store.getattr(b.inode))
         assert (await store.lookup(b.inode, b"victim")).inode == moving.inode
         assert (await store.getattr(a.inode)).nlink == 2
         assert (await store.getattr(b.inode)).nlink == 3
         # The same within one directory.
         other = await mkdir(store, b.inode, b"other")
-        replaced = await store.rename(b.inode, b"victim", b.inode, b"other", 0, now())
-        assert replaced is not None and replaced.inode == other.inode
+        change = await store.rename(b.inode, b"victim", b.inode, b"other", 0, now())
+        assert change is not None and change.replaced is not None and change.replaced.inode == other.inode
         assert (await store.getattr(b.inode)).nlink == 3
         await check_nlinks(store)
 
@@ -541,7 +585,8 @@ def test_rename_noreplace(harness):
         await mkfile(store, ROOT_INODE, b"two")
         with pytest.raises(Exists):
             await store.rename(ROOT_INODE, b"one", ROOT_INODE, b"two", RENAME_NOREPLACE, now())
-        assert await store.rename(ROOT_INODE, b"one", ROOT_INODE, b"three", RENAME_NOREPLACE, now()) is None
+        change = await store.rename(ROOT_INODE, b"one", ROOT_INODE, b"three", RENAME_NOREPLACE, now())
+        assert change is not None and change.replaced is None
         assert await names_in(store, ROOT_INODE) == {b"two", b"three"}
 
     run_with_store(harness, body)
@@ -555,10 +600,21 @@ def test_rename_exchange(harness):
         directory = await mkdir(store, b.inode, b"dir")
         await mkfile(store, directory.inode, b"inside")
         await check_nlinks(store)  # reads everything, so a cache holds it all
+        [file_entry], [directory_entry] = await list_all(store, a.inode), await list_all(store, b.inode)
         t = now()
-        assert await store.rename(a.inode, b"file", b.inode, b"dir", RENAME_EXCHANGE, t) is None
+        change = await store.rename(a.inode, b"file", b.inode, b"dir", RENAME_EXCHANGE, t)
         for inode in (file.inode, directory.inode):
             assert (await store.getattr(inode)).ctime_ns == t
+        assert change == RenameChange(
+            moved=await store.getattr(file.inode),
+            exchanged=await store.getattr(directory.inode),
+            replaced=None,
+            parents=(await store.getattr(a.inode), await store.getattr(b.inode)),
+            offset=directory_entry.offset,
+        )
+        # Both entries keep their offsets; the inodes they name swap.
+        assert await list_all(store, a.inode) == [DirEntry(b"file", change.exchanged, file_entry.offset)]
+        assert await list_all(store, b.inode) == [DirEntry(b"dir", change.moved, directory_entry.offset)]
         assert (await store.lookup(a.inode, b"file")).inode == directory.inode
         assert (await store.lookup(b.inode, b"dir")).inode == file.inode
         assert (await store.lookup(directory.inode, b"..")).inode == a.inode
@@ -785,8 +841,8 @@ def test_xattrs(harness):
             await store.getxattr(file.inode, b"security.capability")
         assert await store.listxattr(file.inode) == []
         t = now()
-        await store.setxattr(file.inode, b"user.one", b"1", 0, t)
-        assert (await store.getattr(file.inode)).ctime_ns == t
+        changed = await store.setxattr(file.inode, b"user.one", b"1", 0, t)
+        assert changed == await store.getattr(file.inode) and changed.ctime_ns == t
         await store.setxattr(file.inode, b"user.two", b"\x00binary\xff", XATTR_CREATE, now())
         assert await store.getxattr(file.inode, b"user.two") == b"\x00binary\xff"
         assert sorted(await store.listxattr(file.inode)) == [b"user.one", b"user.two"]
@@ -798,8 +854,8 @@ def test_xattrs(harness):
         await store.setxattr(file.inode, b"user.one", b"", 0, now())
         assert await store.getxattr(file.inode, b"user.one") == b""
         t = now()
-        await store.removexattr(file.inode, b"user.one", t)
-        assert (await store.getattr(file.inode)).ctime_ns == t
+        changed = await store.removexattr(file.inode, b"user.one", t)
+        assert changed == await store.getattr(file.inode) and changed.ctime_ns == t
         with pytest.raises(NoData):
             await store.getxattr(file.inode, b"user.one")
         with pytest.raises(NoData):
