@@ -21,8 +21,10 @@ import pytest
 import trio
 
 from dfsfuse.errors import ShardMissing, StoreUnavailable
+from dfsfuse.node.server import NodeServer
 from dfsfuse.storage.base import NodeStore
 from dfsfuse.storage.local import LocalStore, replica_name
+from dfsfuse.storage.remote import RemoteStore
 
 
 class LocalHarness:
@@ -37,8 +39,38 @@ class LocalHarness:
         finally:
             await store.close()
 
+    def device(self) -> str:
+        return str(os.stat(self.root).st_dev)
 
-HARNESSES = {"local": LocalHarness}
+
+class RemoteHarness:
+    """A real node server over `root`, run in the test's nursery on a free
+    loopback port, reached through a RemoteStore."""
+
+    SECRET = b"contract-suite-secret"
+
+    def __init__(self, root: pathlib.Path):
+        self.root = root
+
+    @contextlib.asynccontextmanager
+    async def store(self) -> AsyncIterator[NodeStore]:
+        local = await LocalStore.open("store-a", str(self.root))
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        port = listeners[0].socket.getsockname()[1]
+        async with trio.open_nursery() as nursery:
+            await nursery.start(NodeServer(local, self.SECRET).serve, listeners)
+            store = RemoteStore("store-a", "127.0.0.1", port, self.SECRET)
+            try:
+                yield store
+            finally:
+                await store.close()
+                nursery.cancel_scope.cancel()
+
+    def device(self) -> str:
+        return f"127.0.0.1/{os.stat(self.root).st_dev}"
+
+
+HARNESSES = {"local": LocalHarness, "remote": RemoteHarness}
 
 
 @pytest.fixture(params=sorted(HARNESSES))
@@ -166,7 +198,7 @@ def test_stat_counts_replicas(harness):
             empty = await store.stat()
             assert (empty.used, empty.shards) == (0, 0)
             assert 0 <= empty.free <= empty.capacity and empty.capacity > 0
-            assert empty.device == str(os.stat(harness.root).st_dev)
+            assert empty.device == harness.device()
             await store.put(1, [b"a" * 100], sync=False)
             await store.put(2, [b"b" * 50, b"c" * 50], sync=False)
             await store.put(3, [b"c" * 10], sync=False)

@@ -1,0 +1,1 @@
+"""Node servers: shard replicas served over the network (protocol in dfsfuse.storage.protocol)."""
