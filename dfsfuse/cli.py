@@ -1,4 +1,4 @@
-"""The dfsfuse command line: mount, status, fsck.
+"""The dfsfuse command line: mount, status, fsck, repair, scrub, rebalance, node.
 
 Mistakes a person can fix end as one line on stderr and a non-zero exit
 code, never a traceback.
@@ -11,6 +11,7 @@ import sys
 
 from . import config as config_module
 from .errors import UserError
+from .node.cli import add_node_commands, run_node_command
 
 
 def _add_data_options(parser: argparse.ArgumentParser) -> None:
@@ -34,12 +35,46 @@ def build_parser() -> argparse.ArgumentParser:
 
     fsck = commands.add_parser("fsck", help="check metadata against the node stores and repair")
     _add_data_options(fsck)
+    repair = commands.add_parser("repair", help="bring every shard back to R replicas, most-endangered first")
+    _add_data_options(repair)
+    scrub = commands.add_parser("scrub", help="read and verify every replica, and repair the bad ones")
+    _add_data_options(scrub)
+    rebalance = commands.add_parser("rebalance", help="move the shards whose placement changed (after node add)")
+    _add_data_options(rebalance)
+
+    node_commands = add_node_commands(commands)
+    node_list = node_commands.add_parser("list", help="the cluster's nodes: state, alive, usage, last seen")
+    _add_data_options(node_list)
+    node_add = node_commands.add_parser("add", help="add a node: HOST:PORT of a node server, or a directory")
+    node_add.add_argument("where", metavar="HOST:PORT|DIR")
+    node_add.add_argument("--name", help="the node's name (default: the directory's name; required for HOST:PORT)")
+    _add_data_options(node_add)
+    node_drain = node_commands.add_parser("drain", help="move every replica off a node; then it holds none")
+    node_drain.add_argument("name", metavar="NODE")
+    _add_data_options(node_drain)
+    node_remove = node_commands.add_parser("remove", help="remove a node (refused while it holds an only copy)")
+    node_remove.add_argument("name", metavar="NODE")
+    _add_data_options(node_remove)
     return parser
 
 
 def run(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "node" and args.node_command == "serve":
+        return run_node_command(args)
     config = config_module.load(args.data_dir, args.config)
+    if args.command == "node":
+        from .cluster import commands as cluster
+
+        if args.node_command == "add":
+            return cluster.node_add(config, args.where, args.name)
+        if args.node_command == "list":
+            return cluster.node_list(config)
+        return cluster.run_operation(config, f"node {args.node_command}", name=args.name)
+    if args.command in ("repair", "scrub", "rebalance"):
+        from .cluster import commands as cluster
+
+        return cluster.run_operation(config, args.command)
     if args.command == "mount":
         from .runtime import mount
 

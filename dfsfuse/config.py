@@ -3,7 +3,9 @@
 With no file at all the file system lives in one data directory with three
 local node stores inside it. A config file may set:
 
-    replicas = 2                  # copies of every shard
+    replicas = 2                  # copies of every shard (R)
+    write_quorum = 2              # replicas a write waits for (W, 1..R; default R)
+    secret_file = "/etc/dfs/secret"  # the cluster secret for node servers; default DATA_DIR/secret
     shard_size = "4MiB"           # bytes, or a size with KiB/MiB/GiB
     block_size = "64KiB"          # checksum block inside a replica
     [cache]
@@ -13,6 +15,10 @@ local node stores inside it. A config file may set:
     [[nodes]]                     # node stores; default: three under the data dir
     name = "disk1"
     path = "/srv/dfs1"            # a local directory
+
+The [[nodes]] seed the metadata's node registry when it is empty (the first
+mount); from then on the registry is the cluster's node list (`dfsfuse node
+add|drain|remove|list`), and later changes to [[nodes]] are not read.
 """
 
 from __future__ import annotations
@@ -44,11 +50,17 @@ class Config:
     data_dir: Path
     nodes: tuple[NodeSpec, ...]
     replicas: int = 2
+    write_quorum: int = 2
     shard_size: int = 4 * MiB
     block_size: int = 64 * KiB
     shard_cache_bytes: int = 256 * MiB
     write_buffer_bytes: int = 128 * MiB
     metadata_entries: int = 200_000
+    secret_file: Path | None = None  # None: DATA_DIR/secret, if it exists
+
+    @property
+    def cluster_secret_path(self) -> Path:
+        return self.secret_file or self.data_dir / "secret"
 
     @property
     def metadata_path(self) -> Path:
@@ -61,6 +73,11 @@ class Config:
     @property
     def lock_path(self) -> Path:
         return self.data_dir / "lock"
+
+    @property
+    def control_socket_path(self) -> Path:
+        """Where a mount listens for cluster operations (dfsfuse.cluster.control)."""
+        return self.data_dir / "control.sock"
 
 
 def default_data_dir() -> Path:
@@ -95,7 +112,7 @@ def load(data_dir: str | None = None, config_file: str | None = None) -> Config:
         root = Path(_expect(settings, "data_dir", str)).expanduser()
     root = (root or default_data_dir()).absolute()
 
-    known = {"data_dir", "replicas", "shard_size", "block_size", "cache", "nodes"}
+    known = {"data_dir", "replicas", "write_quorum", "secret_file", "shard_size", "block_size", "cache", "nodes"}
     _reject_unknown(settings, known, "")
     cache = settings.get("cache", {})
     if not isinstance(cache, dict):
@@ -106,6 +123,9 @@ def load(data_dir: str | None = None, config_file: str | None = None) -> Config:
     replicas = _expect(settings, "replicas", int, default=2)
     if not 1 <= replicas <= len(nodes):
         raise UserError(f"config: replicas = {replicas} needs between 1 and {len(nodes)} (the number of node stores)")
+    write_quorum = _expect(settings, "write_quorum", int, default=replicas)
+    if not 1 <= write_quorum <= replicas:
+        raise UserError(f"config: write_quorum = {write_quorum} needs between 1 and replicas ({replicas})")
     shard_size = parse_size(settings.get("shard_size", 4 * MiB), "shard_size")
     block_size = parse_size(settings.get("block_size", 64 * KiB), "block_size")
     if not 4 * KiB <= block_size <= shard_size or shard_size % block_size:
@@ -122,11 +142,13 @@ def load(data_dir: str | None = None, config_file: str | None = None) -> Config:
         data_dir=root,
         nodes=nodes,
         replicas=replicas,
+        write_quorum=write_quorum,
         shard_size=shard_size,
         block_size=block_size,
         shard_cache_bytes=parse_size(cache.get("shard_cache", 256 * MiB), "cache.shard_cache"),
         write_buffer_bytes=write_buffer,
         metadata_entries=metadata_entries,
+        secret_file=Path(_expect(settings, "secret_file", str)).expanduser() if "secret_file" in settings else None,
     )
 
 
@@ -153,14 +175,18 @@ def _nodes(raw: object, data_dir: Path) -> tuple[NodeSpec, ...]:
             raise UserError(f"config: node #{position} must be a table with name and path")
         _reject_unknown(node, {"name", "path"}, f"nodes[{position}].")
         name = _expect(node, "name", str)
-        if not _NODE_NAME.match(name):
-            raise UserError(f"config: node name {name!r} must be letters, digits, '.', '_' or '-' (at most 64)")
+        check_node_name(name, "config: ")
         path = Path(_expect(node, "path", str)).expanduser()
         specs.append(NodeSpec(name, path if path.is_absolute() else data_dir / path))
     names = [spec.name for spec in specs]
     if len(set(names)) != len(names):
         raise UserError("config: node names must be unique")
     return tuple(specs)
+
+
+def check_node_name(name: str, context: str = "") -> None:
+    if not _NODE_NAME.match(name):
+        raise UserError(f"{context}node name {name!r} must be letters, digits, '.', '_' or '-' (at most 64)")
 
 
 def _expect(table: dict, key: str, kind: type, default: object = None):

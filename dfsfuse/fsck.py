@@ -20,8 +20,9 @@ import trio
 from .config import Config
 from .datadir import DataDirLock, mountpoint_of, require_file_system
 from .errors import DfsError
+from .cluster.inventory import SHARD_PAGE, ReplicaTargets, live_shards, replica_ids
+from .cluster.maintenance import RepairTally, repair_shard
 from .runtime import open_components
-from .status import SHARD_PAGE, replica_ids
 
 
 @dataclasses.dataclass
@@ -79,22 +80,15 @@ async def _fsck(config: Config) -> FsckReport:
             await meta.forget_garbage(done)
 
         live: set[int] = set()
-        after = -1
-        while page := await meta.shards(after, SHARD_PAGE):
-            for record in page:
-                ref = record.ref
-                live.add(ref.shard_id)
-                report.shards += 1
-                result = await replicator.repair(ref, relocate=True)
-                report.missing += result.missing
-                report.corrupt += result.corrupt
-                report.repaired += result.repaired
-                if result.unrecoverable:
-                    report.unrecoverable += 1
-                    print(f"inode {record.inode} shard {ref.shard_id} (index {record.index}): no good replica")
-                elif result.nodes != ref.nodes:
-                    await meta.set_shard_nodes(ref.shard_id, result.nodes)
-            after = page[-1].ref.shard_id
+        tally = RepairTally()
+        targets = ReplicaTargets(meta, config.replicas)
+        async for record in live_shards(meta):
+            live.add(record.ref.shard_id)
+            await repair_shard(meta, replicator, record, await targets.of(record.inode), tally)
+        report.shards, report.missing, report.corrupt = tally.shards, tally.missing, tally.corrupt
+        report.repaired, report.unrecoverable = tally.repaired, tally.unrecoverable
+        for line in tally.lost:
+            print(line)
 
         for store in parts.stores:
             try:

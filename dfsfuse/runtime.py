@@ -21,15 +21,19 @@ from typing import AsyncIterator, Callable
 
 import trio
 
+from .cluster.autorepair import background_repair
+from .cluster.control import ControlServer
+from .cluster.nodeset import NodeSet
+from .cluster.operations import Cluster
+from .cluster.registry import open_store_or_stand_in, register_config_nodes
 from .config import Config
 from .datadir import DataDirLock, mountpoint_of, prepare_data_dir
-from .errors import DfsError, UserError
-from .metadata.base import MetadataStore
+from .errors import UserError
+from .metadata.base import NODE_ACTIVE, MetadataStore, NodeRecord
 from .metadata.cache import CachedMetadata
 from .metadata.sqlite import SqliteMetadata
 from .shards.replicator import Replicator
 from .storage.base import NodeStore
-from .storage.local import LocalStore
 
 log = logging.getLogger("dfsfuse")
 
@@ -41,40 +45,45 @@ class Components:
     meta: MetadataStore
     stores: list[NodeStore]
     replicator: Replicator
+    nodes: list[NodeRecord]  # the registry when the stores were opened, by name
 
 
 @contextlib.asynccontextmanager
 async def open_components(config: Config, cached: bool) -> AsyncIterator[Components]:
-    """Open the metadata engine and node stores of a data directory."""
+    """Open the metadata engine and the node stores its registry lists (a
+    store that cannot be opened is stood in for by an UnreachableStore).
+
+    An empty registry is seeded with the config's [[nodes]] first.
+    """
     try:
         engine = await SqliteMetadata.open(str(config.metadata_path))
     except OSError as error:
         raise UserError(f"cannot open metadata {config.metadata_path}: {error.strerror or error}") from None
     meta: MetadataStore = CachedMetadata(engine, config.metadata_entries) if cached else engine
-    recorded = await meta.layout(config.shard_size, config.block_size)
-    if recorded != (config.shard_size, config.block_size):
-        await meta.close()
-        raise UserError(
-            f"config: this file system was made with shard_size {recorded[0]} and block_size {recorded[1]}; "
-            "they cannot change (set them back in the config file)"
-        )
     stores: list[NodeStore] = []
     try:
-        for node in config.nodes:
-            try:
-                stores.append(await LocalStore.open(node.name, str(node.path)))
-            except (OSError, DfsError) as error:
-                raise UserError(f"node store {node.name} at {node.path} cannot be used: {_reason(error)}") from None
-        yield Components(meta, stores, Replicator(stores, config.replicas, config.block_size))
+        recorded = await meta.layout(config.shard_size, config.block_size)
+        if recorded != (config.shard_size, config.block_size):
+            raise UserError(
+                f"config: this file system was made with shard_size {recorded[0]} and block_size {recorded[1]}; "
+                "they cannot change (set them back in the config file)"
+            )
+        nodes = await register_config_nodes(meta, config)
+        if len(nodes) < config.replicas:
+            raise UserError(
+                f"config: replicas = {config.replicas} but the cluster has {len(nodes)} nodes"
+                " (see dfsfuse node list; lower replicas or add nodes)"
+            )
+        for node in nodes:
+            stores.append(await open_store_or_stand_in(node, config))
+        replicator = Replicator(stores, config.replicas, config.block_size, write_quorum=config.write_quorum)
+        replicator.update_nodes(stores, [node.name for node in nodes if node.state == NODE_ACTIVE])
+        yield Components(meta, stores, replicator, nodes)
     finally:
         with trio.CancelScope(shield=True):
             for store in stores:
                 await store.close()
             await meta.close()
-
-
-def _reason(error: BaseException) -> str:
-    return getattr(error, "strerror", None) or str(error) or type(error).__name__
 
 
 def check_mountpoint(path: str) -> str:
@@ -188,9 +197,15 @@ def _run_mount(config: Config, mountpoint: str, options: list[str], ready: Calla
 
     async def main() -> int:
         async with open_components(config, cached=True) as parts:
-            fs = FileSystem(parts.meta, parts.replicator, parts.stores, config)
+            fs = FileSystem(parts.meta, parts.replicator, config)
             async with trio.open_nursery() as nursery:
                 await nursery.start(parts.replicator.run)
+                nodes = NodeSet(parts.meta, config, parts.replicator, parts.stores)
+                await nursery.start(nodes.run)
+                cluster = Cluster(parts.meta, parts.replicator, nodes, config)
+                maintenance_lock = trio.Lock()  # one cluster operation or repair pass at a time
+                await nursery.start(ControlServer(config.control_socket_path, cluster, maintenance_lock).run)
+                await nursery.start(background_repair, cluster, maintenance_lock)
                 await nursery.start(fs.run)
                 try:
                     fuse.start(fuse.Operations(fs), mountpoint, fuse.mount_options(f"dfsfuse:{config.data_dir}", options))

@@ -2,22 +2,21 @@
 
 It reads the metadata and lists each node store, so it works whether or not
 the file system is mounted (SQLite in WAL mode lets it read beside a mount).
-A shard counts as under-replicated when fewer than R of the stores its
-metadata names hold a replica; checksums are `dfsfuse fsck`'s job.
+A shard counts as under-replicated when fewer of the stores its metadata
+names hold a replica than its file's replica count (user.dfs.replicas, else
+R); checksums are `dfsfuse scrub`'s and `dfsfuse fsck`'s job.
 """
 
 from __future__ import annotations
 
 import trio
 
+from .cluster.heartbeat import probe
+from .cluster.inventory import ReplicaTargets, live_shards, present_copies, replica_ids
+from .cluster.registry import describe_address
 from .config import Config
 from .datadir import mount_state, require_file_system
 from .errors import DfsError
-from .metadata.base import MetadataStore
-from .storage.base import NodeStore
-
-LIST_PAGE = 10_000
-SHARD_PAGE = 10_000
 
 
 def status(config: Config) -> int:
@@ -26,57 +25,36 @@ def status(config: Config) -> int:
     return trio.run(_status, config)
 
 
-async def replica_ids(store: NodeStore) -> set[int]:
-    """Every shard id the store holds, read page by page."""
-    ids: set[int] = set()
-    after = -1
-    while True:
-        page = await store.list(after, LIST_PAGE)
-        ids.update(page)
-        if len(page) < LIST_PAGE:
-            return ids
-        after = page[-1]
-
-
 async def _status(config: Config) -> int:
     from .runtime import open_components
 
     async with open_components(config, cached=False) as parts:
+        answers = await probe(parts.stores)
         held: dict[str, set[int]] = {}
-        for store in parts.stores:
+        for node, store in zip(parts.nodes, parts.stores):
+            where = describe_address(node.address)
+            info = answers[store.name]
+            if info is None:
+                print(f"node {store.name} {where}: unreachable: no answer; {node.state}, down")
+                continue
             try:
-                info = await store.stat()
                 held[store.name] = await replica_ids(store)
             except DfsError as error:
-                print(f"node {store.name} {_where(config, store.name)}: unreachable: {error}")
+                print(f"node {store.name} {where}: unreachable: {error}; {node.state}, down")
                 continue
             print(
-                f"node {store.name} {_where(config, store.name)}: {info.shards} shards, "
-                f"{info.used} bytes used, {info.free} bytes free"
+                f"node {store.name} {where}: {info.shards} shards, "
+                f"{info.used} bytes used, {info.free} bytes free; {node.state}, alive"
             )
         usage = await parts.meta.usage()
-        under = await _under_replicated(parts.meta, held, config.replicas)
+        under = 0
+        targets = ReplicaTargets(parts.meta, config.replicas)
+        async for record in live_shards(parts.meta):
+            if present_copies(record, held) < await targets.of(record.inode):
+                under += 1
         print(f"inodes: {usage.inodes}")
         print(f"logical bytes: {usage.logical_bytes}")
         print(f"stored bytes: {usage.stored_bytes} (x{config.replicas} replicas)")
         print(f"shards: {usage.shards}")
         print(f"under-replicated shards: {under}")
     return 0
-
-
-def _where(config: Config, name: str) -> str:
-    return next(str(node.path) for node in config.nodes if node.name == name)
-
-
-async def _under_replicated(meta: MetadataStore, held: dict[str, set[int]], replicas: int) -> int:
-    count = 0
-    after = -1
-    while True:
-        page = await meta.shards(after, SHARD_PAGE)
-        for record in page:
-            copies = sum(1 for node in record.ref.nodes if record.ref.shard_id in held.get(node, ()))
-            if copies < replicas:
-                count += 1
-        if len(page) < SHARD_PAGE:
-            return count
-        after = page[-1].ref.shard_id

@@ -30,6 +30,11 @@ RENAME_EXCHANGE = 2
 XATTR_CREATE = 1
 XATTR_REPLACE = 2
 
+# How many replicas a file's shards get (ASCII digits); on a directory,
+# inherited by the files and subdirectories created in it. Absent: the
+# configured R.
+REPLICAS_XATTR = b"user.dfs.replicas"
+
 
 @dataclasses.dataclass(frozen=True)
 class InodeAttrs:
@@ -146,8 +151,27 @@ class ShardRecord:
     ref: ShardRef
 
 
+NODE_ACTIVE = "active"  # takes new replicas
+NODE_DRAINING = "draining"  # takes none; its replicas are being moved elsewhere
+NODE_DRAINED = "drained"  # takes none and holds none; may be removed
+NODE_STATES = (NODE_ACTIVE, NODE_DRAINING, NODE_DRAINED)
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeRecord:
+    """A node store in the cluster's registry, with what it last reported."""
+
+    name: str  # the name ShardRef.nodes records
+    address: str  # "local:/absolute/path" or "HOST:PORT" of a node server
+    state: str  # one of NODE_STATES
+    capacity: int = 0  # bytes, as last reported; 0 until the node is first seen
+    used: int = 0  # bytes taken by replicas, as last reported
+    shards: int = 0  # replicas held, as last reported
+    last_seen_ns: int = 0  # when the node last answered; 0: never
+
+
 class MetadataStore(abc.ABC):
-    """Inodes, directory entries, shard maps, xattrs and the garbage list."""
+    """Inodes, directory entries, shard maps, xattrs, the garbage list and the node registry."""
 
     # -- inodes and names -------------------------------------------------
     @abc.abstractmethod
@@ -319,6 +343,28 @@ class MetadataStore(abc.ABC):
     @abc.abstractmethod
     async def removexattr(self, inode: int, name: bytes, now_ns: int) -> InodeAttrs:
         """NoData if absent. ctime becomes now_ns; returns the inode's attrs after."""
+
+    # -- the node registry -------------------------------------------------
+    # Not file system state a cache could serve: callers want it fresh.
+    @abc.abstractmethod
+    async def nodes(self) -> list[NodeRecord]:
+        """Every registered node, by name."""
+
+    @abc.abstractmethod
+    async def add_node(self, name: str, address: str) -> NodeRecord:
+        """Register an active node; Exists if the name is taken."""
+
+    @abc.abstractmethod
+    async def set_node_state(self, name: str, state: str) -> None:
+        """Move a node to one of NODE_STATES (InvalidArgument otherwise); NotFound if unknown."""
+
+    @abc.abstractmethod
+    async def record_node_stat(self, name: str, capacity: int, used: int, shards: int, seen_ns: int) -> None:
+        """Record what a node reported when it last answered; NotFound if unknown."""
+
+    @abc.abstractmethod
+    async def remove_node(self, name: str) -> None:
+        """Drop a node from the registry; NotFound if unknown. Its replicas are the caller's business."""
 
     # -- lifecycle --------------------------------------------------------
     @abc.abstractmethod

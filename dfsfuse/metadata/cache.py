@@ -71,6 +71,7 @@ from dfsfuse.metadata.base import (
     EntryChange,
     InodeAttrs,
     MetadataStore,
+    NodeRecord,
     RenameChange,
     ShardRecord,
     ShardRef,
@@ -457,6 +458,22 @@ class CachedMetadata(MetadataStore):
             return attrs
 
     # -- lifecycle --------------------------------------------------------
+    # -- the node registry: passed through, never cached ------------------
+    async def nodes(self) -> list[NodeRecord]:
+        return await self._engine.nodes()
+
+    async def add_node(self, name: str, address: str) -> NodeRecord:
+        return await self._engine.add_node(name, address)
+
+    async def set_node_state(self, name: str, state: str) -> None:
+        await self._engine.set_node_state(name, state)
+
+    async def record_node_stat(self, name: str, capacity: int, used: int, shards: int, seen_ns: int) -> None:
+        await self._engine.record_node_stat(name, capacity, used, shards, seen_ns)
+
+    async def remove_node(self, name: str) -> None:
+        await self._engine.remove_node(name)
+
     async def sync(self) -> None:
         await self._engine.sync()
 

@@ -13,8 +13,9 @@ the death of the process, not of the machine; `sync()` makes it survive the
 machine. `allocate_shard_ids` alone commits with synchronous=FULL, because a
 shard id handed out must never be handed out again.
 
-_SCHEMA_V1 below is the only definition of the tables, and its comments are
-the reference for what each column holds (docs/formats.md mirrors them).
+_SCHEMA_V1 and _SCHEMA_V2 below are the only definition of the tables (V2
+adds to V1), and their comments are the reference for what each column holds
+(docs/formats.md mirrors them).
 """
 
 from __future__ import annotations
@@ -56,7 +57,10 @@ from dfsfuse.metadata.base import (
     DirEntry,
     EntryChange,
     InodeAttrs,
+    NODE_ACTIVE,
+    NODE_STATES,
     MetadataStore,
+    NodeRecord,
     RenameChange,
     ShardRecord,
     ShardRef,
@@ -177,6 +181,27 @@ CREATE TABLE xattrs (
     PRIMARY KEY (inode, name)
 ) WITHOUT ROWID;
 """
+_SCHEMA_V2 = """
+-- The cluster's node stores (the registry). Mounts and commands open the
+-- stores listed here; the config file's [[nodes]] are added when absent.
+CREATE TABLE nodes (
+    -- The name shards.nodes and garbage.nodes record; never reused while
+    -- any replica may still be on the node.
+    name         TEXT PRIMARY KEY,
+    -- 'local:/absolute/path' (a directory) or 'HOST:PORT' (a node server).
+    address      TEXT NOT NULL,
+    -- 'active' (takes new replicas), 'draining' (takes none, its replicas
+    -- are being moved off) or 'drained' (takes none and holds none).
+    state        TEXT NOT NULL,
+    -- What the node reported when it last answered: bytes of its disk,
+    -- bytes of replicas, replica count; 0 until then.
+    capacity     INTEGER NOT NULL DEFAULT 0,
+    used         INTEGER NOT NULL DEFAULT 0,
+    shard_count  INTEGER NOT NULL DEFAULT 0,
+    -- When it last answered, in ns since the epoch; 0: never.
+    last_seen_ns INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+"""
 # References between tables (entries.parent, entries.inode, shards.inode,
 # xattrs.inode -> inodes.id) are kept by the code, not by SQLite foreign keys:
 # enforcing them would need an index on entries.inode and a check on every
@@ -206,9 +231,14 @@ def _create_schema_v1(db: sqlite3.Connection) -> None:
     db.execute("INSERT INTO meta (key, value) VALUES ('next_shard_id', 1)")
 
 
+def _add_schema_v2(db: sqlite3.Connection) -> None:
+    for statement in _statements(_SCHEMA_V2):
+        db.execute(statement)
+
+
 # _MIGRATIONS[n] turns a database at schema version n - 1 (0: empty) into one
 # at version n, inside the transaction that records version n.
-_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _create_schema_v1}
+_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _create_schema_v1, 2: _add_schema_v2}
 SCHEMA_VERSION = max(_MIGRATIONS)
 
 
@@ -430,6 +460,27 @@ class SqliteMetadata(MetadataStore):
 
     async def removexattr(self, inode: int, name: bytes, now_ns: int) -> InodeAttrs:
         return await self._write(_removexattr, inode, name, now_ns)
+
+    # -- the node registry -------------------------------------------------
+    async def nodes(self) -> list[NodeRecord]:
+        return await self._read(_nodes)
+
+    async def add_node(self, name: str, address: str) -> NodeRecord:
+        return await self._write(_add_node, name, address)
+
+    async def set_node_state(self, name: str, state: str) -> None:
+        if state not in NODE_STATES:
+            raise InvalidArgument(f"unknown node state {state!r}")
+        await self._write(_update_node, name, "state = ?", (state,))
+
+    async def record_node_stat(self, name: str, capacity: int, used: int, shards: int, seen_ns: int) -> None:
+        await self._write(
+            _update_node, name, "capacity = ?, used = ?, shard_count = ?, last_seen_ns = ?",
+            (capacity, used, shards, seen_ns),
+        )
+
+    async def remove_node(self, name: str) -> None:
+        await self._write(_remove_node, name)
 
     # -- lifecycle --------------------------------------------------------
     async def sync(self) -> None:
@@ -913,6 +964,32 @@ def _removexattr(db: sqlite3.Connection, inode: int, name: bytes, now_ns: int) -
     if cursor.rowcount == 0:
         raise NoData(f"inode {inode} has no xattr {name!r}")
     return attrs
+
+
+_NODE_COLUMNS = "name, address, state, capacity, used, shard_count, last_seen_ns"
+
+
+def _nodes(db: sqlite3.Connection) -> list[NodeRecord]:
+    return [NodeRecord(*row) for row in db.execute(f"SELECT {_NODE_COLUMNS} FROM nodes ORDER BY name")]
+
+
+def _add_node(db: sqlite3.Connection, name: str, address: str) -> NodeRecord:
+    try:
+        db.execute("INSERT INTO nodes (name, address, state) VALUES (?, ?, ?)", (name, address, NODE_ACTIVE))
+    except sqlite3.IntegrityError:
+        raise Exists(f"node {name!r} is already registered") from None
+    return NodeRecord(name, address, NODE_ACTIVE)
+
+
+def _update_node(db: sqlite3.Connection, name: str, assignments: str, params: Sequence[Any]) -> None:
+    cursor = db.execute(f"UPDATE nodes SET {assignments} WHERE name = ?", (*params, name))
+    if cursor.rowcount == 0:
+        raise NotFound(f"no node {name!r}")
+
+
+def _remove_node(db: sqlite3.Connection, name: str) -> None:
+    if db.execute("DELETE FROM nodes WHERE name = ?", (name,)).rowcount == 0:
+        raise NotFound(f"no node {name!r}")
 
 
 def _checkpoint(db: sqlite3.Connection) -> None:

@@ -7,6 +7,13 @@ verifies, failing over to the next; replicas found missing or corrupt on the
 way are queued for the background repair worker, which rewrites them from a
 verified copy.
 
+The set of stores can change while the replicator runs (update_nodes): reads
+use any store a ShardRef names, while new replicas go only to the stores
+marked writable (active and answering). A write succeeds once W (the write
+quorum) of its R replicas are stored; the shard is then under-replicated
+until a repair (dfsfuse repair, or the mount's background repair) adds the
+rest.
+
 A store that cannot be reached is not a bad replica: reads skip it but do not
 queue a repair, because during an outage every read of its shards would
 otherwise trigger a full repair that cannot succeed. fsck calls repair() with
@@ -67,21 +74,43 @@ class Replicator:
         replicas: int,
         block_size: int = replica.DEFAULT_BLOCK_SIZE,
         *,
+        write_quorum: int | None = None,
         repair_queue_size: int = DEFAULT_REPAIR_QUEUE_SIZE,
     ):
-        names = [store.name for store in stores]
-        if len(set(names)) != len(names):
-            raise ValueError(f"store names must be unique: {names}")
         if not 1 <= replicas <= len(stores):
             raise ValueError(f"cannot keep {replicas} replicas on {len(stores)} stores")
+        write_quorum = replicas if write_quorum is None else write_quorum
+        if not 1 <= write_quorum <= replicas:
+            raise ValueError(f"write quorum {write_quorum} must be between 1 and {replicas}")
         if block_size <= 0:
             raise ValueError(f"block size {block_size} must be positive")
-        self._stores = {store.name: store for store in stores}
-        self._names = names
+        self._stores: dict[str, NodeStore] = {}
+        self._writable: list[str] = []
+        self.update_nodes(stores, [store.name for store in stores])
         self._replicas = replicas
+        self._write_quorum = write_quorum
         self._block_size = block_size
         self._repair_send, self._repair_receive = trio.open_memory_channel[ShardRef](repair_queue_size)
         self._repair_pending: set[int] = set()
+
+    def update_nodes(self, stores: Sequence[NodeStore], writable: Sequence[str]) -> None:
+        """Read from `stores` from now on, and put new replicas only on the
+        stores named in `writable`."""
+        names = [store.name for store in stores]
+        if len(set(names)) != len(names):
+            raise ValueError(f"store names must be unique: {names}")
+        self._stores = {store.name: store for store in stores}
+        self._writable = [name for name in dict.fromkeys(writable) if name in self._stores]
+
+    @property
+    def stores(self) -> list[NodeStore]:
+        """Every store reads may use."""
+        return list(self._stores.values())
+
+    @property
+    def writable(self) -> list[str]:
+        """The stores new replicas may go to."""
+        return list(self._writable)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The repair worker: repairs shards that reads found bad, one at a time.
@@ -98,27 +127,33 @@ class Replicator:
             logger.info("shard %d: repair done: %s", ref.shard_id, result)
 
     # -- writing -----------------------------------------------------------
-    async def write(self, shard_id: int, data: Buffer, sync: bool) -> ShardRef:
-        """Store R replicas of `data` and return where they are.
+    async def write(self, shard_id: int, data: Buffer, sync: bool, replicas: int | None = None) -> ShardRef:
+        """Store `replicas` (default R) replicas of `data` and return where they are.
 
-        Stores are tried in placement order: one that is unavailable or full is
-        replaced by the next. If fewer than R replicas can be made, the ones
-        made are deleted and NoSpace (every failure was NoSpace) or DataError
-        is raised.
+        Writable stores are tried in placement order: one that is unavailable
+        or full is replaced by the next. If fewer than the write quorum
+        (W, at most `replicas`) can be made, the ones made are deleted and
+        NoSpace (every failure was NoSpace) or DataError is raised; between W
+        and `replicas` the write succeeds with the shard under-replicated.
         """
+        wanted = replicas or self._replicas
+        quorum = min(self._write_quorum, wanted)
         view = memoryview(data).cast("B")
         checksum, parts = await self._hash_work(len(view), self._encode, view)
-        order = place(shard_id, self._names)
-        placed, failures = await self._put_to_first_available(shard_id, parts, order, self._replicas, sync)
-        if len(placed) < self._replicas:
+        order = place(shard_id, self._writable)
+        placed, failures = await self._put_to_first_available(shard_id, parts, order, wanted, sync)
+        if len(placed) < quorum:
             await self._delete_quietly(shard_id, placed)
             message = (
-                f"shard {shard_id}: could store only {len(placed)} of {self._replicas} replicas: "
-                + "; ".join(str(failure) for failure in failures)
+                f"shard {shard_id}: could store only {len(placed)} of {wanted} replicas"
+                f" ({quorum} needed): " + ("; ".join(str(failure) for failure in failures) or "too few writable nodes")
             )
-            if all(isinstance(failure, NoSpace) for failure in failures):
+            if failures and all(isinstance(failure, NoSpace) for failure in failures):
                 raise NoSpace(message)
             raise DataError(message)
+        if len(placed) < wanted:
+            logger.warning("shard %d: stored %d of %d replicas; under-replicated until repaired",
+                           shard_id, len(placed), wanted)
         return ShardRef(shard_id, len(view), checksum, tuple(name for name in order if name in placed))
 
     def _encode(self, data: memoryview) -> tuple[bytes, list[Buffer]]:
@@ -225,12 +260,13 @@ class Replicator:
             self._repair_pending.add(ref.shard_id)
 
     # -- repair --------------------------------------------------------------
-    async def repair(self, ref: ShardRef, *, relocate: bool = False) -> RepairResult:
+    async def repair(self, ref: ShardRef, *, relocate: bool = False, replicas: int | None = None) -> RepairResult:
         """Verify every replica in full and rewrite the missing or corrupt ones.
 
         Bad replicas are rewritten in place from a verified one, with sync.
-        With `relocate`, replicas that still fall short of R afterwards (their
-        store is unavailable, full, or not configured) are made on the next
+        With `relocate`, while fewer than `replicas` (default R) verified
+        replicas are on writable stores (others are unavailable, full, not
+        configured, or being drained), more are made on the next writable
         stores in placement order; the caller records the result's `nodes`.
         """
         good: list[str] = []
@@ -288,10 +324,12 @@ class Replicator:
         holders = set(good) | set(rewritten)
         nodes = tuple(node for node in ref.nodes if node in holders)
         relocated: list[str] = []
-        if relocate and len(nodes) < self._replicas:
-            candidates = [name for name in place(ref.shard_id, self._names) if name not in ref.nodes]
+        wanted = replicas or self._replicas
+        on_writable = sum(1 for node in nodes if node in self._writable)
+        if relocate and on_writable < wanted:
+            candidates = [name for name in place(ref.shard_id, self._writable) if name not in ref.nodes]
             relocated, _ = await self._put_to_first_available(
-                ref.shard_id, good_replica, candidates, self._replicas - len(nodes), sync=True
+                ref.shard_id, good_replica, candidates, wanted - on_writable, sync=True
             )
             nodes += tuple(name for name in candidates if name in relocated)
             logger.info("shard %d: new replicas on %s", ref.shard_id, relocated)
@@ -305,15 +343,44 @@ class Replicator:
             nodes=nodes,
         )
 
+    # -- moving ------------------------------------------------------------
+    async def copy(self, ref: ShardRef, targets: Sequence[str]) -> list[str]:
+        """Put a verified replica of the shard on each of `targets`, with sync.
+
+        Returns the targets that took it (a target that is unavailable or full
+        is left out). Raises DataError if no replica ref.nodes names verifies.
+        """
+        source: list[Buffer] = []
+        for node in ref.nodes:
+            store = self._stores.get(node)
+            if store is None:
+                continue
+            try:
+                head, data = await self._read_replica(store, ref)
+                await self._hash_work(len(data), replica.verify_replica, head, data, ref.checksum, ref.length)
+            except (StoreUnavailable, ShardMissing, replica.ReplicaCorrupt) as exc:
+                logger.warning("shard %d: cannot copy from node %r: %s", ref.shard_id, node, exc)
+                continue
+            source = [head, data]
+            break
+        if not source:
+            raise DataError(f"shard {ref.shard_id}: no good replica to copy from {ref.nodes}")
+        failures = await self._on_each_store(targets, lambda store: store.put(ref.shard_id, source, sync=True))
+        for node, error in failures.items():
+            logger.warning("shard %d: could not copy to node %r: %s", ref.shard_id, node, error)
+        return [name for name in dict.fromkeys(targets) if name not in failures]
+
     # -- deleting and syncing ----------------------------------------------
     async def delete(self, shard_id: int, nodes: Sequence[str]) -> None:
-        """Delete the replicas on `nodes`; absent ones are fine.
+        """Delete the replicas on `nodes`; absent ones are fine, and so are
+        nodes no longer in the set (removed from the cluster, replicas and all).
 
         Tries every store, then raises StoreUnavailable naming those that failed.
         """
-        failures = await self._on_each_store(nodes, lambda store: store.delete(shard_id))
+        known = [node for node in nodes if node in self._stores]
+        failures = await self._on_each_store(known, lambda store: store.delete(shard_id))
         if failures:
-            raise StoreUnavailable(f"shard {shard_id}: could not delete replicas: " + "; ".join(failures))
+            raise StoreUnavailable(f"shard {shard_id}: could not delete replicas: " + _describe(failures))
 
     async def sync(self, refs: Sequence[ShardRef]) -> None:
         """Make replicas written with sync=False durable, one call per store.
@@ -326,29 +393,29 @@ class Replicator:
                 by_node[node].append(ref.shard_id)
         failures = await self._on_each_store(list(by_node), lambda store: store.sync(by_node[store.name]))
         if failures:
-            raise StoreUnavailable("could not sync replicas: " + "; ".join(failures))
+            raise StoreUnavailable("could not sync replicas: " + _describe(failures))
 
     async def _delete_quietly(self, shard_id: int, nodes: Sequence[str]) -> None:
         """Delete replicas of a failed write; one left behind is an orphan for fsck."""
-        for failure in await self._on_each_store(nodes, lambda store: store.delete(shard_id)):
-            logger.warning("shard %d: could not delete a partial replica: %s", shard_id, failure)
+        for node, error in (await self._on_each_store(nodes, lambda store: store.delete(shard_id))).items():
+            logger.warning("shard %d: could not delete a partial replica on node %r: %s", shard_id, node, error)
 
     async def _on_each_store(
         self, nodes: Sequence[str], operation: Callable[[NodeStore], Awaitable[None]]
-    ) -> list[str]:
+    ) -> dict[str, str]:
         """Run `operation(store)` on the stores named `nodes` in parallel;
-        returns a description of each failure."""
-        failures: list[str] = []
+        returns what went wrong, by store name."""
+        failures: dict[str, str] = {}
 
         async def run_on(node: str) -> None:
             store = self._stores.get(node)
             if store is None:
-                failures.append(f"{node}: not a configured store")
+                failures[node] = "not a configured store"
                 return
             try:
                 await operation(store)
             except (StoreUnavailable, NoSpace) as exc:
-                failures.append(f"{node}: {exc}")
+                failures[node] = str(exc)
 
         async with trio.open_nursery() as nursery:
             for node in dict.fromkeys(nodes):
@@ -361,3 +428,7 @@ class Replicator:
         if nbytes < _HASH_IN_THREAD_BYTES:
             return function(*args)
         return await trio.to_thread.run_sync(function, *args)
+
+
+def _describe(failures: dict[str, str]) -> str:
+    return "; ".join(f"{node}: {error}" for node, error in failures.items())

@@ -100,8 +100,11 @@ class ContentServices:
 
 
 class FileContents:
-    def __init__(self, attrs: InodeAttrs, shard_map: dict[int, ShardRef], services: ContentServices):
+    def __init__(
+        self, attrs: InodeAttrs, shard_map: dict[int, ShardRef], services: ContentServices, replicas: int | None = None
+    ):
         self.inode = attrs.inode
+        self.replicas = replicas  # how many replicas its shards get; None: the configured R
         self.size = attrs.size
         self.mtime_ns = attrs.mtime_ns
         self.ctime_ns = attrs.ctime_ns
@@ -219,7 +222,7 @@ class FileContents:
 
     async def _store_and_commit(self, index: int, buffer: ShardBuffer, sync: bool) -> None:
         services = self._services
-        ref = await services.flusher.store(memoryview(buffer.data), sync)
+        ref = await services.flusher.store(memoryview(buffer.data), sync, self.replicas)
         try:
             async with self._commit_lock:
                 end = index * self._shard_size + len(buffer)
@@ -366,7 +369,7 @@ class FileContents:
             if ref is None or ref.length <= length:
                 return None
             data = (await self._shard_data(ref))[:length]
-        return await self._services.flusher.store(data, sync=False)
+        return await self._services.flusher.store(data, sync=False, replicas=self.replicas)
 
     # -- reading -------------------------------------------------------------
     async def read(self, offset: int, size: int, sequential: bool) -> bytes:
@@ -417,12 +420,28 @@ class FileContents:
         """Read while telling the garbage collector that this shard is in use."""
         self._services.reads_in_flight[ref.shard_id] += 1
         try:
-            return await self._services.replicator.read(ref, offset, length)
+            try:
+                return await self._services.replicator.read(ref, offset, length)
+            except DataError:
+                moved = await self._moved_ref(ref)
+                if moved is None:
+                    raise
+                return await self._services.replicator.read(moved, offset, length)
         except DataError:
             log.error("inode %d: no good replica of shard %d", self.inode, ref.shard_id)
             raise
         finally:
             self._done_reading(ref.shard_id)
+
+    async def _moved_ref(self, ref: ShardRef) -> ShardRef | None:
+        """The shard's ref as the metadata has it now, if its replicas moved
+        (rebalance, drain, repair) since this file loaded its shard map."""
+        for index, current in (await self._services.meta.shard_map(self.inode)).items():
+            if current.shard_id == ref.shard_id and current.nodes != ref.nodes:
+                if self._shard_map.get(index, current).shard_id == ref.shard_id:
+                    self._shard_map[index] = current
+                return current
+        return None
 
     def _done_reading(self, shard_id: int) -> None:
         in_flight = self._services.reads_in_flight

@@ -21,16 +21,14 @@ import logging
 import os
 import stat
 import time
-from typing import Sequence
 
 import trio
 
 from ..config import Config
 from ..errors import DfsError, InvalidArgument, NameTooLong, NotFound
-from ..metadata.base import AttrChanges, DirEntry, InodeAttrs, MetadataStore
+from ..metadata.base import REPLICAS_XATTR, AttrChanges, DirEntry, InodeAttrs, MetadataStore
 from ..shards.cache import ShardCache
 from ..shards.replicator import Replicator
-from ..storage.base import NodeStore
 from ..write.buffer import BufferKey, WriteBudget
 from ..write.flusher import Flusher
 from .contents import ContentServices, FileContents
@@ -68,10 +66,9 @@ class Handle:
 
 
 class FileSystem:
-    def __init__(self, meta: MetadataStore, replicator: Replicator, stores: Sequence[NodeStore], config: Config):
+    def __init__(self, meta: MetadataStore, replicator: Replicator, config: Config):
         self._meta = meta
         self._replicator = replicator
-        self._stores = list(stores)
         self._config = config
         self._files: dict[int, FileContents] = {}
         self._handles: dict[int, Handle] = {}
@@ -189,7 +186,21 @@ class FileSystem:
         )
         attrs = created.attrs
         self.add_ref(attrs.inode)
+        if stat.S_ISDIR(mode) or stat.S_ISREG(mode):
+            await self._inherit_replicas(parent, attrs.inode)
         return attrs
+
+    async def _inherit_replicas(self, parent: int, inode: int) -> None:
+        """Copy the directory's replica count to a new file or subdirectory."""
+        if REPLICAS_XATTR in await self._meta.listxattr(parent):
+            value = await self._meta.getxattr(parent, REPLICAS_XATTR)
+            await self._meta.setxattr(inode, REPLICAS_XATTR, value, 0, time.time_ns())
+
+    async def _replicas_of(self, inode: int) -> int | None:
+        """The file's own replica count, or None for the configured R."""
+        if REPLICAS_XATTR not in await self._meta.listxattr(inode):
+            return None
+        return int(await self._meta.getxattr(inode, REPLICAS_XATTR))
 
     async def link(self, inode: int, new_parent: int, new_name: bytes) -> InodeAttrs:
         _check_name(new_name)
@@ -257,7 +268,8 @@ class FileSystem:
         contents = self._files.get(inode)  # opened meanwhile?
         if contents is None:
             # Registered while it works, so an open in the meantime shares it.
-            contents = self._files[inode] = FileContents(attrs, shard_map, self.services)
+            replicas = await self._replicas_of(inode)
+            contents = self._files[inode] = FileContents(attrs, shard_map, self.services, replicas)
         try:
             await contents.truncate(size)
         finally:
@@ -265,7 +277,7 @@ class FileSystem:
 
     async def statfs(self) -> FsStats:
         capacity_by_device: dict[str, tuple[int, int]] = {}
-        for store in self._stores:
+        for store in self._replicator.stores:
             try:
                 info = await store.stat()
             except DfsError as error:
@@ -282,6 +294,8 @@ class FileSystem:
     # -- extended attributes ---------------------------------------------------
     async def setxattr(self, inode: int, name: bytes, value: bytes, flags: int) -> None:
         _check_xattr_name(name)
+        if name == REPLICAS_XATTR:
+            value = _check_replicas_value(value, len(self._replicator.writable))
         await self._meta.setxattr(inode, name, value, flags, time.time_ns())
 
     async def getxattr(self, inode: int, name: bytes) -> bytes:
@@ -303,9 +317,10 @@ class FileSystem:
             if not stat.S_ISREG(attrs.mode):
                 raise DfsError("not a regular file", errno.EISDIR if stat.S_ISDIR(attrs.mode) else errno.EINVAL)
             shard_map = await self._meta.shard_map(inode)
+            replicas = await self._replicas_of(inode)
             contents = self._files.get(inode)  # another open may have won the race
             if contents is None:
-                contents = self._files[inode] = FileContents(attrs, shard_map, self.services)
+                contents = self._files[inode] = FileContents(attrs, shard_map, self.services, replicas)
         return await self._open_contents(contents, flags)
 
     async def _open_contents(self, contents: FileContents, flags: int) -> int:
@@ -325,7 +340,8 @@ class FileSystem:
 
     async def create(self, parent: int, name: bytes, mode: int, flags: int, caller: Caller) -> tuple[int, InodeAttrs]:
         attrs = await self.create_node(parent, name, stat.S_IFREG | stat.S_IMODE(mode), caller)
-        contents = self._files[attrs.inode] = FileContents(attrs, {}, self.services)
+        replicas = await self._replicas_of(parent)  # inherited; the parent's xattrs are cached now
+        contents = self._files[attrs.inode] = FileContents(attrs, {}, self.services, replicas)
         return await self._open_contents(contents, flags & ~os.O_TRUNC), attrs
 
     def _handle(self, handle: int) -> Handle:
@@ -430,6 +446,14 @@ def _check_name(name: bytes) -> None:
         raise NameTooLong(f"name longer than {NAME_MAX} bytes")
     if not name or b"/" in name:
         raise NotFound("invalid name")
+
+
+def _check_replicas_value(value: bytes, writable_nodes: int) -> bytes:
+    """user.dfs.replicas must be a whole number of replicas the cluster can hold."""
+    text = value.strip()
+    if not text.isdigit() or not 1 <= int(text) <= writable_nodes:
+        raise InvalidArgument(f"{REPLICAS_XATTR.decode()} must be a number from 1 to {writable_nodes}")
+    return str(int(text)).encode()
 
 
 def _check_xattr_name(name: bytes) -> None:

@@ -25,11 +25,12 @@ class Flusher:
         self._id_lock = trio.Lock()
         self._limiter = trio.CapacityLimiter(parallel_stores)
 
-    async def store(self, data: bytes | bytearray | memoryview, sync: bool) -> ShardRef:
-        """Store `data` as a new shard on R node stores; raises DataError/NoSpace."""
+    async def store(self, data: bytes | bytearray | memoryview, sync: bool, replicas: int | None = None) -> ShardRef:
+        """Store `data` as a new shard on `replicas` (default R) node stores;
+        raises DataError/NoSpace."""
         shard_id = await self._next_id()
         async with self._limiter:
-            return await self._replicator.write(shard_id, data, sync)
+            return await self._replicator.write(shard_id, data, sync, replicas)
 
     async def _next_id(self) -> int:
         async with self._id_lock:

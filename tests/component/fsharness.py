@@ -180,6 +180,7 @@ def make_config(
     *,
     nodes: int = 3,
     replicas: int = 2,
+    write_quorum: int | None = None,
     shard_size: int = SHARD,
     block_size: int = BLOCK,
     write_buffer: int = 4 * SHARD,
@@ -189,6 +190,7 @@ def make_config(
         data_dir=root,
         nodes=tuple(NodeSpec(f"node{i}", root / "nodes" / f"node{i}") for i in range(1, nodes + 1)),
         replicas=replicas,
+        write_quorum=replicas if write_quorum is None else write_quorum,
         shard_size=shard_size,
         block_size=block_size,
         shard_cache_bytes=shard_cache,
@@ -312,8 +314,8 @@ class Harness:
             for node in config.nodes:
                 stores.append(await FaultyStore.open(node.name, str(node.path)))
                 stores[-1].events = events
-            replicator = Replicator(stores, config.replicas, config.block_size)
-            fs = FileSystem(meta, replicator, stores, config)
+            replicator = Replicator(stores, config.replicas, config.block_size, write_quorum=config.write_quorum)
+            fs = FileSystem(meta, replicator, config)
             async with trio.open_nursery() as nursery:
                 await nursery.start(replicator.run)
                 await nursery.start(fs.run)

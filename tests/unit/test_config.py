@@ -59,3 +59,14 @@ def test_mistakes_are_one_line_user_errors(tmp_path, text, message):
 def test_missing_config_file(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         config.load(str(tmp_path), str(tmp_path / "nope.toml"))
+
+
+def test_write_quorum_defaults_to_replicas_and_must_fit(tmp_path):
+    assert config.load(str(tmp_path)).write_quorum == 2
+    path = tmp_path / "c.toml"
+    path.write_text("replicas = 3\nwrite_quorum = 2\n")
+    assert config.load(str(tmp_path), str(path)).write_quorum == 2
+    for quorum in (0, 4):
+        path.write_text(f"replicas = 3\nwrite_quorum = {quorum}\n")
+        with pytest.raises(UserError, match="write_quorum"):
+            config.load(str(tmp_path), str(path))

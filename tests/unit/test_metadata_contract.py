@@ -39,7 +39,11 @@ from dfsfuse.metadata.base import (
     AttrChanges,
     DirEntry,
     InodeAttrs,
+    NODE_ACTIVE,
+    NODE_DRAINED,
+    NODE_DRAINING,
     MetadataStore,
+    NodeRecord,
     RenameChange,
     ShardRecord,
     ShardRef,
@@ -926,3 +930,74 @@ def test_layout_is_recorded_once_and_kept(harness):
             assert await store.layout(4 << 20, 1 << 16) == (1 << 20, 1 << 14)
 
     trio.run(main)
+
+
+# -- the node registry ----------------------------------------------------------
+
+
+def test_node_registry(harness):
+    async def body(store: MetadataStore) -> None:
+        assert await store.nodes() == []
+        assert await store.add_node("n2", "127.0.0.1:7000") == NodeRecord("n2", "127.0.0.1:7000", NODE_ACTIVE)
+        await store.add_node("n1", "local:/srv/n1")
+        with pytest.raises(Exists):
+            await store.add_node("n1", "local:/elsewhere")
+        assert [node.name for node in await store.nodes()] == ["n1", "n2"]
+
+        await store.set_node_state("n1", NODE_DRAINING)
+        await store.record_node_stat("n1", 1000, 300, 7, 123)
+        assert (await store.nodes())[0] == NodeRecord("n1", "local:/srv/n1", NODE_DRAINING, 1000, 300, 7, 123)
+        await store.set_node_state("n1", NODE_DRAINED)
+        with pytest.raises(InvalidArgument):
+            await store.set_node_state("n1", "sleeping")
+        for missing in (
+            store.set_node_state("nope", NODE_ACTIVE),
+            store.record_node_stat("nope", 1, 1, 1, 1),
+            store.remove_node("nope"),
+        ):
+            with pytest.raises(NotFound):
+                await missing
+
+        await store.remove_node("n1")
+        assert await store.nodes() == [NodeRecord("n2", "127.0.0.1:7000", NODE_ACTIVE)]
+
+    run_with_store(harness, body)
+
+
+def test_node_registry_persists(harness):
+    async def main() -> None:
+        async with harness.store() as store:
+            await store.add_node("n1", "local:/srv/n1")
+            await store.record_node_stat("n1", 10, 5, 1, 99)
+        async with harness.store() as store:
+            assert await store.nodes() == [NodeRecord("n1", "local:/srv/n1", NODE_ACTIVE, 10, 5, 1, 99)]
+
+    trio.run(main)
+
+
+def test_a_schema_1_database_gains_the_node_registry(tmp_path):
+    """A file system made before the registry existed opens with its files intact and an empty registry."""
+    import sqlite3
+
+    from dfsfuse.metadata import sqlite as engine
+
+    path = str(tmp_path / "metadata.db")
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("BEGIN")
+    engine._MIGRATIONS[1](db)
+    db.execute("INSERT INTO meta (key, value) VALUES ('schema_version', 1)")
+    db.execute("COMMIT")
+    db.close()
+
+    async def main() -> None:
+        store = await SqliteMetadata.open(path)
+        try:
+            assert (await store.getattr(ROOT_INODE)).inode == ROOT_INODE
+            assert await store.nodes() == []
+            await store.add_node("n1", "local:/srv/n1")
+        finally:
+            await store.close()
+
+    trio.run(main)
+    version = sqlite3.connect(path).execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    assert version == (engine.SCHEMA_VERSION,) == (2,)

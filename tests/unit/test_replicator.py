@@ -308,8 +308,7 @@ def test_delete_removes_replicas_and_reports_unreachable_stores(tmp_path):
         assert not cluster.replica_path(node, 3).exists()
         with pytest.raises(StoreUnavailable, match="n0"):
             await replicator.delete(3, ["n0", "n1"])
-        with pytest.raises(StoreUnavailable, match="gone"):
-            await replicator.delete(3, ["gone"])
+        await replicator.delete(3, ["gone"])  # a node removed from the cluster took its replicas with it
 
     run(tmp_path, body, n0=DownStore)
 
@@ -350,5 +349,83 @@ def test_constructor_checks_its_arguments(tmp_path):
             Replicator(stores, 0)
         with pytest.raises(ValueError):
             Replicator(stores + stores[:1], 2)
+
+    run(tmp_path, body)
+
+
+# -- write quorum, per-write replicas, a changing node set, copies ------------------
+
+
+def test_a_write_succeeds_with_the_write_quorum_and_fails_below_it(tmp_path):
+    data = os.urandom(20_000)
+    shard_id = 3
+    first = place(shard_id, NAMES)[0]
+
+    async def body(cluster: Cluster) -> None:
+        replicator = await cluster.open(replicas=3, write_quorum=2)
+        ref = await replicator.write(shard_id, data, sync=True)
+        assert sorted(ref.nodes) == sorted(set(NAMES) - {first})  # the down store was skipped
+        assert await replicator.read(ref, 0, len(data)) == data
+
+        strict = await cluster.open(replicas=3)  # W = R = 3
+        with pytest.raises(DataError, match="3 needed"):
+            await strict.write(shard_id + 1, data, sync=True)
+        assert not any(cluster.replica_path(name, shard_id + 1).exists() for name in NAMES)
+
+    run(tmp_path, body, **{first: DownStore})
+
+
+def test_write_quorum_must_fit_the_replicas(tmp_path):
+    async def body(cluster: Cluster) -> None:
+        for quorum in (0, 3):
+            with pytest.raises(ValueError):
+                await cluster.open(replicas=2, write_quorum=quorum)
+
+    run(tmp_path, body)
+
+
+def test_a_write_can_ask_for_its_own_replica_count(tmp_path):
+    async def body(cluster: Cluster) -> None:
+        replicator = await cluster.open(replicas=2)
+        assert len((await replicator.write(1, b"x" * 100, sync=True, replicas=3)).nodes) == 3
+        assert len((await replicator.write(2, b"x" * 100, sync=True, replicas=1)).nodes) == 1
+
+    run(tmp_path, body)
+
+
+def test_new_replicas_go_only_to_writable_stores_and_reads_use_any(tmp_path):
+    data = os.urandom(10_000)
+
+    async def body(cluster: Cluster) -> None:
+        replicator = await cluster.open(replicas=2)
+        old = await replicator.write(1, data, sync=True)
+        retired = old.nodes[0]
+        replicator.update_nodes(list(cluster.stores.values()), [n for n in NAMES if n != retired])
+        assert retired not in replicator.writable
+        for shard_id in range(2, 12):
+            assert retired not in (await replicator.write(shard_id, data, sync=True)).nodes
+        assert await replicator.read(old, 0, len(data)) == data
+
+        # A replica on a store that takes no new ones does not count towards R.
+        result = await replicator.repair(old, relocate=True)
+        assert result.nodes[: len(old.nodes)] == old.nodes and len(result.nodes) == 3
+        assert sum(1 for node in result.nodes if node != retired) == 2
+
+    run(tmp_path, body)
+
+
+def test_copy_puts_a_verified_replica_on_the_targets(tmp_path):
+    data = os.urandom(30_000)
+
+    async def body(cluster: Cluster) -> None:
+        replicator = await cluster.open(replicas=1)
+        ref = await replicator.write(9, data, sync=True)
+        others = [name for name in NAMES if name not in ref.nodes]
+        assert await replicator.copy(ref, others) == others
+        for name in others:
+            cluster.assert_replica_verifies(name, ref)
+        damage_data_byte(cluster.replica_path(ref.nodes[0], 9), ref)
+        with pytest.raises(DataError):
+            await replicator.copy(ref, others)
 
     run(tmp_path, body)

@@ -1,0 +1,189 @@
+"""The control socket: how `dfsfuse` commands reach a running mount.
+
+The mount is the only writer of the metadata while it runs (its cache relies
+on it), so cluster operations that change the metadata run inside the mount,
+asked over DATA_DIR/control.sock (AF_UNIX, mode 0600, so only the owner can
+ask). One request per connection, JSON lines both ways:
+
+    -> {"operation": "rebalance", "arguments": {}}
+    <- {"progress": [12, 40, "shards moved"]}      any number, in order
+    <- {"line": "rebalance: 40 of 900 shards moved ..."}
+    <- {"exit": 0}                                 last; or {"error": "...", "exit": 1}
+
+Operations run one at a time; a second request waits for the first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import math
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import trio
+
+from dfsfuse.cluster.operations import OPERATIONS, Cluster
+from dfsfuse.errors import UserError
+
+log = logging.getLogger("dfsfuse.control")
+
+MAX_REQUEST_BYTES = 64 * 1024
+PROGRESS_BACKLOG = 100  # progress messages queued for a slow client beyond this are dropped
+
+
+class _StreamOutput:
+    """An Output that queues reply messages for the connection's sender."""
+
+    def __init__(self, send: trio.MemorySendChannel[dict[str, Any]]):
+        self._send = send
+
+    def line(self, text: str) -> None:
+        self._send.send_nowait({"line": text})
+
+    def progress(self, done: int, total: int, what: str) -> None:
+        if self._send.statistics().current_buffer_used < PROGRESS_BACKLOG:
+            self._send.send_nowait({"progress": [done, total, what]})
+
+
+class ControlServer:
+    def __init__(self, path: Path, cluster: Cluster, lock: trio.Lock):
+        """`lock` serializes operations with the mount's own maintenance (background repair)."""
+        self._path = path
+        self._cluster = cluster
+        self._lock = lock
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until cancelled; the socket file goes with it."""
+        listener_socket = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        with _socket_file(self._path), _addressable(self._path) as address:
+            await listener_socket.bind(address)
+            os.chmod(self._path, 0o600)
+            listener_socket.listen()
+            listener = trio.SocketListener(listener_socket)
+            async with listener:
+                task_status.started()
+                await trio.serve_listeners(self._serve, [listener])
+
+    async def _serve(self, stream: trio.SocketStream) -> None:
+        async with stream:
+            try:
+                request = await _receive_request(stream)
+                operation = OPERATIONS[request["operation"]]
+                arguments = request.get("arguments", {})
+                if not isinstance(arguments, dict):
+                    raise ValueError("arguments must be an object")
+                inspect.signature(operation).bind(self._cluster, None, **arguments)  # TypeError if they do not fit
+            except (ValueError, KeyError, TypeError) as error:
+                await _send(stream, {"error": f"bad control request: {error}", "exit": 2})
+                return
+            send, receive = trio.open_memory_channel[dict[str, Any]](math.inf)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_forward, receive, stream)
+                async with send:
+                    async with self._lock:
+                        log.info("control: %s %s", request["operation"], arguments)
+                        try:
+                            code = await operation(self._cluster, _StreamOutput(send), **arguments)
+                        except UserError as error:
+                            send.send_nowait({"error": str(error), "exit": error.exit_code})
+                        except Exception as error:  # noqa: BLE001 - a request must never end the mount
+                            log.exception("control: %s failed", request["operation"])
+                            send.send_nowait({"error": f"{request['operation']} failed: {error}", "exit": 1})
+                        else:
+                            send.send_nowait({"exit": code})
+
+
+@contextlib.contextmanager
+def _addressable(path: Path) -> Iterator[str]:
+    """An address for the socket at `path` that fits AF_UNIX's 108 bytes
+    however deep the data dir is: the path through /proc/self/fd to the
+    directory (Linux resolves it like any other)."""
+    directory = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield f"/proc/self/fd/{directory}/{path.name}"
+    finally:
+        os.close(directory)
+
+
+@contextlib.contextmanager
+def _socket_file(path: Path) -> Iterator[None]:
+    """Remove a stale socket file before (we hold the data dir lock), and ours after."""
+    path.unlink(missing_ok=True)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+async def _receive_request(stream: trio.SocketStream) -> dict[str, Any]:
+    data = b""
+    while b"\n" not in data:
+        chunk = await stream.receive_some(4096)
+        if not chunk:
+            raise ValueError("the request ended early")
+        data += chunk
+        if len(data) > MAX_REQUEST_BYTES:
+            raise ValueError("the request is too long")
+    request = json.loads(data.split(b"\n", 1)[0])
+    if not isinstance(request, dict):
+        raise ValueError("the request must be an object")
+    return request
+
+
+async def _forward(receive: trio.MemoryReceiveChannel[dict[str, Any]], stream: trio.SocketStream) -> None:
+    """Send the queued messages; a client that went away just stops getting them."""
+    async with receive:
+        async for message in receive:
+            try:
+                await _send(stream, message)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                log.info("control: the client went away; the operation goes on")
+                async for _ in receive:
+                    pass
+
+
+async def _send(stream: trio.SocketStream, message: dict[str, Any]) -> None:
+    await stream.send_all(json.dumps(message).encode() + b"\n")
+
+
+# -- the client side (plain blocking sockets: the CLI runs no trio here) --------
+
+
+def connect(path: Path) -> socket.socket | None:
+    """A connection to the mount's control socket, or None if no mount listens."""
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with _addressable(path) as address:
+            client.connect(address)
+    except (FileNotFoundError, ConnectionRefusedError):
+        client.close()
+        return None
+    return client
+
+
+def request(
+    client: socket.socket, operation: str, arguments: dict[str, Any],
+    line: Callable[[str], None], progress: Callable[[int, int, str], None],
+) -> int:
+    """Ask the mount to run `operation`; report its output; its exit code.
+
+    Raises UserError with the mount's refusal.
+    """
+    with client, client.makefile("rb") as replies:
+        client.sendall(json.dumps({"operation": operation, "arguments": arguments}).encode() + b"\n")
+        for raw in replies:
+            message = json.loads(raw)
+            if "progress" in message:
+                progress(*message["progress"])
+            elif "line" in message:
+                line(message["line"])
+            elif "error" in message:
+                raise UserError(message["error"], message.get("exit", 1))
+            elif "exit" in message:
+                return int(message["exit"])
+    raise UserError("the mount closed the control connection before the operation finished (see its log)")

@@ -1,0 +1,248 @@
+"""The cluster operations: node add, drain and remove, rebalance, repair,
+scrub. Each runs the same way in the mount (asked over the control socket)
+and in the `dfsfuse` command itself when nothing is mounted; it reports
+through an Output and returns an exit code, or raises UserError to refuse.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Awaitable, Callable, Protocol
+
+from dfsfuse.cluster.heartbeat import probe
+from dfsfuse.cluster.inventory import ReplicaTargets, live_shards
+from dfsfuse.cluster.maintenance import (
+    MOVE_BATCH,
+    Move,
+    MoveTally,
+    RepairTally,
+    endangered_shards,
+    held_replicas,
+    move_shards,
+    repair_shard,
+)
+from dfsfuse.cluster.nodeset import NodeSet
+from dfsfuse.cluster.registry import describe_address, open_store
+from dfsfuse.config import Config, check_node_name
+from dfsfuse.errors import UserError
+from dfsfuse.metadata.base import NODE_ACTIVE, NODE_DRAINED, NODE_DRAINING, MetadataStore, NodeRecord
+from dfsfuse.shards.placement import place
+from dfsfuse.shards.replicator import Replicator
+
+
+class Output(Protocol):
+    def line(self, text: str) -> None:
+        """A line for the person who asked."""
+
+    def progress(self, done: int, total: int, what: str) -> None:
+        """`done` of `total` `what` (e.g. "shards moved") are done."""
+
+
+@dataclasses.dataclass
+class Cluster:
+    """What an operation works on: the metadata (the mount's cache when
+    mounted), the replicator, and the node set that follows the registry."""
+
+    meta: MetadataStore
+    replicator: Replicator
+    nodes: NodeSet
+    config: Config
+
+
+Operation = Callable[..., Awaitable[int]]
+
+
+async def _node(cluster: Cluster, name: str) -> NodeRecord:
+    for node in await cluster.meta.nodes():
+        if node.name == name:
+            return node
+    raise UserError(f"there is no node named {name} (see: dfsfuse node list)")
+
+
+# -- node add / drain / remove -----------------------------------------------------
+
+
+async def node_add(cluster: Cluster, out: Output, address: str, name: str) -> int:
+    """Register an active node at `address` (local:/DIR or HOST:PORT) once it answers."""
+    check_node_name(name)
+    for node in await cluster.meta.nodes():
+        if node.address == address:
+            raise UserError(f"{describe_address(address)} is already node {node.name}")
+        if node.name == name:
+            raise UserError(f"there is already a node named {name}")
+    store = await open_store(NodeRecord(name, address, NODE_ACTIVE), cluster.config)
+    try:
+        answer = (await probe([store]))[name]
+    finally:
+        await store.close()
+    if answer is None:
+        raise UserError(f"node {name} at {describe_address(address)} does not answer; not added")
+    await cluster.meta.add_node(name, address)
+    await cluster.meta.record_node_stat(name, answer.capacity, answer.used, answer.shards, time.time_ns())
+    await cluster.nodes.refresh()
+    out.line(f"added node {name} at {describe_address(address)}; run `dfsfuse rebalance` to move shards onto it")
+    return 0
+
+
+async def node_drain(cluster: Cluster, out: Output, name: str) -> int:
+    """Move every replica off the node, then mark it drained."""
+    node = await _node(cluster, name)
+    if node.state == NODE_DRAINED:
+        out.line(f"node {name} is already drained")
+        return 0
+    await cluster.meta.set_node_state(name, NODE_DRAINING)
+    await cluster.nodes.refresh()  # no new replica goes to it from now on
+    targets = ReplicaTargets(cluster.meta, cluster.config.replicas)
+    tally = MoveTally()
+    # Writes placed before the refresh may still commit replicas on the node,
+    # so look again until a pass finds nothing left to move.
+    while moves := await _moves_off(cluster, name, targets):
+        await _move_in_batches(cluster, out, moves, tally, "shards moved off " + name)
+        if tally.failed:
+            break
+    for failure in tally.failed:
+        out.line(failure)
+    if tally.failed:
+        out.line(f"node {name} stays draining: {len(tally.failed)} shards could not be moved; run drain again")
+        return 1
+    await cluster.meta.set_node_state(name, NODE_DRAINED)
+    await cluster.nodes.refresh()
+    out.line(f"node {name} drained: {tally.moved} shards moved, {tally.copied} replicas copied")
+    return 0
+
+
+async def _moves_off(cluster: Cluster, name: str, targets: ReplicaTargets) -> list[Move]:
+    """For each shard with a replica on `name`: the same replicas without it,
+    topped up from the writable nodes in placement order."""
+    writable = cluster.replicator.writable
+    moves = []
+    async for record in live_shards(cluster.meta):
+        ref = record.ref
+        if name not in ref.nodes:
+            continue
+        wanted = await targets.of(record.inode)
+        nodes = [node for node in ref.nodes if node != name]
+        for candidate in place(ref.shard_id, writable):
+            if sum(1 for node in nodes if node in writable) >= wanted:
+                break
+            if candidate not in nodes:
+                nodes.append(candidate)
+        moves.append(Move(record, tuple(nodes)))
+    return moves
+
+
+async def node_remove(cluster: Cluster, out: Output, name: str) -> int:
+    """Drop the node from the registry, unless it holds the only copy of a shard.
+
+    Shards that listed it lose that replica (a drained node holds none);
+    `dfsfuse repair` makes them whole again.
+    """
+    await _node(cluster, name)
+    if len(await cluster.meta.nodes()) <= cluster.config.replicas:
+        raise UserError(f"cannot remove node {name}: {cluster.config.replicas} replicas need as many nodes")
+    held = await held_replicas(store for store in cluster.replicator.stores if store.name != name)
+    only_here: list[int] = []
+    others: list[tuple[int, tuple[str, ...]]] = []
+    async for record in live_shards(cluster.meta):
+        ref = record.ref
+        if name not in ref.nodes:
+            continue
+        rest = tuple(node for node in ref.nodes if node != name)
+        if any(ref.shard_id in held.get(node, ()) for node in rest):
+            others.append((ref.shard_id, rest))
+        else:
+            only_here.append(ref.shard_id)
+    if only_here:
+        raise UserError(
+            f"node {name} holds the only copy of {len(only_here)} shards (the first: shard {only_here[0]});"
+            f" drain it first: dfsfuse node drain {name}"
+        )
+    for shard_id, rest in others:
+        await cluster.meta.set_shard_nodes(shard_id, rest)
+    await cluster.meta.remove_node(name)
+    await cluster.meta.sync()
+    await cluster.nodes.refresh()
+    if others:
+        out.line(f"removed node {name}; {len(others)} shards lost a replica: run `dfsfuse repair`")
+    else:
+        out.line(f"removed node {name}")
+    return 0
+
+
+# -- rebalance, repair, scrub -------------------------------------------------------
+
+
+async def rebalance(cluster: Cluster, out: Output) -> int:
+    """Move the shards whose placement over the writable nodes changed."""
+    writable = cluster.replicator.writable
+    targets = ReplicaTargets(cluster.meta, cluster.config.replicas)
+    moves: list[Move] = []
+    shards = 0
+    async for record in live_shards(cluster.meta):
+        shards += 1
+        wanted = await targets.of(record.inode)
+        if len(writable) < wanted:
+            continue  # cannot be placed in full now; repair will when nodes come back
+        nodes = tuple(place(record.ref.shard_id, writable)[:wanted])
+        if set(nodes) != set(record.ref.nodes):
+            moves.append(Move(record, nodes))
+    tally = MoveTally()
+    await _move_in_batches(cluster, out, moves, tally, "shards moved")
+    for failure in tally.failed:
+        out.line(failure)
+    out.line(
+        f"rebalance: {tally.moved} of {shards} shards moved ({tally.copied} replicas copied,"
+        f" {tally.deleted} deleted), {shards - len(moves)} already in place, {len(tally.failed)} failed"
+    )
+    return 1 if tally.failed else 0
+
+
+async def _move_in_batches(cluster: Cluster, out: Output, moves: list[Move], tally: MoveTally, what: str) -> None:
+    for start in range(0, len(moves), MOVE_BATCH):
+        await move_shards(cluster.meta, cluster.replicator, moves[start : start + MOVE_BATCH], tally)
+        out.progress(min(start + MOVE_BATCH, len(moves)), len(moves), what)
+
+
+async def repair(cluster: Cluster, out: Output) -> int:
+    """Every shard short of its replicas back to them, most-endangered first."""
+    targets = ReplicaTargets(cluster.meta, cluster.config.replicas)
+    short = await endangered_shards(cluster.meta, cluster.replicator.stores, targets, ask_each=True)
+    tally = RepairTally()
+    for done, record in enumerate(short, 1):
+        await repair_shard(cluster.meta, cluster.replicator, record, await targets.of(record.inode), tally)
+        out.progress(done, len(short), "shards repaired")
+    for line in tally.lost:
+        out.line(line)
+    out.line(
+        f"repair: {tally.shards} under-replicated shards, {tally.missing} replicas missing, "
+        f"{tally.corrupt} corrupt; repaired {tally.repaired}, {tally.unrecoverable} unrecoverable"
+    )
+    return 1 if tally.unrecoverable else 0
+
+
+async def scrub(cluster: Cluster, out: Output) -> int:
+    """Read and verify every replica of every shard; repair what is bad."""
+    targets = ReplicaTargets(cluster.meta, cluster.config.replicas)
+    total = (await cluster.meta.usage()).shards
+    tally = RepairTally()
+    async for record in live_shards(cluster.meta):
+        await repair_shard(cluster.meta, cluster.replicator, record, await targets.of(record.inode), tally)
+        out.progress(tally.shards, max(total, tally.shards), "shards scrubbed")
+    for line in tally.lost:
+        out.line(line)
+    out.line(
+        f"scrub: {tally.shards} shards checked, {tally.missing} replicas missing, "
+        f"{tally.corrupt} corrupt; repaired {tally.repaired}, {tally.unrecoverable} unrecoverable"
+    )
+    return 1 if tally.unrecoverable else 0
+
+
+OPERATIONS: dict[str, Operation] = {
+    "node add": node_add,
+    "node drain": node_drain,
+    "node remove": node_remove,
+    "rebalance": rebalance,
+    "repair": repair,
+    "scrub": scrub,
+}

@@ -1,0 +1,134 @@
+"""The node registry seen from outside the metadata: addresses, the config's
+nodes, and opening the store each registered node names.
+
+A node's address is `local:/absolute/path` (a directory on this machine) or
+`HOST:PORT` (a node server, `[IPV6]:PORT` for IPv6). Remote nodes are reached
+with the cluster secret: the config's `secret_file`, else DATA_DIR/secret.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+from dfsfuse.config import Config
+from dfsfuse.errors import DfsError, StoreUnavailable, UserError
+from dfsfuse.metadata.base import MetadataStore, NodeRecord
+from dfsfuse.storage.base import Buffer, NodeStore, StoreStat
+from dfsfuse.storage.local import LocalStore
+
+log = logging.getLogger("dfsfuse.nodes")
+
+LOCAL_PREFIX = "local:"
+
+
+@dataclasses.dataclass(frozen=True)
+class RemoteAddress:
+    host: str
+    port: int
+
+
+def local_address(path: str | Path) -> str:
+    return LOCAL_PREFIX + os.path.abspath(path)
+
+
+def describe_address(address: str) -> str:
+    """The address as a person writes it: a local node's directory, or HOST:PORT."""
+    return address[len(LOCAL_PREFIX) :] if address.startswith(LOCAL_PREFIX) else address
+
+
+def parse_address(address: str) -> Path | RemoteAddress:
+    """The directory of a local address, or the host and port of a remote one."""
+    if address.startswith(LOCAL_PREFIX):
+        path = Path(address[len(LOCAL_PREFIX) :])
+        if not path.is_absolute():
+            raise UserError(f"node address {address!r}: a local path must be absolute")
+        return path
+    host, colon, port_text = address.rpartition(":")
+    if not colon or not host or not port_text.isdigit() or not 0 < int(port_text) <= 65535:
+        raise UserError(f"node address {address!r}: expected HOST:PORT or a directory")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise UserError(f"node address {address!r}: write an IPv6 address in brackets, as [::1]:PORT")
+    return RemoteAddress(host, int(port_text))
+
+
+async def register_config_nodes(meta: MetadataStore, config: Config) -> list[NodeRecord]:
+    """The registry, after seeding an empty one with the config file's [[nodes]].
+
+    Only an empty registry is seeded (a new file system, or one made before
+    the registry existed): from then on the registry is the node list, so a
+    node removed with `dfsfuse node remove` stays removed.
+    """
+    if not await meta.nodes():
+        for spec in config.nodes:
+            await meta.add_node(spec.name, local_address(spec.path))
+    return await meta.nodes()
+
+
+class UnreachableStore(NodeStore):
+    """Stands in for a node whose store could not be opened: every call fails
+    with StoreUnavailable, so reads go to other replicas and status shows the
+    node down. The NodeSet tries to open the real store again on each refresh."""
+
+    def __init__(self, name: str, reason: str):
+        self.name = name
+        self.reason = reason
+
+    def _fail(self) -> StoreUnavailable:
+        return StoreUnavailable(f"node store {self.name!r} cannot be opened: {self.reason}")
+
+    async def put(self, shard_id: int, parts: Sequence[Buffer], sync: bool) -> None:
+        raise self._fail()
+
+    async def read(self, shard_id: int, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        raise self._fail()
+
+    async def delete(self, shard_id: int) -> None:
+        raise self._fail()
+
+    async def exists(self, shard_id: int) -> bool:
+        raise self._fail()
+
+    async def list(self, after: int, limit: int) -> list[int]:
+        raise self._fail()
+
+    async def sync(self, shard_ids: Sequence[int]) -> None:
+        raise self._fail()
+
+    async def stat(self) -> StoreStat:
+        raise self._fail()
+
+
+async def open_store_or_stand_in(node: NodeRecord, config: Config) -> NodeStore:
+    """The node's store, or an UnreachableStore (logged) if it cannot be opened now."""
+    try:
+        return await open_store(node, config)
+    except UserError as error:
+        log.warning("%s", error)
+        return UnreachableStore(node.name, str(error))
+
+
+async def open_store(node: NodeRecord, config: Config) -> NodeStore:
+    """The node store `node` names; UserError if it cannot be used."""
+    where = parse_address(node.address)
+    if isinstance(where, Path):
+        try:
+            return await LocalStore.open(node.name, str(where))
+        except (OSError, DfsError) as error:
+            reason = getattr(error, "strerror", None) or str(error) or type(error).__name__
+            raise UserError(f"node store {node.name} at {where} cannot be used: {reason}") from None
+    from dfsfuse.node.secret import load_secret
+    from dfsfuse.storage.remote import RemoteStore
+
+    secret_path = config.cluster_secret_path
+    if config.secret_file is None and not secret_path.exists():
+        raise UserError(
+            f"node {node.name} is a node server at {node.address}: set secret_file in the config"
+            f" or put the cluster secret in {secret_path}"
+        )
+    return RemoteStore(node.name, where.host, where.port, load_secret(str(secret_path)))
