@@ -1,4 +1,4 @@
-"""The dfsfuse command line: mount, status, fsck, repair, scrub, rebalance, node.
+"""The dfsfuse command line: mount, status, fsck, repair, scrub, rebalance, restore, node.
 
 Mistakes a person can fix end as one line on stderr and a non-zero exit
 code, never a traceback.
@@ -42,6 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
     rebalance = commands.add_parser("rebalance", help="move the shards whose placement changed (after node add)")
     _add_data_options(rebalance)
 
+    restore = commands.add_parser(
+        "restore", help="rebuild a lost data dir from the newest metadata snapshot on the nodes"
+    )
+    restore.add_argument("--node", required=True, metavar="HOST:PORT|DIR",
+                         help="a node server of the cluster, or a node store directory on this machine")
+    restore.add_argument("--secret-file", metavar="FILE", help="the cluster secret (for a node server)")
+    _add_data_options(restore)
+
     node_commands = add_node_commands(commands)
     node_list = node_commands.add_parser("list", help="the cluster's nodes: state, alive, usage, last seen")
     _add_data_options(node_list)
@@ -83,6 +91,10 @@ def run(argv: list[str]) -> int:
         from .status import status
 
         return status(config)
+    if args.command == "restore":
+        from .restore import restore
+
+        return restore(config, args.node, args.secret_file)
     from .fsck import fsck
 
     return fsck(config)

@@ -6,8 +6,10 @@ local node stores inside it. A config file may set:
     replicas = 2                  # copies of every shard (R)
     write_quorum = 2              # replicas a write waits for (W, 1..R; default R)
     secret_file = "/etc/dfs/secret"  # the cluster secret for node servers; default DATA_DIR/secret
+    tls_ca_file = "/etc/dfs/ca.pem"  # talk TLS to node servers, trusting certificates this CA signed
     shard_size = "4MiB"           # bytes, or a size with KiB/MiB/GiB
     block_size = "64KiB"          # checksum block inside a replica
+    snapshot_interval = 300       # seconds between metadata snapshots on the nodes; 0: only at unmount
     [cache]
     shard_cache = "256MiB"        # verified shard data kept for reads
     write_buffer = "128MiB"       # dirty data held before writers wait
@@ -15,6 +17,9 @@ local node stores inside it. A config file may set:
     [[nodes]]                     # node stores; default: three under the data dir
     name = "disk1"
     path = "/srv/dfs1"            # a local directory
+    [[nodes]]
+    name = "disk2"
+    address = "10.0.0.2:7070"     # or a node server (`dfsfuse node serve`), HOST:PORT
 
 The [[nodes]] seed the metadata's node registry when it is empty (the first
 mount); from then on the registry is the cluster's node list (`dfsfuse node
@@ -42,7 +47,8 @@ _NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 @dataclasses.dataclass(frozen=True)
 class NodeSpec:
     name: str
-    path: Path
+    path: Path | None  # a local directory, or None for a node server at `address`
+    address: str | None = None  # HOST:PORT of a node server
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +63,8 @@ class Config:
     write_buffer_bytes: int = 128 * MiB
     metadata_entries: int = 200_000
     secret_file: Path | None = None  # None: DATA_DIR/secret, if it exists
+    tls_ca_file: Path | None = None  # None: plain TCP to node servers
+    snapshot_interval: int = 300  # seconds between metadata snapshots (dfsfuse.cluster.snapshots); 0: only at unmount
 
     @property
     def cluster_secret_path(self) -> Path:
@@ -112,7 +120,10 @@ def load(data_dir: str | None = None, config_file: str | None = None) -> Config:
         root = Path(_expect(settings, "data_dir", str)).expanduser()
     root = (root or default_data_dir()).absolute()
 
-    known = {"data_dir", "replicas", "write_quorum", "secret_file", "shard_size", "block_size", "cache", "nodes"}
+    known = {
+        "data_dir", "replicas", "write_quorum", "secret_file", "tls_ca_file", "shard_size", "block_size", "cache", "nodes",
+        "snapshot_interval",
+    }
     _reject_unknown(settings, known, "")
     cache = settings.get("cache", {})
     if not isinstance(cache, dict):
@@ -149,7 +160,26 @@ def load(data_dir: str | None = None, config_file: str | None = None) -> Config:
         write_buffer_bytes=write_buffer,
         metadata_entries=metadata_entries,
         secret_file=Path(_expect(settings, "secret_file", str)).expanduser() if "secret_file" in settings else None,
+        tls_ca_file=_tls_ca_file(settings, root),
+        snapshot_interval=_snapshot_interval(settings),
     )
+
+
+def _snapshot_interval(settings: dict) -> int:
+    interval = _expect(settings, "snapshot_interval", int, default=300)
+    if interval < 0:
+        raise UserError("config: snapshot_interval must be 0 (only at unmount) or a number of seconds")
+    return interval
+
+
+def _tls_ca_file(settings: dict, data_dir: Path) -> Path | None:
+    if "tls_ca_file" not in settings:
+        return None
+    path = Path(_expect(settings, "tls_ca_file", str)).expanduser()
+    path = path if path.is_absolute() else data_dir / path
+    if not path.is_file():
+        raise UserError(f"config: tls_ca_file {path} is not a file")
+    return path
 
 
 def _read_toml(path: Path) -> dict:
@@ -172,10 +202,15 @@ def _nodes(raw: object, data_dir: Path) -> tuple[NodeSpec, ...]:
     specs = []
     for position, node in enumerate(raw, 1):
         if not isinstance(node, dict):
-            raise UserError(f"config: node #{position} must be a table with name and path")
-        _reject_unknown(node, {"name", "path"}, f"nodes[{position}].")
+            raise UserError(f"config: node #{position} must be a table with name and path (or address)")
+        _reject_unknown(node, {"name", "path", "address"}, f"nodes[{position}].")
         name = _expect(node, "name", str)
         check_node_name(name, "config: ")
+        if ("path" in node) == ("address" in node):
+            raise UserError(f"config: node {name} needs either path (a directory) or address (HOST:PORT)")
+        if "address" in node:
+            specs.append(NodeSpec(name, None, _expect(node, "address", str)))
+            continue
         path = Path(_expect(node, "path", str)).expanduser()
         specs.append(NodeSpec(name, path if path.is_absolute() else data_dir / path))
     names = [spec.name for spec in specs]

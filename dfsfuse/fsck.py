@@ -8,7 +8,8 @@ lock), and in this order, each step safe to interrupt and run again:
    corrupt ones are rewritten from a good replica (and re-placed when their
    store cannot take them), and the metadata records where they now are;
 4. replica files that no metadata refers to (orphans, e.g. from a crash between
-   storing a shard and committing it) are deleted.
+   storing a shard and committing it) are deleted; metadata snapshots
+   (dfsfuse.cluster.snapshots) are not orphans and are left alone.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from .datadir import DataDirLock, mountpoint_of, require_file_system
 from .errors import DfsError
 from .cluster.inventory import SHARD_PAGE, ReplicaTargets, live_shards, replica_ids
 from .cluster.maintenance import RepairTally, repair_shard
+from .cluster.snapshots import is_snapshot_id
 from .runtime import open_components
 
 
@@ -97,6 +99,8 @@ async def _fsck(config: Config) -> FsckReport:
                 print(f"node {store.name}: cannot list replicas: {error}")
                 continue
             for shard_id in sorted(held - live - garbage_ids):
+                if is_snapshot_id(shard_id):
+                    continue
                 report.orphans += 1
                 try:
                     await store.delete(shard_id)

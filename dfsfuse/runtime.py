@@ -26,6 +26,7 @@ from .cluster.control import ControlServer
 from .cluster.nodeset import NodeSet
 from .cluster.operations import Cluster
 from .cluster.registry import open_store_or_stand_in, register_config_nodes
+from .cluster.snapshots import SnapshotWriter
 from .config import Config
 from .datadir import DataDirLock, mountpoint_of, prepare_data_dir
 from .errors import UserError
@@ -206,6 +207,9 @@ def _run_mount(config: Config, mountpoint: str, options: list[str], ready: Calla
                 maintenance_lock = trio.Lock()  # one cluster operation or repair pass at a time
                 await nursery.start(ControlServer(config.control_socket_path, cluster, maintenance_lock).run)
                 await nursery.start(background_repair, cluster, maintenance_lock)
+                snapshots = SnapshotWriter(parts.meta, parts.replicator)
+                if config.snapshot_interval:
+                    await nursery.start(snapshots.run, config.snapshot_interval)
                 await nursery.start(fs.run)
                 try:
                     fuse.start(fuse.Operations(fs), mountpoint, fuse.mount_options(f"dfsfuse:{config.data_dir}", options))
@@ -231,6 +235,7 @@ def _run_mount(config: Config, mountpoint: str, options: list[str], ready: Calla
                     with trio.CancelScope(shield=True):
                         await fs.shutdown()
                         fuse.stop(unmount=stopped_by_signal)
+                        await snapshots.write_at_unmount()  # after shutdown: every file's data is committed
                 nursery.cancel_scope.cancel()
         log.info("unmounted cleanly")
         return 0

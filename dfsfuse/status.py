@@ -4,7 +4,8 @@ It reads the metadata and lists each node store, so it works whether or not
 the file system is mounted (SQLite in WAL mode lets it read beside a mount).
 A shard counts as under-replicated when fewer of the stores its metadata
 names hold a replica than its file's replica count (user.dfs.replicas, else
-R); checksums are `dfsfuse scrub`'s and `dfsfuse fsck`'s job.
+R); checksums are `dfsfuse scrub`'s and `dfsfuse fsck`'s job. A node's
+metadata snapshots (dfsfuse.cluster.snapshots) are counted apart from its shards.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import trio
 from .cluster.heartbeat import probe
 from .cluster.inventory import ReplicaTargets, live_shards, present_copies, replica_ids
 from .cluster.registry import describe_address
+from .cluster.snapshots import is_snapshot_id
 from .config import Config
 from .datadir import mount_state, require_file_system
 from .errors import DfsError
@@ -42,8 +44,9 @@ async def _status(config: Config) -> int:
             except DfsError as error:
                 print(f"node {store.name} {where}: unreachable: {error}; {node.state}, down")
                 continue
+            snapshots = sum(1 for shard_id in held[store.name] if is_snapshot_id(shard_id))
             print(
-                f"node {store.name} {where}: {info.shards} shards, "
+                f"node {store.name} {where}: {info.shards - snapshots} shards, {snapshots} metadata snapshots, "
                 f"{info.used} bytes used, {info.free} bytes free; {node.state}, alive"
             )
         usage = await parts.meta.usage()

@@ -3,7 +3,8 @@ nodes, and opening the store each registered node names.
 
 A node's address is `local:/absolute/path` (a directory on this machine) or
 `HOST:PORT` (a node server, `[IPV6]:PORT` for IPv6). Remote nodes are reached
-with the cluster secret: the config's `secret_file`, else DATA_DIR/secret.
+with the cluster secret: the config's `secret_file`, else DATA_DIR/secret; and
+over TLS when the config has `tls_ca_file` (client_tls_context).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import ssl
 from pathlib import Path
 from typing import Sequence
 
@@ -18,7 +20,7 @@ from dfsfuse.config import Config
 from dfsfuse.errors import DfsError, StoreUnavailable, UserError
 from dfsfuse.metadata.base import MetadataStore, NodeRecord
 from dfsfuse.storage.base import Buffer, NodeStore, StoreStat
-from dfsfuse.storage.local import LocalStore
+from dfsfuse.storage.local import IDENTITY_FILE, LocalStore, recorded_store_name
 
 log = logging.getLogger("dfsfuse.nodes")
 
@@ -66,7 +68,12 @@ async def register_config_nodes(meta: MetadataStore, config: Config) -> list[Nod
     """
     if not await meta.nodes():
         for spec in config.nodes:
-            await meta.add_node(spec.name, local_address(spec.path))
+            if spec.address is not None:
+                parse_address(spec.address)  # a UserError if it is not HOST:PORT
+                await meta.add_node(spec.name, spec.address)
+            else:
+                assert spec.path is not None
+                await meta.add_node(spec.name, local_address(spec.path))
     return await meta.nodes()
 
 
@@ -114,9 +121,16 @@ async def open_store_or_stand_in(node: NodeRecord, config: Config) -> NodeStore:
 
 
 async def open_store(node: NodeRecord, config: Config) -> NodeStore:
-    """The node store `node` names; UserError if it cannot be used."""
+    """The node store `node` names; UserError if it cannot be used.
+
+    A local store is created if missing only for a node never seen before: a
+    known node whose directory is gone (a disk not mounted, or a data dir
+    restored on another machine) must not come back empty and take replicas.
+    """
     where = parse_address(node.address)
     if isinstance(where, Path):
+        if node.last_seen_ns and recorded_store_name(str(where)) is None:
+            raise UserError(f"node store {node.name} at {where} is gone: it has no {IDENTITY_FILE} file")
         try:
             return await LocalStore.open(node.name, str(where))
         except (OSError, DfsError) as error:
@@ -131,4 +145,16 @@ async def open_store(node: NodeRecord, config: Config) -> NodeStore:
             f"node {node.name} is a node server at {node.address}: set secret_file in the config"
             f" or put the cluster secret in {secret_path}"
         )
-    return RemoteStore(node.name, where.host, where.port, load_secret(str(secret_path)))
+    return RemoteStore(
+        node.name, where.host, where.port, load_secret(str(secret_path)), ssl_context=client_tls_context(config)
+    )
+
+
+def client_tls_context(config: Config) -> ssl.SSLContext | None:
+    """TLS towards node servers, trusting the config's tls_ca_file; None (plain TCP) without one."""
+    if config.tls_ca_file is None:
+        return None
+    try:
+        return ssl.create_default_context(cafile=str(config.tls_ca_file))
+    except (OSError, ssl.SSLError) as error:
+        raise UserError(f"config: tls_ca_file {config.tls_ca_file} cannot be used: {error}") from None

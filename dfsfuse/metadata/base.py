@@ -368,6 +368,12 @@ class MetadataStore(abc.ABC):
 
     # -- lifecycle --------------------------------------------------------
     @abc.abstractmethod
+    async def snapshot(self) -> bytes:
+        """The whole metadata as of one instant, as a self-contained SQLite
+        database image: written to a file, it opens as this file system's
+        metadata (dfsfuse.cluster.snapshots keeps such images on the nodes)."""
+
+    @abc.abstractmethod
     async def sync(self) -> None:
         """Make every committed change durable on stable storage."""
 

@@ -474,6 +474,9 @@ class CachedMetadata(MetadataStore):
     async def remove_node(self, name: str) -> None:
         await self._engine.remove_node(name)
 
+    async def snapshot(self) -> bytes:
+        return await self._engine.snapshot()
+
     async def sync(self) -> None:
         await self._engine.sync()
 

@@ -483,6 +483,9 @@ class SqliteMetadata(MetadataStore):
         await self._write(_remove_node, name)
 
     # -- lifecycle --------------------------------------------------------
+    async def snapshot(self) -> bytes:
+        return await self._thread.run(_database_image, self._db)
+
     async def sync(self) -> None:
         await self._thread.run(_checkpoint, self._db)
 
@@ -990,6 +993,22 @@ def _update_node(db: sqlite3.Connection, name: str, assignments: str, params: Se
 def _remove_node(db: sqlite3.Connection, name: str) -> None:
     if db.execute("DELETE FROM nodes WHERE name = ?", (name,)).rowcount == 0:
         raise NotFound(f"no node {name!r}")
+
+
+def _database_image(db: sqlite3.Connection) -> bytes:
+    """The database as of one instant, in rollback-journal mode.
+
+    The backup API copies every page in one step under one read transaction,
+    so the image is consistent; it runs on the engine's thread, between two
+    calls, so no transaction of ours is half done. Copied into a connection
+    in memory, the image carries no WAL and serializes as a plain file.
+    """
+    image = sqlite3.connect(":memory:")
+    try:
+        db.backup(image)
+        return image.serialize()
+    finally:
+        image.close()
 
 
 def _checkpoint(db: sqlite3.Connection) -> None:

@@ -5,16 +5,14 @@ errors before the server starts."""
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import socket
 import ssl
 import sys
 
 from dfsfuse.errors import UserError
 from dfsfuse.node.secret import load_secret
-from dfsfuse.storage.local import IDENTITY_FILE
+from dfsfuse.storage.local import recorded_store_name
 
 
 def add_node_commands(commands: argparse._SubParsersAction) -> argparse._SubParsersAction:
@@ -43,7 +41,7 @@ def run_node_command(args: argparse.Namespace) -> int:
     host, port = parse_listen_address(args.listen)
     secret = load_secret(args.secret_file)
     ssl_context = _server_tls_context(args.tls_cert, args.tls_key)
-    name = args.name or _recorded_name(args.data) or socket.gethostname().split(".")[0]
+    name = args.name or recorded_store_name(args.data) or socket.gethostname().split(".")[0]
     _log_to_stderr()
     return trio.run(run_node_server, args.data, name, host, port, secret, ssl_context)
 
@@ -58,16 +56,6 @@ def parse_listen_address(text: str) -> tuple[str, int]:
     elif ":" in host:
         raise UserError(f"--listen {text}: write an IPv6 address in brackets, as [::1]:PORT")
     return host, int(port_text)
-
-
-def _recorded_name(data_dir: str) -> str | None:
-    """The name in DIR's identity file, if it has a readable one."""
-    try:
-        with open(os.path.join(data_dir, IDENTITY_FILE), "rb") as file:
-            name = json.loads(file.read()).get("name")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return name if isinstance(name, str) and name else None
 
 
 def _server_tls_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:

@@ -395,6 +395,41 @@ class Replicator:
         if failures:
             raise StoreUnavailable("could not sync replicas: " + _describe(failures))
 
+    async def sync_durably(self, refs: Sequence[ShardRef]) -> list[ShardRef]:
+        """Like sync, for fsync: a replica that cannot be synced (its node died
+        since the write) is made again from a verified replica, with sync, on
+        the next writable node in placement order.
+
+        Returns the refs whose nodes changed (the caller records them). Raises
+        StoreUnavailable if a shard is left with fewer than the write quorum
+        of durable replicas.
+        """
+        by_node: dict[str, list[int]] = collections.defaultdict(list)
+        for ref in refs:
+            for node in ref.nodes:
+                by_node[node].append(ref.shard_id)
+        failures = await self._on_each_store(list(by_node), lambda store: store.sync(by_node[store.name]))
+        if not failures:
+            return []
+        changed: list[ShardRef] = []
+        short: list[str] = []
+        for ref in refs:
+            if not any(node in failures for node in ref.nodes):
+                continue
+            durable = dataclasses.replace(ref, nodes=tuple(node for node in ref.nodes if node not in failures))
+            result = await self.repair(durable, relocate=True, replicas=len(ref.nodes))
+            if len(result.nodes) < min(self._write_quorum, len(ref.nodes)):
+                short.append(f"shard {ref.shard_id}: {len(result.nodes)} durable replicas on {list(result.nodes)}")
+                continue
+            logger.warning("shard %d: replicas not synced on %s; durable on %s now",
+                           ref.shard_id, [node for node in ref.nodes if node in failures], list(result.nodes))
+            changed.append(dataclasses.replace(ref, nodes=result.nodes))
+        if short:
+            raise StoreUnavailable(
+                "could not sync replicas: " + _describe(failures) + "; too few elsewhere: " + "; ".join(short)
+            )
+        return changed
+
     async def _delete_quietly(self, shard_id: int, nodes: Sequence[str]) -> None:
         """Delete replicas of a failed write; one left behind is an orphan for fsck."""
         for node, error in (await self._on_each_store(nodes, lambda store: store.delete(shard_id))).items():

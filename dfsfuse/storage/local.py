@@ -43,6 +43,16 @@ _IOV_MAX = os.sysconf("SC_IOV_MAX")  # buffers one writev call accepts
 _T = TypeVar("_T")
 
 
+def recorded_store_name(root: str) -> str | None:
+    """The store name in ROOT's identity file, if it has a readable one."""
+    try:
+        with open(os.path.join(root, IDENTITY_FILE), "rb") as file:
+            name = json.loads(file.read()).get("name")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return name if isinstance(name, str) and name else None
+
+
 def replica_name(shard_id: int) -> str:
     """The path of a shard's replica relative to the store's root."""
     return os.path.join(SHARDS_DIR, f"{shard_id & 0xFF:02x}", f"{shard_id:016x}")

@@ -7,9 +7,12 @@ network step (connect plus handshake, each frame sent, each frame received)
 runs under `timeout` seconds.
 
 Failures:
-- transient ones (connection refused or lost, a timeout) are retried on a
-  fresh connection, up to `attempts` tries in all, after a jittered
-  exponential backoff;
+- transient ones (connection refused or lost) are retried on a fresh
+  connection, up to `attempts` tries in all, after a jittered exponential
+  backoff;
+- a timeout is not retried, and marks the node down at once: the node had
+  `timeout` seconds to answer, and the caller (the replicator) does better
+  to go to another replica than to wait that long again;
 - the others (the server refused our secret, failed to prove its own, serves
   another store, or sent something malformed) are not retried;
 - after `down_after` failures in a row the node is marked down: calls fail at
@@ -53,6 +56,10 @@ _CLOSING_ERRORS = {p.ErrorCode.BAD_REQUEST, p.ErrorCode.AUTH_REQUIRED, p.ErrorCo
 
 class _Transient(Exception):
     """The node could not be reached or did not answer in time: worth a retry."""
+
+
+class _Timeout(_Transient):
+    """The node did not answer in time: not retried, and the node is marked down."""
 
 
 class _Failure(Exception):
@@ -198,7 +205,7 @@ class RemoteStore(NodeStore):
                 except (_Transient, _Failure) as failure:
                     self._note_failure(failure, probing)
                     failures += 1
-                    if isinstance(failure, _Failure) or not self._up or failures == tries:
+                    if isinstance(failure, (_Failure, _Timeout)) or not self._up or failures == tries:
                         raise StoreUnavailable(f"node {self.name} at {self.address}: {failure}") from None
                     log.info("node %s at %s: %s; retrying", self.name, self.address, failure)
                     await trio.sleep(RETRY_BASE_DELAY * 2 ** (failures - 1) * random.uniform(0.5, 1.5))
@@ -234,7 +241,7 @@ class RemoteStore(NodeStore):
     def _note_failure(self, failure: Exception, probing: bool) -> None:
         self._last_failure = str(failure)
         self._failures += 1
-        if self._up and self._failures >= self._down_after:
+        if self._up and (self._failures >= self._down_after or isinstance(failure, _Timeout)):
             self._up = False
             self._probe_at = trio.current_time() + self._probe_delay
             log.warning(
@@ -285,13 +292,15 @@ class _Connection:
         self._request_id = 0
         self.usable = True
         self.idle_since = 0.0
+        self.store_name = ""  # the name of the server's store, once authenticated
 
     @classmethod
     async def open(
-        cls, host: str, port: int, name: str, secret: bytes, ssl_context: ssl.SSLContext | None, timeout: float
+        cls, host: str, port: int, name: str | None, secret: bytes, ssl_context: ssl.SSLContext | None, timeout: float
     ) -> _Connection:
         """Connect, set up TLS if asked, and run the handshake: prove we know
-        the secret, check that the server does too and holds store `name`."""
+        the secret, check that the server does too and holds store `name`
+        (any store with None; `store_name` tells which)."""
         try:
             with trio.fail_after(timeout):
                 stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
@@ -305,12 +314,12 @@ class _Connection:
                     await connection.abort()
                     raise
         except trio.TooSlowError:
-            raise _Transient(f"no connection within {timeout:g} s") from None
+            raise _Timeout(f"no connection within {timeout:g} s") from None
         except OSError as error:
             raise _Transient(f"cannot connect: {error.strerror or error}") from None
         return connection
 
-    async def _authenticate(self, secret: bytes, expected_name: str) -> None:
+    async def _authenticate(self, secret: bytes, expected_name: str | None) -> None:
         client_nonce = p.new_nonce()
         await self.send(0, p.Hello(client_nonce))
         challenge = await self._handshake_reply(p.Challenge)
@@ -318,8 +327,9 @@ class _Connection:
         welcome = await self._handshake_reply(p.Welcome)
         if not p.proof_matches(p.server_proof(secret, client_nonce, challenge.nonce), welcome.proof):
             raise _Failure("the server does not know the cluster secret")
-        if welcome.name != expected_name:
+        if expected_name is not None and welcome.name != expected_name:
             raise _Failure(f"the server holds node store {welcome.name!r}, not {expected_name!r}")
+        self.store_name = welcome.name
 
     async def _handshake_reply(self, expected: type[_M]) -> _M:
         reply = await self.receive(0)
@@ -351,7 +361,7 @@ class _Connection:
             with trio.fail_after(self._timeout):
                 await self._stream.send_all(data)
         except trio.TooSlowError:
-            raise _Transient(f"sending took more than {self._timeout:g} s") from None
+            raise _Timeout(f"sending took more than {self._timeout:g} s") from None
         except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
             raise _Transient(f"connection lost: {_reason(error)}") from None
 
@@ -367,7 +377,7 @@ class _Connection:
                     self._decoder.feed(data)
                     frame = self._decoder.next_frame()
         except trio.TooSlowError:
-            raise _Transient(f"no reply within {self._timeout:g} s") from None
+            raise _Timeout(f"no reply within {self._timeout:g} s") from None
         except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
             raise _Transient(f"connection lost: {_reason(error)}") from None
         except p.ProtocolError as error:
@@ -388,6 +398,24 @@ class _Connection:
         """Close at once: the stream may be in the middle of a frame."""
         self.usable = False
         await trio.aclose_forcefully(self._stream)
+
+
+async def node_server_store_name(
+    host: str, port: int, secret: bytes, *, ssl_context: ssl.SSLContext | None = None, timeout: float = 10.0
+) -> str:
+    """The name of the store a node server holds, learnt from its handshake.
+
+    A RemoteStore must be told the name (so two names never reach one disk);
+    this is for callers that know only the address, such as `dfsfuse restore`.
+    StoreUnavailable if the server cannot be reached or refuses our secret.
+    """
+    try:
+        connection = await _Connection.open(host, port, None, secret, ssl_context, timeout)
+    except (_Transient, _Failure) as failure:
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        raise StoreUnavailable(f"node at {address}: {failure}") from None
+    await connection.close()
+    return connection.store_name
 
 
 async def _get(connection: _Connection, request: p.Get) -> list[bytes] | p.Error:

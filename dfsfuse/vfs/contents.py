@@ -31,7 +31,7 @@ import time
 
 import trio
 
-from ..errors import DataError, DfsError
+from ..errors import DataError, DfsError, NotFound
 from ..metadata.base import InodeAttrs, MetadataStore, ShardRef
 from ..shards.cache import ShardCache
 from ..shards.replicator import Replicator
@@ -285,7 +285,16 @@ class FileContents:
         services = self._services
         refs = list(services.unsynced.get(self.inode, {}).values())
         if refs:
-            await services.replicator.sync(refs)
+            # A replica whose node died since it was written is made again
+            # elsewhere; the new replica sets are recorded before fsync returns.
+            for moved in await services.replicator.sync_durably(refs):
+                try:
+                    await services.meta.set_shard_nodes(moved.shard_id, moved.nodes)
+                except NotFound:
+                    continue  # the shard was replaced or deleted meanwhile
+                for index, current in list(self._shard_map.items()):
+                    if current.shard_id == moved.shard_id:
+                        self._shard_map[index] = moved
             services.forget_unsynced(self.inode, [ref.shard_id for ref in refs])
         await services.meta.sync()
 

@@ -3,7 +3,9 @@
 - `mount`: one file system per test module, mounted with mount.py in a
   subprocess; a module may set MOUNT_CONFIG (TOML text) and MOUNT_OPTIONS
   (a list of -o options). Unmounted in order at the end of the module, with the
-  daemon's exit, its log and `dfsfuse fsck` checked.
+  daemon's exit, its log and `dfsfuse fsck` checked. A module that sets
+  ALSO_REMOTE = True runs twice: on local node stores, and on three node
+  servers (`dfsfuse node serve` on loopback ports) started for the module.
 - `workdir`: a fresh directory on the module's mount for each test.
 - `mount_factory`: file systems of a test's own (new data dirs, restarts, crashes).
 
@@ -160,19 +162,44 @@ class MountFactory:
             raise AssertionError("\n\n".join(errors))
 
 
+def pytest_generate_tests(metafunc):
+    if "mount" in metafunc.fixturenames and getattr(metafunc.module, "ALSO_REMOTE", False):
+        metafunc.parametrize("mount", ["local", "remote"], indirect=True, scope="module")
+
+
 @pytest.fixture(scope="module")
 def mount(request, test_root):
-    """The module's file system (MOUNT_CONFIG / MOUNT_OPTIONS of the module apply)."""
+    """The module's file system (MOUNT_CONFIG / MOUNT_OPTIONS of the module apply).
+
+    With the "remote" parameter (ALSO_REMOTE modules) its nodes are three node
+    servers, stopped after the unmount and its fsck.
+    """
+    kind = getattr(request, "param", "local")
     base = test_root / _safe(request.module.__name__.rsplit(".", 1)[-1])
+    if kind != "local":
+        base = base.with_name(base.name + "-" + kind)
     factory = MountFactory(base, request.node.nodeid)
+    config = getattr(request.module, "MOUNT_CONFIG", None)
+    servers: list[dfstest.NodeServer] = []
     try:
-        yield factory.new(
-            "module",
-            config=getattr(request.module, "MOUNT_CONFIG", None),
-            options=getattr(request.module, "MOUNT_OPTIONS", None),
-        )
+        if kind == "remote":
+            secret = dfstest.write_secret(base / "servers" / "secret")
+            for name in ("server1", "server2", "server3"):
+                servers.append(dfstest.NodeServer(base / "servers", name, secret))
+                servers[-1].start()
+            config = dfstest.remote_config(servers, secret, config or "")
+        mount = factory.new("module", config=config, options=getattr(request.module, "MOUNT_OPTIONS", None),
+                            start=False)
+        if servers:
+            mount.node_roots = [server.data for server in servers]
+        mount.start()
+        yield mount
     finally:
-        factory.finish()
+        try:
+            factory.finish()
+        finally:
+            for server in servers:
+                server.stop()
 
 
 @pytest.fixture

@@ -243,6 +243,7 @@ class Mount:
         self.mountpoint.mkdir(parents=True, exist_ok=True)
         self.pid: int | None = None
         self.log_offset = 0  # where this run's part of the log starts
+        self.node_roots: list[Path] | None = None  # the data dirs of node servers, if the nodes are remote
 
     # paths -----------------------------------------------------------------
     @property
@@ -254,6 +255,8 @@ class Mount:
         return self.data_dir / "lock"
 
     def node_dirs(self) -> list[Path]:
+        if self.node_roots is not None:
+            return list(self.node_roots)
         return sorted((self.data_dir / "nodes").iterdir())
 
     def __truediv__(self, other) -> Path:
@@ -377,7 +380,8 @@ class Mount:
 
     # node stores ----------------------------------------------------------------
     def replica_files(self) -> dict[str, list[Path]]:
-        """shard id (16 hex digits) -> replica files on every node store."""
+        """shard id (16 hex digits) -> replica files on every node store
+        (metadata snapshots, ids from 2**63 up, are not shards: left out)."""
         shards: dict[str, list[Path]] = {}
         for node in self.node_dirs():
             root = node / "shards"
@@ -387,10 +391,112 @@ class Mount:
                 if not sub.is_dir():
                     continue
                 for replica in sub.iterdir():
-                    if re.fullmatch(r"[0-9a-f]{16}", replica.name):
+                    if re.fullmatch(r"[0-7][0-9a-f]{15}", replica.name):
                         assert sub.name == replica.name[-2:], f"replica {replica} in the wrong directory"
                         shards.setdefault(replica.name, []).append(replica)
         return shards
+
+
+# --------------------------------------------------------------- node servers
+
+
+class NodeServer:
+    """`python -m dfsfuse node serve` on a loopback port chosen at its first start.
+
+    Its store is in BASE/NAME (the same layout as a local node store), its log in
+    BASE/NAME.log. A restart listens on the same port. `stop()` ends it by its PID
+    whatever state it is in (SIGCONT, SIGTERM, then SIGKILL).
+    """
+
+    START_TIMEOUT = 20.0
+
+    def __init__(self, base: Path, name: str, secret_file: Path, *extra_args: str):
+        self.name = name
+        self.data = Path(base) / name
+        self.log_path = Path(base) / f"{name}.log"
+        self.secret_file = secret_file
+        self.extra_args = extra_args
+        self.process: subprocess.Popen | None = None
+        self.port = 0
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def start(self) -> NodeServer:
+        import select
+
+        assert self.process is None or self.process.poll() is not None, f"{self.name} is running"
+        cmd = [PYTHON, "-m", "dfsfuse", "node", "serve", "--data", str(self.data), "--listen",
+               f"127.0.0.1:{self.port}", "--secret-file", str(self.secret_file), "--name", self.name,
+               *self.extra_args]
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
+                                            cwd=REPO, env=command_env())
+        assert self.process.stdout is not None
+        ready, _, _ = select.select([self.process.stdout], [], [], self.START_TIMEOUT)
+        line = self.process.stdout.readline().decode() if ready else ""
+        self.process.stdout.close()
+        match = re.fullmatch(r"listening on 127\.0\.0\.1:(\d+)\n", line)
+        if not match:
+            self.stop()
+            raise AssertionError(f"node server {self.name} did not start: {line!r}\n{self.log_tail()}")
+        self.port = int(match[1])
+        return self
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def signal(self, signum: int) -> None:
+        assert self.running(), f"node server {self.name} is not running\n{self.log_tail()}"
+        os.kill(self.pid, signum)
+
+    def crash(self) -> None:
+        """SIGKILL, and reap it."""
+        self.signal(signal.SIGKILL)
+        assert self.process is not None
+        self.process.wait(20)
+
+    def stop(self) -> None:
+        if not self.running():
+            return
+        assert self.process is not None
+        for signum, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGCONT)
+                os.kill(self.pid, signum)
+            try:
+                self.process.wait(grace)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").splitlines()
+        except FileNotFoundError:
+            return f"(no log {self.log_path})"
+        return f"--- last lines of {self.log_path} ---\n" + "\n".join(text[-lines:])
+
+
+def write_secret(path: Path, secret: bytes = b"dfsfuse-integration-test-secret\n") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(secret)
+    path.chmod(0o600)
+    return path
+
+
+def remote_config(servers: list[NodeServer], secret_file: Path, extra: str = "") -> str:
+    """Config text: `extra` (top-level settings), the secret, and one [[nodes]] per server."""
+    text = f'secret_file = "{secret_file}"\n' + (extra or "").strip() + "\n"
+    for server in servers:
+        text += f'\n[[nodes]]\nname = "{server.name}"\naddress = "{server.address}"\n'
+    return text
 
 
 # --------------------------------------------------------------- acting as another user
@@ -550,7 +656,7 @@ def parse_status(text: str) -> dict:
     """The numbers of `dfsfuse status`."""
     info: dict = {"nodes": {}}
     for line in text.splitlines():
-        match = re.match(r"\s*node (\S+) (.+?): (\d+) shards, (\d+) bytes used", line)
+        match = re.match(r"\s*node (\S+) (.+?): (\d+) shards, (?:[^,]*, )*?(\d+) bytes used", line)
         if match:
             info["nodes"][match.group(1)] = {"path": match.group(2), "shards": int(match.group(3)), "bytes": int(match.group(4))}
             continue

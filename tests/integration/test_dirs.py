@@ -15,6 +15,8 @@ from dfstest import (
     write_file,
 )
 
+ALSO_REMOTE = True  # also on three node servers (conftest.py)
+
 
 def test_mkdir_rmdir(workdir):
     d = workdir / "d"

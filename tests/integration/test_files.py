@@ -6,6 +6,8 @@ import os
 
 from dfstest import GiB, KiB, MiB, drop_caches, expect_errno, read_file, write_file
 
+ALSO_REMOTE = True  # also on three node servers (conftest.py)
+
 # small shards so that offsets cross shard boundaries in every test
 MOUNT_CONFIG = """
 shard_size = "1MiB"

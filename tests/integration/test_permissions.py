@@ -13,6 +13,8 @@ import pytest
 
 from dfstest import as_user, expect_errno, read_file, user_errno, write_file
 
+ALSO_REMOTE = True  # also on three node servers (conftest.py)
+
 MOUNT_OPTIONS = ["allow_other"]
 
 ALICE = (12345, 12345)

@@ -8,6 +8,8 @@ import threading
 
 from dfstest import drop_caches, expect_errno, read_file, write_file
 
+ALSO_REMOTE = True  # also on three node servers (conftest.py)
+
 
 def test_symlink(workdir):
     write_file(workdir / "target", b"through the link")

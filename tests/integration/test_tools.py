@@ -12,6 +12,7 @@ import pytest
 from dfstest import MiB, drop_caches, run, command_env, tree_digest
 
 BIG = 200 * MiB
+ALSO_REMOTE = True  # also on three node servers (conftest.py)
 
 
 @pytest.fixture(scope="module")

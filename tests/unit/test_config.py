@@ -1,5 +1,7 @@
 """Configuration: defaults, TOML, and a one-line error for every mistake."""
 
+from pathlib import Path
+
 import pytest
 
 from dfsfuse import config
@@ -45,6 +47,9 @@ def test_file_settings_and_sizes(tmp_path):
         ("colour = 1", "unknown setting colour"),
         ('[[nodes]]\nname = "a/b"\npath = "x"', "node name 'a/b'"),
         ('[[nodes]]\nname = "a"\npath = "x"\n[[nodes]]\nname = "a"\npath = "y"', "node names must be unique"),
+        ('[[nodes]]\nname = "a"', "needs either path (a directory) or address"),
+        ('[[nodes]]\nname = "a"\npath = "x"\naddress = "h:1"', "needs either path (a directory) or address"),
+        ('tls_ca_file = "no-such-ca.pem"', "tls_ca_file"),
     ],
 )
 def test_mistakes_are_one_line_user_errors(tmp_path, text, message):
@@ -70,3 +75,28 @@ def test_write_quorum_defaults_to_replicas_and_must_fit(tmp_path):
         path.write_text(f"replicas = 3\nwrite_quorum = {quorum}\n")
         with pytest.raises(UserError, match="write_quorum"):
             config.load(str(tmp_path), str(path))
+
+
+def test_node_servers_and_tls_ca_file(tmp_path):
+    (tmp_path / "ca.pem").write_text("not checked until a node server is reached\n")
+    path = tmp_path / "c.toml"
+    path.write_text(
+        'tls_ca_file = "ca.pem"\n'
+        '[[nodes]]\nname = "a"\naddress = "10.0.0.1:7070"\n[[nodes]]\nname = "b"\npath = "/srv/b"\n'
+    )
+    settings = config.load(str(tmp_path), str(path))
+    assert settings.tls_ca_file == tmp_path / "ca.pem"  # relative to the data dir
+    assert [(n.name, n.path, n.address) for n in settings.nodes] == [
+        ("a", None, "10.0.0.1:7070"), ("b", Path("/srv/b"), None)
+    ]
+    assert config.load(str(tmp_path)).tls_ca_file is None
+
+
+def test_snapshot_interval(tmp_path):
+    assert config.load(str(tmp_path / "data")).snapshot_interval == 300
+    path = tmp_path / "c.toml"
+    path.write_text("snapshot_interval = 0\n")
+    assert config.load(str(tmp_path / "data"), str(path)).snapshot_interval == 0
+    path.write_text("snapshot_interval = -5\n")
+    with pytest.raises(UserError, match="snapshot_interval"):
+        config.load(str(tmp_path / "data"), str(path))

@@ -1001,3 +1001,33 @@ def test_a_schema_1_database_gains_the_node_registry(tmp_path):
     trio.run(main)
     version = sqlite3.connect(path).execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
     assert version == (engine.SCHEMA_VERSION,) == (2,)
+
+
+def test_a_snapshot_opens_as_the_metadata_of_its_instant(harness, tmp_path):
+    """The snapshot holds every change made before it and none made after,
+    and opens on its own as a complete metadata database."""
+    image_path = tmp_path / "restored" / "metadata.db"
+
+    async def body(store: MetadataStore) -> None:
+        kept = await mkfile(store, ROOT_INODE, b"kept")
+        await store.commit_shards(kept.inode, {0: ref(7)}, 1000)
+        await store.add_node("n1", "n1.example:7070")
+        image = await store.snapshot()
+        await mkfile(store, ROOT_INODE, b"after")
+        image_path.parent.mkdir()
+        image_path.write_bytes(image)
+
+    run_with_store(harness, body)
+
+    async def check() -> None:
+        restored = await SqliteMetadata.open(str(image_path))
+        try:
+            assert await names_in(restored, ROOT_INODE) == {b"kept"}
+            kept = await restored.lookup(ROOT_INODE, b"kept")
+            assert (await restored.shard_map(kept.inode))[0].shard_id == 7
+            assert [node.name for node in await restored.nodes()] == ["n1"]
+            assert (await restored.allocate_shard_ids(1)).start >= 1
+        finally:
+            await restored.close()
+
+    trio.run(check)

@@ -429,3 +429,53 @@ def test_copy_puts_a_verified_replica_on_the_targets(tmp_path):
             await replicator.copy(ref, others)
 
     run(tmp_path, body)
+
+
+class DyingStore(LocalStore):
+    """A store that takes replicas until `dead` is set, then cannot be reached at all."""
+
+    dead = False
+
+    def _check(self) -> None:
+        if self.dead:
+            raise StoreUnavailable(f"node store {self.name!r}: connection refused")
+
+    async def put(self, shard_id: int, parts: Sequence[Buffer], sync: bool) -> None:
+        self._check()
+        await super().put(shard_id, parts, sync)
+
+    async def read(self, shard_id: int, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        self._check()
+        return await super().read(shard_id, ranges)
+
+    async def sync(self, shard_ids: Sequence[int]) -> None:
+        self._check()
+        await super().sync(shard_ids)
+
+
+@pytest.mark.parametrize("dying", [1, 2])
+def test_sync_durably_remakes_replicas_of_a_node_that_died_since_the_write(tmp_path, dying):
+    """fsync after a node died: its unsynced replicas are made again, synced, on
+    the next writable node; with too few nodes left, StoreUnavailable."""
+    shard_id = next(i for i in range(1000) if place(i, NAMES)[:2] == ["n0", "n1"])
+
+    async def body(cluster: Cluster) -> None:
+        for name in NAMES:
+            cluster.stores[name] = await (DyingStore if name in NAMES[:dying] else LocalStore).open(
+                name, str(cluster.root(name)))
+        replicator = Replicator(list(cluster.stores.values()), 2, BLOCK)
+        data = os.urandom(3 * BLOCK + 5)
+        ref = await replicator.write(shard_id, data, sync=False)
+        assert set(ref.nodes) == {"n0", "n1"}
+        for name in NAMES[:dying]:
+            cluster.stores[name].dead = True
+        if dying == 2:
+            with pytest.raises(StoreUnavailable, match="too few elsewhere"):
+                await replicator.sync_durably([ref])
+            return
+        [moved] = await replicator.sync_durably([ref])
+        assert moved.shard_id == shard_id and set(moved.nodes) == {"n1", "n2"}
+        cluster.assert_replica_verifies("n2", moved)
+        assert await replicator.read(moved, 0, len(data)) == data
+
+    run(tmp_path, body)
