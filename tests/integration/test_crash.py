@@ -1,10 +1,24 @@
 """Crash safety: kill -9 of the file system process after fsync, and recovery
 of the dead (ENOTCONN) mount it leaves behind."""
 
+import contextlib
 import errno
 import os
 
-from dfstest import MiB, dfsfuse_cli, fuse_mounts, is_mounted, parse_fsck, read_file, run
+import pytest
+
+from dfstest import (
+    MiB,
+    NodeServer,
+    dfsfuse_cli,
+    fuse_mounts,
+    is_mounted,
+    parse_fsck,
+    read_file,
+    remote_config,
+    run,
+    write_secret,
+)
 
 CONFIG = """
 shard_size = "1MiB"
@@ -26,8 +40,31 @@ def _fsck_is_clean(fs):
     assert result.returncode == 0 and summary["unrecoverable"] == 0, f"fsck after the crash: {result.stdout}{result.stderr}"
 
 
-def test_kill_9_after_fsync_keeps_data(mount_factory):
-    fs = mount_factory.new("crash", config=CONFIG)
+@contextlib.contextmanager
+def node_config(kind, base):
+    """The mount's config: local node stores, or three node servers (stopped after)."""
+    if kind == "local":
+        yield CONFIG
+        return
+    secret = write_secret(base / "secret")
+    servers = [NodeServer(base, f"server{i}", secret) for i in (1, 2, 3)]
+    try:
+        for server in servers:
+            server.start()
+        yield remote_config(servers, secret, CONFIG)
+    finally:
+        for server in servers:
+            server.stop()
+
+
+@pytest.mark.parametrize("kind", ["local", "remote"])
+def test_kill_9_after_fsync_keeps_data(mount_factory, tmp_path, kind):
+    with node_config(kind, tmp_path) as config:
+        _kill_9_after_fsync_keeps_data(mount_factory, config)
+
+
+def _kill_9_after_fsync_keeps_data(mount_factory, config):
+    fs = mount_factory.new("crash", config=config)
     durable = os.urandom(5 * MiB + 17)
     _write_fsynced(fs / "durable.bin", durable)
     os.mkdir(fs / "dir")
@@ -69,6 +106,7 @@ def test_kill_9_after_fsync_keeps_data(mount_factory):
     _fsck_is_clean(fs)  # stored-but-uncommitted shards may be orphans: fsck cleans them up
     fs.start()
     assert read_file(fs / "durable.bin") == durable
+    fs.stop()
 
 
 def expect_enotconn(mountpoint):

@@ -12,6 +12,8 @@ import pytest
 
 from dfstest import KiB, MiB, drop_caches, read_file
 
+ALSO_REMOTE = True  # also on three node servers (conftest.py)
+
 MOUNT_CONFIG = """
 shard_size = "64KiB"
 block_size = "16KiB"
