@@ -46,7 +46,7 @@ from .metadata.sqlite import SqliteMetadata
 from .node.secret import load_secret
 from .shards.replica import ReplicaCorrupt
 from .storage.base import NodeStore
-from .storage.local import IDENTITY_FILE, LocalStore, recorded_store_name
+from .storage.local import IDENTITY_FILE, LocalStore, fsync_dir, recorded_store_name
 
 RESTORING_SUFFIX = ".restoring"
 
@@ -112,7 +112,7 @@ async def _restore(config: Config, node: str) -> tuple[_Snapshot, int]:
         inodes = await _finish_metadata(temporary, await _highest_shard_id(stores))
         _fsync_file(temporary)
         os.rename(temporary, config.metadata_path)
-        _fsync_dir(config.data_dir)
+        fsync_dir(config.data_dir)
         return snapshot, inodes
     finally:
         with trio.CancelScope(shield=True):

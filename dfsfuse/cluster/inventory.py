@@ -13,16 +13,20 @@ LIST_PAGE = 10_000
 SHARD_PAGE = 10_000
 
 
-async def replica_ids(store: NodeStore) -> set[int]:
-    """Every shard id the store holds, read page by page."""
-    ids: set[int] = set()
-    after = -1
+async def listed_ids(store: NodeStore, after: int = -1) -> list[int]:
+    """Every id the store holds above `after`, ascending, read page by page."""
+    ids: list[int] = []
     while True:
         page = await store.list(after, LIST_PAGE)
-        ids.update(page)
+        ids.extend(page)
         if len(page) < LIST_PAGE:
             return ids
         after = page[-1]
+
+
+async def replica_ids(store: NodeStore) -> set[int]:
+    """Every shard id the store holds."""
+    return set(await listed_ids(store))
 
 
 async def live_shards(meta: MetadataStore) -> AsyncIterator[ShardRecord]:

@@ -34,6 +34,7 @@ import time
 
 import trio
 
+from dfsfuse.cluster.inventory import listed_ids
 from dfsfuse.errors import DfsError
 from dfsfuse.metadata.base import MetadataStore
 from dfsfuse.shards import replica
@@ -45,7 +46,6 @@ log = logging.getLogger("dfsfuse.snapshots")
 SNAPSHOT_ID_BASE = 2**63  # ids at or above are snapshots; shard ids (signed 64-bit in SQLite) stay below
 KEEP_SNAPSHOTS = 3
 SNAPSHOT_TIMEOUT = 120.0  # seconds the snapshot at unmount may take before the unmount gives up on it
-_LIST_PAGE = 1000
 
 
 def is_snapshot_id(shard_id: int) -> bool:
@@ -59,14 +59,7 @@ def snapshot_time_ns(snapshot_id: int) -> int:
 
 async def snapshot_ids(store: NodeStore) -> list[int]:
     """The snapshot ids the store holds, oldest first."""
-    ids: list[int] = []
-    after = SNAPSHOT_ID_BASE - 1
-    while True:
-        page = await store.list(after, _LIST_PAGE)
-        ids.extend(page)
-        if len(page) < _LIST_PAGE:
-            return ids
-        after = page[-1]
+    return await listed_ids(store, after=SNAPSHOT_ID_BASE - 1)
 
 
 async def read_snapshot(store: NodeStore, snapshot_id: int) -> bytes:

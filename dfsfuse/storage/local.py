@@ -126,7 +126,7 @@ class LocalStore(NodeStore):
             finally:
                 os.close(fd)
             os.rename(temp, path)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
             return
         except ValueError as exc:
             raise StoreUnavailable(
@@ -167,7 +167,7 @@ class LocalStore(NodeStore):
             _unlink_quietly(temp)
             raise
         if sync:
-            _fsync_dir(os.path.dirname(path))
+            fsync_dir(os.path.dirname(path))
         return size
 
     async def read(self, shard_id: int, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
@@ -317,7 +317,8 @@ def _unlink_quietly(path: str) -> None:
         pass
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Make the names in a directory (creations, renames) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
@@ -339,4 +340,4 @@ def _fsync_files_and_dirs(paths: Sequence[str]) -> None:
             os.close(fd)
         directories.add(os.path.dirname(path))
     for directory in sorted(directories):
-        _fsync_dir(directory)
+        fsync_dir(directory)
