@@ -11,20 +11,27 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import os
 from typing import Awaitable, Callable, TypeVar
 
 import pyfuse3
+import trio
 
 from ..errors import DfsError
 from ..metadata.base import AttrChanges, InodeAttrs
 from ..vfs.filesystem import Caller, FileSystem
+from .readahead import set_read_ahead
 
 log = logging.getLogger("dfsfuse.fuse")
 
 # This mount is the only writer of its metadata, so the kernel may cache
-# attributes and names for a while; every change goes through the kernel.
-ATTR_TIMEOUT = 5.0
-ENTRY_TIMEOUT = 5.0
+# attributes and names for a while; every change goes through the kernel,
+# which drops what a change makes stale (as S3QL, which uses 300 s). The one
+# thing it cannot know is st_blocks growing when a file's data is stored at
+# close: a stat between a write and the close may show the old st_blocks
+# for up to ATTR_TIMEOUT.
+ATTR_TIMEOUT = 60.0
+ENTRY_TIMEOUT = 60.0
 READDIR_PAGE = 1000
 
 # Offsets in the kernel's readdir stream: 1 and 2 follow "." and "..", and an
@@ -82,6 +89,13 @@ class Operations(pyfuse3.Operations):
     def __init__(self, fs: FileSystem):
         super().__init__()
         self.fs = fs
+        self.mountpoint: str | None = None  # resolved, set by start()
+
+    def init(self):
+        # Called while the kernel's INIT is answered, and the reply would
+        # lower a read-ahead set now: set it just after, on the trio loop.
+        if self.mountpoint is not None:
+            trio.lowlevel.current_trio_token().run_sync_soon(set_read_ahead, self.mountpoint)
 
     @_translate_errors
     async def lookup(self, parent_inode, name, ctx=None):
@@ -253,6 +267,7 @@ def mount_options(fsname: str, extra: list[str]) -> set[str]:
 
 def start(operations: Operations, mountpoint: str, options: set[str]) -> None:
     """Mount: after this the kernel queues requests until `serve` runs."""
+    operations.mountpoint = os.path.realpath(mountpoint)  # now: once mounted, resolving it would wait for us
     pyfuse3.init(operations, mountpoint, options)
 
 

@@ -9,7 +9,10 @@ Layout under ROOT (other code and tests rely on it):
 
 A replica is written to ROOT/tmp/ and renamed into place, so a reader sees
 either no replica or a whole one. With sync=True the file is fsync'd before
-the rename and its directory after it.
+the rename and its directory after it. A replica of DIRECT_WRITE_MIN bytes
+or more is written with O_DIRECT where the file system allows it (see
+dfsfuse.storage.directio for why); smaller ones, the replicas of small files
+that are likely to be read again soon, go through the page cache.
 
 The store keeps an index of the shard ids it holds and their sizes (16 bytes
 per shard), built by one scan when it opens and kept up to date by put and
@@ -32,11 +35,13 @@ import trio
 
 from dfsfuse.errors import NoSpace, ShardMissing, StoreUnavailable
 from dfsfuse.storage.base import Buffer, NodeStore, StoreStat
+from dfsfuse.storage.directio import supports_direct_io, write_direct
 
 STORE_FORMAT = 1
 IDENTITY_FILE = "STORE"
 SHARDS_DIR = "shards"
 TMP_DIR = "tmp"
+DIRECT_WRITE_MIN = 1 << 20
 
 _MAX_SHARD_ID = 2**64 - 1
 _IOV_MAX = os.sysconf("SC_IOV_MAX")  # buffers one writev call accepts
@@ -77,6 +82,7 @@ class LocalStore(NodeStore):
         self._sizes = array.array("Q")
         self._used = 0
         self._device = ""
+        self._direct_io = False
 
     @classmethod
     async def open(cls, name: str, root: str) -> LocalStore:
@@ -87,18 +93,21 @@ class LocalStore(NodeStore):
     async def prepare(self) -> None:
         """Create the layout if new, check the identity file, remove leftover
         temporaries and index the replicas present."""
-        replicas, device = await self._run("open store", self.root, self._prepare_sync)
+        replicas, device, direct_io = await self._run("open store", self.root, self._prepare_sync)
         self._ids = array.array("Q", (shard_id for shard_id, _ in replicas))
         self._sizes = array.array("Q", (size for _, size in replicas))
         self._used = sum(self._sizes)
         self._device = device
+        self._direct_io = direct_io
 
-    def _prepare_sync(self) -> tuple[list[tuple[int, int]], str]:
+    def _prepare_sync(self) -> tuple[list[tuple[int, int]], str, bool]:
         """The layout work of prepare(): returns the (shard id, size) of every
-        replica present, in id order, and the device of the root."""
+        replica present, in id order, the device of the root, and whether
+        the file system takes O_DIRECT writes."""
         os.makedirs(self._tmp_dir, exist_ok=True)
         for entry in os.scandir(self._tmp_dir):
             os.unlink(entry.path)
+        direct_io = supports_direct_io(self._tmp_dir)
         self._check_or_write_identity()
         replicas: list[tuple[int, int]] = []
         for bucket in range(256):
@@ -109,7 +118,7 @@ class LocalStore(NodeStore):
                 if shard_id is not None and entry.is_file(follow_symlinks=False):
                     replicas.append((shard_id, entry.stat(follow_symlinks=False).st_size))
         replicas.sort()
-        return replicas, str(os.stat(self.root).st_dev)
+        return replicas, str(os.stat(self.root).st_dev), direct_io
 
     def _check_or_write_identity(self) -> None:
         path = os.path.join(self.root, IDENTITY_FILE)
@@ -154,10 +163,12 @@ class LocalStore(NodeStore):
 
     def _put_sync(self, shard_id: int, path: str, parts: Sequence[Buffer], sync: bool) -> int:
         temp = os.path.join(self._tmp_dir, f"{shard_id:016x}.{secrets.token_hex(8)}")
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        direct = self._direct_io and sum(memoryview(part).nbytes for part in parts) >= DIRECT_WRITE_MIN
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | (os.O_DIRECT if direct else 0)
+        fd = os.open(temp, flags, 0o644)
         try:
             try:
-                size = _write_all(fd, parts)
+                size = write_direct(fd, parts) if direct else _write_all(fd, parts)
                 if sync:
                     os.fsync(fd)
             finally:

@@ -133,6 +133,25 @@ def test_large_replica_of_many_parts(harness):
     run_with_store(harness, body)
 
 
+def test_large_replica_that_is_not_whole_blocks(harness):
+    """A replica the size of a real one (header, block table, 4 MiB of data
+    and a few bytes), with and without sync: a local store writes most of it
+    with O_DIRECT and the tail through the page cache."""
+    parts = [os.urandom(52), os.urandom(16 * 65), os.urandom((4 << 20) + 5)]
+    data = b"".join(parts)
+
+    async def body(store: NodeStore) -> None:
+        await store.put(21, parts, sync=False)
+        await store.put(22, parts, sync=True)
+        await store.sync([21])
+        for shard_id in (21, 22):
+            assert await store.read(shard_id, [(0, -1)]) == [data]
+            assert await store.read(shard_id, [(len(data) - 9, 100)]) == [data[-9:]]
+        assert (await store.stat()).used == 2 * len(data)
+
+    run_with_store(harness, body)
+
+
 def test_put_replaces_a_replica(harness):
     async def body(store: NodeStore) -> None:
         await store.put(3, [b"first version"], sync=False)
