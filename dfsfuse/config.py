@@ -139,8 +139,9 @@ def load(data_dir: str | None = None, config_file: str | None = None) -> Config:
         raise UserError(f"config: write_quorum = {write_quorum} needs between 1 and replicas ({replicas})")
     shard_size = parse_size(settings.get("shard_size", 4 * MiB), "shard_size")
     block_size = parse_size(settings.get("block_size", 64 * KiB), "block_size")
-    if not 4 * KiB <= block_size <= shard_size or shard_size % block_size:
-        raise UserError("config: block_size must be at least 4KiB and divide shard_size")
+    if not 4 * KiB <= block_size <= shard_size or shard_size % block_size or block_size % (4 * KiB):
+        # Multiples of 4 KiB: patches store 4 KiB pages (metadata/base.py PAGE_SIZE).
+        raise UserError("config: block_size must be a multiple of 4KiB and divide shard_size")
     if shard_size > 64 * MiB:
         raise UserError("config: shard_size may be at most 64MiB")
     metadata_entries = _expect(cache, "metadata_entries", int, default=200_000)

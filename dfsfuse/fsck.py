@@ -63,9 +63,9 @@ async def _fsck(config: Config) -> FsckReport:
     report = FsckReport()
     async with open_components(config, cached=False) as parts:
         meta, replicator = parts.meta, parts.replicator
-        for inode in await meta.orphan_inodes():
-            await meta.delete_inode(inode)
-            report.deleted_inodes += 1
+        orphans = await meta.orphan_inodes()
+        await meta.delete_inodes(orphans)
+        report.deleted_inodes += len(orphans)
         if report.deleted_inodes:
             print(f"deleted {report.deleted_inodes} inodes that had no name left")
 

@@ -248,7 +248,7 @@ def _run_mount(config: Config, mountpoint: str, options: list[str], ready: Calla
 
 def _single_user_error(group: BaseExceptionGroup) -> BaseException:
     """The UserError inside trio's exception groups, or the group itself."""
-    user_errors, _ = group.split(UserError)
-    while isinstance(user_errors, BaseExceptionGroup) and len(user_errors.exceptions) == 1:
-        user_errors = user_errors.exceptions[0]
-    return user_errors if isinstance(user_errors, UserError) else group
+    found: BaseException | None = group.split(UserError)[0]
+    while isinstance(found, BaseExceptionGroup) and len(found.exceptions) == 1:
+        found = found.exceptions[0]
+    return found if isinstance(found, UserError) else group

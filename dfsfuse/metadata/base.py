@@ -76,17 +76,36 @@ class AttrChanges:
 
 @dataclasses.dataclass(frozen=True)
 class ShardRef:
-    """Where one shard of a file lives and how to verify it.
+    """Where one stored object of a file lives and how to verify it.
 
-    `length` is the number of bytes of file data in the shard, `checksum` the
-    xxh3-128 digest (16 bytes) of exactly those bytes, `nodes` the names of
-    the node stores that hold a replica. Shard ids are never reused.
+    An object is either a whole shard or a patch on top of one. `nodes` names
+    the node stores that hold a replica, `checksum` is the xxh3-128 digest
+    (16 bytes) of the object's `length` bytes. Shard ids are never reused.
+
+    A whole shard (`pages` empty) holds the bytes [0, length) of its shard
+    index. A patch holds PAGE_SIZE bytes for each page number in `pages`
+    (pages of the shard index, ascending), one after another, so
+    length == len(pages) * PAGE_SIZE. Patches let a small overwrite store
+    only the pages it changed instead of the whole shard.
     """
 
     shard_id: int
     length: int
     checksum: bytes
     nodes: tuple[str, ...]
+    pages: tuple[int, ...] = ()
+
+    @property
+    def is_patch(self) -> bool:
+        return bool(self.pages)
+
+
+# The objects of one shard index, in the order they apply: the whole shard
+# first (if there is one), then its patches, oldest first. A later object's
+# pages win; bytes no object holds read as zeros.
+ShardLayers = tuple[ShardRef, ...]
+
+PAGE_SIZE = 4096  # the unit a patch stores
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,7 +235,7 @@ class MetadataStore(abc.ABC):
     async def unlink(self, parent: int, name: bytes, now_ns: int) -> EntryChange:
         """Remove a non-directory name; `attrs` are the inode's after (nlink - 1).
 
-        The inode itself stays until `delete_inode` (it may still be open).
+        The inode itself stays until `delete_inodes` (it may still be open).
         IsADirectory if the name is a directory, NotFound if absent.
         """
 
@@ -260,10 +279,10 @@ class MetadataStore(abc.ABC):
         for a bad parent."""
 
     @abc.abstractmethod
-    async def delete_inode(self, inode: int) -> None:
-        """Remove an inode with nlink 0 for good: its xattrs go, its shards move
-        to the garbage list. Does nothing if the inode has links again or is
-        gone already."""
+    async def delete_inodes(self, inodes: Sequence[int]) -> None:
+        """Remove inodes with nlink 0 for good, all in one transaction: their
+        xattrs go, their shards move to the garbage list. Skips an inode that
+        has links again or is gone already."""
 
     @abc.abstractmethod
     async def orphan_inodes(self) -> list[int]:
@@ -271,8 +290,8 @@ class MetadataStore(abc.ABC):
 
     # -- file contents ----------------------------------------------------
     @abc.abstractmethod
-    async def shard_map(self, inode: int) -> dict[int, ShardRef]:
-        """The file's shards by shard index (holes are absent)."""
+    async def shard_map(self, inode: int) -> dict[int, ShardLayers]:
+        """The file's objects by shard index (holes are absent)."""
 
     @abc.abstractmethod
     async def commit_shards(
@@ -284,13 +303,14 @@ class MetadataStore(abc.ABC):
         mtime_ns: int | None = None,
         ctime_ns: int | None = None,
     ) -> InodeAttrs:
-        """Atomically point shard indexes at new shards and set the file size.
+        """Atomically point shard indexes at new objects and set the file size.
 
-        First every entry with index >= `drop_from` (if given) is removed, then
-        each entry of `shards` replaces the entry at its index. Shards that
+        First every object at an index >= `drop_from` (if given) is removed,
+        then each entry of `shards` is applied: a whole shard replaces every
+        object at its index, a patch is added on top of them. Objects that
         are no longer referenced move to the garbage list. `blocks` is
         recomputed; mtime/ctime are set when given. Call only after every
-        replica of every shard in `shards` is stored.
+        replica of every object in `shards` is stored.
         """
 
     @abc.abstractmethod

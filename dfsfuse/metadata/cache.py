@@ -3,12 +3,15 @@
 Served from memory once seen: getattr; lookup, both found and not found;
 whole directory listings, resumable at any offset; getxattr and listxattr,
 including "no such attribute" (the kernel asks for security.capability before
-every write); and shard maps. Every change goes to the engine first; then the
-cache updates exactly what the change touched, from what the engine returns
-(the attrs after of the inodes and parent directories, the offsets of the
-entries). So creating a name costs one engine call: the kernel's lookup of the
-new name, and the getattr of the parent that decides the new inode's group,
-are answered from memory.
+every write, `ls -l` for security.selinux of every entry): an inode's names,
+once listed, answer for every name it does not have, and an inode created
+through the cache is known to have none; and shard maps. Every change goes to
+the engine first; then the cache updates exactly what the change touched,
+from what the engine returns (the attrs after of the inodes and parent
+directories, the offsets of the entries). So creating a name costs one engine
+call: the kernel's lookup of the new name, the getattr of the parent that
+decides the new inode's group, and the xattrs of the new inode are answered
+from memory.
 
 Listings. A listing holds a directory's entries from its first on, with a name
 index. One that is complete (read to its end, or started empty by a mkdir
@@ -73,6 +76,7 @@ from dfsfuse.metadata.base import (
     MetadataStore,
     NodeRecord,
     RenameChange,
+    ShardLayers,
     ShardRecord,
     ShardRef,
     UsageCounts,
@@ -168,7 +172,7 @@ class CachedMetadata(MetadataStore):
         self._lookups: dict[_RecordKey, int | None] = {}  # lookup key -> inode, None: absent
         self._listings: dict[int, _Listing] = {}
         self._xattrs: dict[int, _Xattrs] = {}
-        self._shard_maps: dict[int, dict[int, ShardRef]] = {}
+        self._shard_maps: dict[int, dict[int, ShardLayers]] = {}
         self._shard_places: dict[int, tuple[int, int]] = {}  # shard id -> (inode, index) in _shard_maps
 
     @property
@@ -238,14 +242,20 @@ class CachedMetadata(MetadataStore):
         target: bytes = b"",
     ) -> EntryChange:
         """A directory made here starts with a complete, empty listing, so that
-        lookups of the names about to be created in it need no engine call."""
+        lookups of the names about to be created in it need no engine call; a
+        regular file starts with an empty shard map, so opening it needs none."""
         async with self._changing():
             change = await self._engine.create(parent, name, mode, uid, gid, now_ns, rdev, target)
             self._name_added(parent, name, change.attrs, change.offset)
             self._refresh_attrs(change.parent)
+            inode = change.attrs.inode
             if stat.S_ISDIR(mode):
-                self._listings[change.attrs.inode] = _Listing(complete=True)
-                self._account((_LISTING, change.attrs.inode), 1)
+                self._listings[inode] = _Listing(complete=True)
+                self._account((_LISTING, inode), 1)
+            elif stat.S_ISREG(mode):
+                self._shard_maps[inode] = {}
+                self._account((_SHARD_MAP, inode), 1)
+            self._set_xattr_names(change.attrs.inode, [])
             return change
 
     async def link(self, inode: int, new_parent: int, new_name: bytes, now_ns: int) -> EntryChange:
@@ -320,19 +330,20 @@ class CachedMetadata(MetadataStore):
             self._absorb_page(parent, after, limit, page)
             return page
 
-    async def delete_inode(self, inode: int) -> None:
+    async def delete_inodes(self, inodes: Sequence[int]) -> None:
         async with self._changing():
-            await self._engine.delete_inode(inode)
-            for kind in (_ATTRS, _XATTRS, _SHARD_MAP):
-                self._remove((kind, inode))
-            self._directory_removed(inode)
-            self._mark_stale(inode)
+            await self._engine.delete_inodes(inodes)
+            for inode in inodes:
+                for kind in (_ATTRS, _XATTRS, _SHARD_MAP):
+                    self._remove((kind, inode))
+                self._directory_removed(inode)
+                self._mark_stale(inode)
 
     async def orphan_inodes(self) -> list[int]:
         return await self._engine.orphan_inodes()
 
     # -- file contents ----------------------------------------------------
-    async def shard_map(self, inode: int) -> dict[int, ShardRef]:
+    async def shard_map(self, inode: int) -> dict[int, ShardLayers]:
         """A copy, so the caller may change it without changing the cache."""
         shard_map = self._shard_maps.get(inode)
         if shard_map is not None:
@@ -342,9 +353,10 @@ class CachedMetadata(MetadataStore):
             shard_map = await self._engine.shard_map(inode)
             self._remove((_SHARD_MAP, inode))
             self._shard_maps[inode] = dict(shard_map)
-            for index, ref in shard_map.items():
-                self._shard_places[ref.shard_id] = (inode, index)
-            self._account((_SHARD_MAP, inode), 1 + len(shard_map))
+            for index, layers in shard_map.items():
+                for ref in layers:
+                    self._shard_places[ref.shard_id] = (inode, index)
+            self._account((_SHARD_MAP, inode), 1 + _object_count(shard_map))
             return shard_map
 
     async def commit_shards(
@@ -361,15 +373,15 @@ class CachedMetadata(MetadataStore):
             self._store_attrs(attrs)
             shard_map = self._shard_maps.get(inode)
             if shard_map is not None:
-                replaced = [index for index in shards if index in shard_map]
-                if drop_from is not None:
-                    replaced += [index for index in shard_map if index >= drop_from and index not in shards]
-                for index in replaced:
-                    del self._shard_places[shard_map.pop(index).shard_id]
+                dropped = [index for index in shard_map if drop_from is not None and index >= drop_from]
+                dropped += [index for index, ref in shards.items() if not ref.is_patch and index in shard_map]
+                for index in dropped:
+                    for old in shard_map.pop(index, ()):
+                        del self._shard_places[old.shard_id]
                 for index, ref in shards.items():
-                    shard_map[index] = ref
+                    shard_map[index] = shard_map.get(index, ()) + (ref,)
                     self._shard_places[ref.shard_id] = (inode, index)
-                self._account((_SHARD_MAP, inode), 1 + len(shard_map))
+                self._account((_SHARD_MAP, inode), 1 + _object_count(shard_map))
             return attrs
 
     async def allocate_shard_ids(self, count: int) -> range:
@@ -394,7 +406,10 @@ class CachedMetadata(MetadataStore):
             if place is not None:
                 inode, index = place
                 shard_map = self._shard_maps[inode]
-                shard_map[index] = dataclasses.replace(shard_map[index], nodes=tuple(nodes))
+                shard_map[index] = tuple(
+                    dataclasses.replace(ref, nodes=tuple(nodes)) if ref.shard_id == shard_id else ref
+                    for ref in shard_map[index]
+                )
 
     async def usage(self) -> UsageCounts:
         return await self._engine.usage()
@@ -413,6 +428,9 @@ class CachedMetadata(MetadataStore):
             return attrs
 
     async def getxattr(self, inode: int, name: bytes) -> bytes:
+        """A miss lists the inode's names first: most names asked for are absent
+        (security.selinux for each entry `ls -l` shows, security.capability
+        before each write), and the list answers all of those from memory."""
         xattrs = self._xattrs.get(inode)
         if xattrs is not None:
             if name in xattrs.values:
@@ -425,6 +443,12 @@ class CachedMetadata(MetadataStore):
                 self._touch((_XATTRS, inode))
                 raise NoData(f"inode {inode} has no xattr {name!r}")
         async with self._lock:
+            xattrs = self._xattrs.get(inode)
+            if xattrs is None or xattrs.names is None:
+                self._set_xattr_names(inode, await self._engine.listxattr(inode))
+                xattrs = self._xattrs.get(inode)
+                if xattrs is not None and xattrs.names is not None and name not in xattrs.names:
+                    raise NoData(f"inode {inode} has no xattr {name!r}")
             try:
                 value = await self._engine.getxattr(inode, name)
             except NoData:
@@ -440,9 +464,7 @@ class CachedMetadata(MetadataStore):
             return list(xattrs.names)
         async with self._lock:
             names = await self._engine.listxattr(inode)
-            xattrs = self._xattrs.setdefault(inode, _Xattrs())
-            xattrs.names = dict.fromkeys(names)
-            self._account((_XATTRS, inode), xattrs.weight())
+            self._set_xattr_names(inode, names)
             return names
 
     async def removexattr(self, inode: int, name: bytes, now_ns: int) -> InodeAttrs:
@@ -642,6 +664,12 @@ class CachedMetadata(MetadataStore):
             listing.complete = True
         self._account((_LISTING, parent), 1 + len(listing.entries))
 
+    def _set_xattr_names(self, inode: int, names: list[bytes]) -> None:
+        """Record every xattr name `inode` has (none, for an inode just created)."""
+        xattrs = self._xattrs.setdefault(inode, _Xattrs())
+        xattrs.names = dict.fromkeys(names)
+        self._account((_XATTRS, inode), xattrs.weight())
+
     def _remember_xattr(self, inode: int, name: bytes, value: bytes | None) -> None:
         xattrs = self._xattrs.setdefault(inode, _Xattrs())
         xattrs.values[name] = value
@@ -688,8 +716,9 @@ class CachedMetadata(MetadataStore):
         elif kind == _XATTRS:
             del self._xattrs[inode]
         else:
-            for ref in self._shard_maps.pop(inode).values():
-                del self._shard_places[ref.shard_id]
+            for layers in self._shard_maps.pop(inode).values():
+                for ref in layers:
+                    del self._shard_places[ref.shard_id]
 
     def _forget_everything(self) -> None:
         self._lru.clear()
@@ -700,3 +729,7 @@ class CachedMetadata(MetadataStore):
         self._xattrs.clear()
         self._shard_maps.clear()
         self._shard_places.clear()
+
+
+def _object_count(shard_map: Mapping[int, ShardLayers]) -> int:
+    return sum(len(layers) for layers in shard_map.values())

@@ -13,9 +13,9 @@ the death of the process, not of the machine; `sync()` makes it survive the
 machine. `allocate_shard_ids` alone commits with synchronous=FULL, because a
 shard id handed out must never be handed out again.
 
-_SCHEMA_V1 and _SCHEMA_V2 below are the only definition of the tables (V2
-adds to V1), and their comments are the reference for what each column holds
-(docs/formats.md mirrors them).
+_SCHEMA_V1, _SCHEMA_V2 and _SCHEMA_V3 below are the only definition of the
+tables (V2 adds to V1, V3 replaces V1's shards table), and their comments are
+the reference for what each column holds (docs/formats.md mirrors them).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import os
 import queue
 import sqlite3
 import stat
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -62,6 +63,7 @@ from dfsfuse.metadata.base import (
     MetadataStore,
     NodeRecord,
     RenameChange,
+    ShardLayers,
     ShardRecord,
     ShardRef,
     UsageCounts,
@@ -91,7 +93,7 @@ CREATE TABLE meta (
 ) WITHOUT ROWID;
 
 -- One row per inode: every named inode, and inodes whose last name is gone
--- but which may still be open (nlink 0, "orphans") until delete_inode.
+-- but which may still be open (nlink 0, "orphans") until delete_inodes.
 CREATE TABLE inodes (
     -- The inode number. AUTOINCREMENT: numbers are never reused, so a number
     -- the kernel still holds can never name another file. 1 is the root.
@@ -145,7 +147,7 @@ CREATE TABLE entries (
 -- readdir pages: the entries of one directory in offset order.
 CREATE INDEX entries_listing ON entries (parent, id);
 
--- The shard maps of regular files: one row per shard in use.
+-- The shard maps of regular files: one row per shard in use (replaced in V3).
 CREATE TABLE shards (
     -- The shard id (from meta.next_shard_id); names the replica files.
     -- A shard id is in at most one of shards and garbage, and only once.
@@ -172,7 +174,7 @@ CREATE TABLE garbage (
     nodes    TEXT NOT NULL
 );
 
--- Extended attributes; they go with their inode (delete_inode).
+-- Extended attributes; they go with their inode (delete_inodes).
 CREATE TABLE xattrs (
     -- inodes.id of the inode the attribute belongs to.
     inode INTEGER NOT NULL,
@@ -201,6 +203,37 @@ CREATE TABLE nodes (
     -- When it last answered, in ns since the epoch; 0: never.
     last_seen_ns INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
+"""
+_SCHEMA_V3 = """
+-- The shard maps of regular files: one row per stored object in use. A shard
+-- index holds at most one whole shard and any number of patches on top.
+CREATE TABLE shards_v3 (
+    -- The object's shard id (from meta.next_shard_id); names the replica
+    -- files. A shard id is in at most one of shards and garbage, and only once.
+    id       INTEGER PRIMARY KEY,
+    -- inodes.id of the regular file the object belongs to.
+    inode    INTEGER NOT NULL,
+    -- The shard index: the object holds file bytes from idx * shard_size on.
+    -- An index with no row is a hole.
+    idx      INTEGER NOT NULL,
+    -- The number of bytes the object holds.
+    length   INTEGER NOT NULL,
+    -- xxh3-128 of exactly those bytes (16 bytes).
+    checksum BLOB NOT NULL,
+    -- The node stores that hold a replica: a JSON array of names.
+    nodes    TEXT NOT NULL,
+    -- NULL: a whole shard, the bytes [0, length) of the index. Else a patch:
+    -- page numbers (4 KiB pages of the index, ascending) as little-endian
+    -- uint32s; the object holds those pages one after another. Patches apply
+    -- in id order on top of the whole shard; a new whole shard replaces them.
+    pages    BLOB
+);
+INSERT INTO shards_v3 (id, inode, idx, length, checksum, nodes)
+    SELECT id, inode, idx, length, checksum, nodes FROM shards;
+DROP TABLE shards;
+ALTER TABLE shards_v3 RENAME TO shards;
+-- shard_map and commit_shards: the objects of one file, index by index.
+CREATE INDEX shards_by_index ON shards (inode, idx);
 """
 # References between tables (entries.parent, entries.inode, shards.inode,
 # xattrs.inode -> inodes.id) are kept by the code, not by SQLite foreign keys:
@@ -236,9 +269,18 @@ def _add_schema_v2(db: sqlite3.Connection) -> None:
         db.execute(statement)
 
 
+def _add_schema_v3(db: sqlite3.Connection) -> None:
+    for statement in _statements(_SCHEMA_V3):
+        db.execute(statement)
+
+
 # _MIGRATIONS[n] turns a database at schema version n - 1 (0: empty) into one
 # at version n, inside the transaction that records version n.
-_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _create_schema_v1, 2: _add_schema_v2}
+_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
+    1: _create_schema_v1,
+    2: _add_schema_v2,
+    3: _add_schema_v3,
+}
 SCHEMA_VERSION = max(_MIGRATIONS)
 
 
@@ -404,14 +446,14 @@ class SqliteMetadata(MetadataStore):
     async def readdir(self, parent: int, after: int, limit: int) -> list[DirEntry]:
         return await self._read(_readdir, parent, after, limit)
 
-    async def delete_inode(self, inode: int) -> None:
-        await self._write(_delete_inode, inode)
+    async def delete_inodes(self, inodes: Sequence[int]) -> None:
+        await self._write(_delete_inodes, list(inodes))
 
     async def orphan_inodes(self) -> list[int]:
         return await self._read(_orphan_inodes)
 
     # -- file contents ----------------------------------------------------
-    async def shard_map(self, inode: int) -> dict[int, ShardRef]:
+    async def shard_map(self, inode: int) -> dict[int, ShardLayers]:
         return await self._read(_shard_map, inode)
 
     async def commit_shards(
@@ -794,27 +836,47 @@ def _readdir(db: sqlite3.Connection, parent: int, after: int, limit: int) -> lis
     return [DirEntry(row[1], InodeAttrs(*row[2:]), row[0]) for row in rows]
 
 
-def _delete_inode(db: sqlite3.Connection, inode: int) -> None:
-    row = db.execute("SELECT nlink FROM inodes WHERE id = ?", (inode,)).fetchone()
-    if row is None or row[0] > 0:
-        return
-    db.execute("INSERT INTO garbage (shard_id, nodes) SELECT id, nodes FROM shards WHERE inode = ?", (inode,))
-    db.execute("DELETE FROM shards WHERE inode = ?", (inode,))
-    db.execute("DELETE FROM xattrs WHERE inode = ?", (inode,))
-    db.execute("DELETE FROM inodes WHERE id = ?", (inode,))
+def _delete_inodes(db: sqlite3.Connection, inodes: list[int]) -> None:
+    for inode in inodes:
+        row = db.execute("SELECT nlink FROM inodes WHERE id = ?", (inode,)).fetchone()
+        if row is None or row[0] > 0:
+            continue
+        db.execute("INSERT INTO garbage (shard_id, nodes) SELECT id, nodes FROM shards WHERE inode = ?", (inode,))
+        db.execute("DELETE FROM shards WHERE inode = ?", (inode,))
+        db.execute("DELETE FROM xattrs WHERE inode = ?", (inode,))
+        db.execute("DELETE FROM inodes WHERE id = ?", (inode,))
 
 
 def _orphan_inodes(db: sqlite3.Connection) -> list[int]:
     return [row[0] for row in db.execute("SELECT id FROM inodes WHERE nlink = 0 ORDER BY id")]
 
 
-def _shard_map(db: sqlite3.Connection, inode: int) -> dict[int, ShardRef]:
+_SHARD_COLUMNS = "id, length, checksum, nodes, pages"
+
+
+def _shard_ref(row: Sequence[Any]) -> ShardRef:
+    """A ShardRef from the columns _SHARD_COLUMNS, in that order."""
+    return ShardRef(row[0], row[1], row[2], _decode_nodes(row[3]), _decode_pages(row[4]))
+
+
+def _encode_pages(pages: tuple[int, ...]) -> bytes | None:
+    return struct.pack(f"<{len(pages)}I", *pages) if pages else None
+
+
+def _decode_pages(blob: bytes | None) -> tuple[int, ...]:
+    return struct.unpack(f"<{len(blob) // 4}I", blob) if blob else ()
+
+
+def _shard_map(db: sqlite3.Connection, inode: int) -> dict[int, ShardLayers]:
     rows = db.execute(
-        "SELECT idx, id, length, checksum, nodes FROM shards WHERE inode = ? ORDER BY idx", (inode,)
+        f"SELECT idx, {_SHARD_COLUMNS} FROM shards WHERE inode = ? ORDER BY idx, pages IS NOT NULL, id", (inode,)
     ).fetchall()
     if not rows and not _inode_exists(db, inode):
         raise NotFound(f"no inode {inode}")
-    return {row[0]: ShardRef(row[1], row[2], row[3], _decode_nodes(row[4])) for row in rows}
+    layers: dict[int, list[ShardRef]] = {}
+    for row in rows:
+        layers.setdefault(row[0], []).append(_shard_ref(row[1:]))
+    return {index: tuple(refs) for index, refs in layers.items()}
 
 
 def _commit_shards(
@@ -838,15 +900,16 @@ def _commit_shards(
         removed += db.execute(
             "DELETE FROM shards WHERE inode = ? AND idx >= ? RETURNING id, length, nodes", (inode, drop_from)
         ).fetchall()
-    for index in shards:
-        removed += db.execute(
-            "DELETE FROM shards WHERE inode = ? AND idx = ? RETURNING id, length, nodes", (inode, index)
-        ).fetchall()
+    for index, ref in shards.items():
+        if not ref.is_patch:
+            removed += db.execute(
+                "DELETE FROM shards WHERE inode = ? AND idx = ? RETURNING id, length, nodes", (inode, index)
+            ).fetchall()
     try:
         db.executemany(
-            "INSERT INTO shards (id, inode, idx, length, checksum, nodes) VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT INTO shards (id, inode, idx, length, checksum, nodes, pages) VALUES (?, ?, ?, ?, ?, ?, ?)",
             [
-                (ref.shard_id, inode, index, ref.length, ref.checksum, _encode_nodes(ref.nodes))
+                (ref.shard_id, inode, index, ref.length, ref.checksum, _encode_nodes(ref.nodes), _encode_pages(ref.pages))
                 for index, ref in shards.items()
             ],
         )
@@ -903,12 +966,10 @@ def _forget_garbage(db: sqlite3.Connection, shard_ids: list[int]) -> None:
 
 def _shards(db: sqlite3.Connection, after_shard_id: int, limit: int) -> list[ShardRecord]:
     rows = db.execute(
-        "SELECT id, inode, idx, length, checksum, nodes FROM shards WHERE id > ? ORDER BY id LIMIT ?",
+        f"SELECT inode, idx, {_SHARD_COLUMNS} FROM shards WHERE id > ? ORDER BY id LIMIT ?",
         (after_shard_id, max(limit, 0)),
     )
-    return [
-        ShardRecord(row[1], row[2], ShardRef(row[0], row[3], row[4], _decode_nodes(row[5]))) for row in rows
-    ]
+    return [ShardRecord(row[0], row[1], _shard_ref(row[2:])) for row in rows]
 
 
 def _set_shard_nodes(db: sqlite3.Connection, shard_id: int, nodes: tuple[str, ...]) -> None:

@@ -3,8 +3,15 @@
 One FileContents exists per inode while the file is open (shared by all its
 handles) and while a closed file is being truncated. It owns the file's
 dirty shard buffers and its copy of the shard map, and follows the rule that
-makes crashes harmless: a shard's replicas are stored first, then one
+makes crashes harmless: an object's replicas are stored first, then one
 metadata transaction points the file at it.
+
+Dirty data is held in 4 KiB pages (write/buffer.py). A flush stores a shard
+index's dirty pages either as a whole new shard (a new file, a shard written
+through, or when too many patches have piled up: "compaction") or as a patch
+of just those pages on top of the objects already there, so a 4 KiB
+overwrite of a big file stores 4 KiB, not the shard (metadata/base.py,
+ShardLayers). Reads take each page from the newest object that holds it.
 
 Concurrency (all on the trio loop, where tasks interleave at every await):
 - `_write_lock` is held by a write (while it finds and fills buffers), by a
@@ -28,23 +35,32 @@ import collections
 import dataclasses
 import logging
 import time
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import trio
 
 from ..errors import DataError, DfsError, NotFound
-from ..metadata.base import InodeAttrs, MetadataStore, ShardRef
+from ..metadata.base import PAGE_SIZE, InodeAttrs, MetadataStore, ShardLayers, ShardRef
 from ..shards.cache import ShardCache
 from ..shards.replicator import Replicator
 from ..write.buffer import ShardBuffer, WriteBudget
 from ..write.flusher import Flusher
-from .layout import shard_count, shard_span
+from .layout import shard_count, shard_length, shard_span
 
 log = logging.getLogger("dfsfuse.contents")
+T = TypeVar("T")
 
 # A read at least this large, or one that continues the previous read, fetches
 # the whole shard into the cache (and the next one ahead); smaller random reads
 # fetch only the checksum blocks they touch.
 WHOLE_SHARD_READ = 128 * 1024
+
+# A flush writes a whole new shard instead of a patch once an index has this
+# many patches (reads merge every patch), or when the patch would hold more
+# than 1/PATCH_SHARE_LIMIT of the shard's bytes anyway.
+MAX_PATCHES = 8
+PATCH_SHARE_LIMIT = 4
 
 # Replicas stored without fsync are remembered per inode so that a later fsync
 # can sync them; past this many in all they are synced in the background.
@@ -101,7 +117,11 @@ class ContentServices:
 
 class FileContents:
     def __init__(
-        self, attrs: InodeAttrs, shard_map: dict[int, ShardRef], services: ContentServices, replicas: int | None = None
+        self,
+        attrs: InodeAttrs,
+        shard_map: dict[int, ShardLayers],
+        services: ContentServices,
+        replicas: int | None = None,
     ):
         self.inode = attrs.inode
         self.replicas = replicas  # how many replicas its shards get; None: the configured R
@@ -113,7 +133,8 @@ class FileContents:
         self._shard_size = services.shard_size
         self._committed_size = attrs.size
         self._times_dirty = False
-        self._shard_map = shard_map
+        self._layers = shard_map
+        self._page_sources: dict[int, dict[int, tuple[ShardRef, int]]] = {}  # see _sources_of
         self._dirty: dict[int, ShardBuffer] = {}
         self._flushing: dict[int, ShardBuffer] = {}
         self._flush_done: dict[int, trio.Event] = {}
@@ -135,15 +156,18 @@ class FileContents:
     # -- writing -------------------------------------------------------------
     async def write(self, offset: int, data: bytes) -> int:
         self._raise_stored_error()
-        await self._services.budget.wait_for_room(self._raise_stored_error)
+        budget = self._services.budget
+        await budget.wait_for_room(self._raise_stored_error)
         async with self._write_lock:
             self._raise_stored_error()
             view = memoryview(data)
             position = 0
             size = self._shard_size
             for index, inner, take in shard_span(offset, len(data), size):
-                buffer = await self._writable_buffer(index, whole=(inner == 0 and take == size))
-                self._services.budget.grow(buffer.write(inner, view[position : position + take]))
+                buffer = await self._writable_buffer(index)
+                for page in buffer.partial_pages(inner, take):
+                    budget.grow(buffer.add_page(page, await self._stored_page(index, page)))
+                budget.grow(buffer.write(inner, view[position : position + take]))
                 position += take
                 self.size = max(self.size, index * size + inner + take)
                 if inner + take == size:
@@ -151,21 +175,20 @@ class FileContents:
             self._touch()
         return len(data)
 
-    async def _writable_buffer(self, index: int, whole: bool) -> ShardBuffer:
+    async def _writable_buffer(self, index: int) -> ShardBuffer:
         while index in self._flush_done:
             await self._flush_done[index].wait()
         buffer = self._dirty.get(index)
-        if buffer is not None:
-            return buffer
-        ref = self._shard_map.get(index)
-        base = b""
-        if ref is not None and not whole:
-            base = await self._shard_data(ref)
-        buffer = ShardBuffer(base)
-        self._dirty[index] = buffer
-        self._services.budget.track((self.inode, index))
-        self._services.budget.grow(len(base))
+        if buffer is None:
+            buffer = self._dirty[index] = ShardBuffer()
+            self._services.budget.track((self.inode, index))
         return buffer
+
+    async def _stored_page(self, index: int, page: int) -> bytes:
+        """The stored contents of one page (shorter, or empty, past the end)."""
+        if page * PAGE_SIZE >= self._stored_length(index):
+            return b""
+        return await self._read_stored(index, page * PAGE_SIZE, PAGE_SIZE, whole=False)
 
     def start_background_flush(self, index: int) -> None:
         """Flush one dirty shard without waiting (a full shard, or budget eviction)."""
@@ -209,12 +232,10 @@ class FileContents:
             log.exception("inode %d shard %d: unexpected error while storing", self.inode, index)
             self._error = DataError(f"inode {self.inode} shard {index}: {error}")
         finally:
-            # Also on cancellation: the data must not vanish. A fresh copy,
-            # since views of the old bytearray may outlive a failed store and
-            # would forbid resizing it.
+            # Also on cancellation: the data must not vanish.
             del self._flushing[index]
             if not stored:
-                self._dirty[index] = ShardBuffer(buffer.data)
+                self._dirty[index] = buffer
                 self._failed.add(index)
             self._flush_done.pop(index).set()
             with trio.CancelScope(shield=True):
@@ -222,16 +243,17 @@ class FileContents:
 
     async def _store_and_commit(self, index: int, buffer: ShardBuffer, sync: bool) -> None:
         services = self._services
-        ref = await services.flusher.store(memoryview(buffer.data), sync, self.replicas)
+        ref, end = await self._store_buffer(index, buffer, sync)
         try:
             async with self._commit_lock:
-                end = index * self._shard_size + len(buffer)
+                end += index * self._shard_size
                 size = min(self.size, max(self._committed_size, end))
-                await services.meta.commit_shards(
-                    self.inode, {index: ref}, size, mtime_ns=self.mtime_ns, ctime_ns=self.ctime_ns
-                )
+                times = (self.mtime_ns, self.ctime_ns)
+                await services.meta.commit_shards(self.inode, {index: ref}, size, mtime_ns=times[0], ctime_ns=times[1])
                 self._committed_size = size
-                self._replace_ref(index, ref)
+                if (self.mtime_ns, self.ctime_ns) == times:
+                    self._times_dirty = False  # no write since: close need not commit them again
+                self._add_committed(index, ref)
         except DfsError:
             # The engine refused the commit, so nothing points at the new
             # replicas. (Any other failure may have committed: leave them to fsck.)
@@ -240,19 +262,60 @@ class FileContents:
         if not sync:
             services.remember_unsynced(self.inode, ref)
 
+    async def _store_buffer(self, index: int, buffer: ShardBuffer, sync: bool) -> tuple[ShardRef, int]:
+        """Store the buffer's pages as a patch, or the index as a whole new
+        shard; returns the new object and the end of the data it commits
+        (relative to the index)."""
+        layers = self._layers.get(index, ())
+        limit = shard_length(index, self.size, self._shard_size)
+        stored_length = min(self._stored_length(index), limit)
+        length = max(stored_length, min(buffer.end, limit))
+        flusher = self._services.flusher
+        pages = buffer.pages
+        if buffer.covers(length):
+            joined = b"".join(pages[page] for page in range(-(-length // PAGE_SIZE)))
+            return await flusher.store(memoryview(joined)[:length], sync, self.replicas), length
+        if layers and self._patch_fits(layers, buffer, length):
+            numbers = sorted(page for page in pages if page * PAGE_SIZE < limit)
+            ref = await flusher.store(b"".join(pages[page] for page in numbers), sync, self.replicas)
+            return dataclasses.replace(ref, pages=tuple(numbers)), (numbers[-1] + 1) * PAGE_SIZE
+        data = bytearray(length)
+        if stored_length:
+            data[:stored_length] = (await self._shard_data(index))[:stored_length]
+        buffer.overlay(data)
+        return await flusher.store(data, sync, self.replicas), length
+
+    @staticmethod
+    def _patch_fits(layers: ShardLayers, buffer: ShardBuffer, length: int) -> bool:
+        patches = sum(1 for ref in layers if ref.is_patch)
+        return patches < MAX_PATCHES and len(buffer) * PATCH_SHARE_LIMIT <= length
+
     async def _discard_stored(self, ref: ShardRef) -> None:
         try:
             await self._services.replicator.delete(ref.shard_id, ref.nodes)
         except DfsError as error:
             log.warning("shard %d: could not delete uncommitted replicas (fsck will): %s", ref.shard_id, error)
 
-    def _replace_ref(self, index: int, ref: ShardRef | None) -> None:
-        old = self._shard_map.pop(index, None)
-        if ref is not None:
-            self._shard_map[index] = ref
-        if old is not None:
-            self._services.cache.discard(old.shard_id)
-            self._services.forget_unsynced(self.inode, [old.shard_id])
+    def _add_committed(self, index: int, ref: ShardRef) -> None:
+        """Follow a committed object: a patch goes on top, a whole shard
+        replaces every object of its index."""
+        if ref.is_patch:
+            layers = self._layers.get(index, ())
+            if layers:
+                self._services.cache.discard(layers[-1].shard_id)  # its merged data is stale now
+            self._layers[index] = layers + (ref,)
+            self._page_sources.pop(index, None)
+        else:
+            self._drop_layers(index)
+            self._layers[index] = (ref,)
+
+    def _drop_layers(self, index: int) -> None:
+        """Forget the objects of an index, which the metadata made garbage."""
+        old = self._layers.pop(index, ())
+        self._page_sources.pop(index, None)
+        if old:
+            self._services.cache.discard(old[-1].shard_id)
+            self._services.forget_unsynced(self.inode, [ref.shard_id for ref in old])
             self._services.note_garbage()
 
     def _touch(self) -> None:
@@ -266,10 +329,12 @@ class FileContents:
         (its own attempt or a background flush that ended meanwhile).
         """
         async with self._write_lock:
-            taken = []
+            taken: list[tuple[int, ShardBuffer]] = []
             for index in list(self._dirty):
                 self._services.budget.begin_flush()
-                taken.append((index, self._take(index)))
+                buffer = self._take(index)
+                assert buffer is not None  # it is in _dirty, and the lock is held
+                taken.append((index, buffer))
         async with trio.open_nursery() as nursery:
             for index, buffer in taken:
                 nursery.start_soon(self._store_taken, index, buffer, sync)
@@ -292,11 +357,19 @@ class FileContents:
                     await services.meta.set_shard_nodes(moved.shard_id, moved.nodes)
                 except NotFound:
                     continue  # the shard was replaced or deleted meanwhile
-                for index, current in list(self._shard_map.items()):
-                    if current.shard_id == moved.shard_id:
-                        self._shard_map[index] = moved
+                self._follow_move(moved)
             services.forget_unsynced(self.inode, [ref.shard_id for ref in refs])
         await services.meta.sync()
+
+    def _follow_move(self, moved: ShardRef) -> None:
+        """Use the new replica set of an object this file holds."""
+        for index, layers in self._layers.items():
+            if any(ref.shard_id == moved.shard_id for ref in layers):
+                self._layers[index] = tuple(
+                    dataclasses.replace(ref, nodes=moved.nodes) if ref.shard_id == moved.shard_id else ref
+                    for ref in layers
+                )
+                self._page_sources.pop(index, None)
 
     async def _commit_size_and_times(self) -> None:
         async with self._commit_lock:
@@ -347,11 +420,11 @@ class FileContents:
                     await self._discard_stored(tail)
                 raise
             # Committed: now the in-memory state follows, with no await between.
-            for index in [i for i in self._shard_map if i >= keep]:
-                self._replace_ref(index, None)
+            for index in [i for i in self._layers if i >= keep]:
+                self._drop_layers(index)
             dropped = [i for i in self._dirty if i >= keep or (tail is not None and i == tail_index)]
             if tail is not None:
-                self._replace_ref(tail_index, tail)
+                self._add_committed(tail_index, tail)
                 self._services.remember_unsynced(self.inode, tail)
             self.size = new_size
             self.mtime_ns = self.ctime_ns = now
@@ -368,16 +441,16 @@ class FileContents:
     async def _store_cut_tail(self, index: int, length: int) -> ShardRef | None:
         """Store the first `length` bytes of shard `index` as a new shard, if
         what the shard holds now (buffered or stored) is longer."""
-        buffer = self._dirty.get(index)
-        if buffer is not None:
-            if len(buffer) <= length:
-                return None
-            data = bytes(buffer.data[:length])
-        else:
-            ref = self._shard_map.get(index)
-            if ref is None or ref.length <= length:
-                return None
-            data = (await self._shard_data(ref))[:length]
+        buffer = self._dirty.get(index, ShardBuffer())
+        limit = shard_length(index, self.size, self._shard_size)
+        stored_length = min(self._stored_length(index), limit)
+        if max(stored_length, min(buffer.end, limit)) <= length:
+            return None
+        data = bytearray(length)
+        kept = min(stored_length, length)
+        if kept:
+            data[:kept] = (await self._shard_data(index))[:kept]
+        buffer.overlay(data)
         return await self._services.flusher.store(data, sync=False, replicas=self.replicas)
 
     # -- reading -------------------------------------------------------------
@@ -386,47 +459,109 @@ class FileContents:
             return b""
         size = min(size, self.size - offset)
         whole = sequential or size >= WHOLE_SHARD_READ
-        parts = []
-        for index, inner, take in shard_span(offset, size, self._shard_size):
-            pending = self._dirty.get(index)
-            if pending is None:
-                pending = self._flushing.get(index)
-            if pending is not None:
-                chunk = bytes(pending.data[inner : inner + take])
-            else:
-                ref = self._shard_map.get(index)
-                if ref is None or inner >= ref.length:
-                    chunk = b""
-                else:
-                    chunk = await self._read_stored(index, ref, inner, min(take, ref.length - inner), whole)
-            if len(chunk) < take:
-                chunk += bytes(take - len(chunk))
-            parts.append(chunk)
+        parts = [
+            await self._read_index(index, inner, take, whole)
+            for index, inner, take in shard_span(offset, size, self._shard_size)
+        ]
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    async def _read_stored(self, index: int, ref: ShardRef, inner: int, length: int, whole: bool) -> bytes:
-        cached = self._services.cache.get(ref.shard_id)
+    async def _read_index(self, index: int, inner: int, take: int, whole: bool) -> bytes:
+        """`take` bytes of shard `index` from `inner` on: dirty pages first,
+        then what is stored, zeros where nothing is."""
+        buffer = self._dirty.get(index)
+        if buffer is None:
+            buffer = self._flushing.get(index)
+        if buffer is None:
+            chunk = await self._read_stored(index, inner, take, whole)
+            return chunk if len(chunk) == take else chunk + bytes(take - len(chunk))
+        out = bytearray(take)
+        pages = buffer.pages
+        for start, stop, held in _runs(inner, inner + take, pages.__contains__, _same):
+            if held:
+                for piece_start, piece_stop, page in _pages_of(start, stop):
+                    base = page * PAGE_SIZE
+                    out[piece_start - inner : piece_stop - inner] = pages[page][piece_start - base : piece_stop - base]
+            else:
+                chunk = await self._read_stored(index, start, stop - start, whole)
+                out[start - inner : start - inner + len(chunk)] = chunk
+        return bytes(out)
+
+    def _stored_length(self, index: int) -> int:
+        """How far the stored objects of an index reach (0: none)."""
+        return max((_reach(ref) for ref in self._layers.get(index, ())), default=0)
+
+    async def _read_stored(self, index: int, inner: int, length: int, whole: bool) -> bytes:
+        """Stored bytes of shard `index`; shorter than `length` past the end."""
+        layers = self._layers.get(index)
+        if not layers:
+            return b""
+        cached = self._services.cache.get(layers[-1].shard_id)
         if cached is not None:
             return cached[inner : inner + length]
         if whole:
-            data = await self._shard_data(ref)
+            data = await self._shard_data(index)
             self._read_ahead(index + 1)
             return data[inner : inner + length]
-        return await self._guarded_read(ref, inner, length)
+        if len(layers) == 1 and not layers[0].is_patch:
+            return await self._read_object(layers[0], inner, length)
+        sources = self._sources_of(index)
+        base = None if layers[0].is_patch else layers[0]
+        out = bytearray(length)
+        for start, stop, source in _runs(inner, inner + length, sources.get, _next_slot):
+            if source is None:
+                chunk = b"" if base is None else await self._read_object(base, start, stop - start)
+            else:
+                ref, slot = source
+                offset = slot * PAGE_SIZE + start % PAGE_SIZE
+                chunk = await self._guarded_read(ref, offset, stop - start)
+            out[start - inner : start - inner + len(chunk)] = chunk
+        return bytes(out)
 
-    async def _shard_data(self, ref: ShardRef) -> bytes:
-        """The whole verified shard, from the cache or the stores."""
+    async def _read_object(self, ref: ShardRef, offset: int, length: int) -> bytes:
+        """Bytes of a whole shard's object; shorter past its end."""
+        if offset >= ref.length:
+            return b""
+        return await self._guarded_read(ref, offset, min(length, ref.length - offset))
+
+    def _sources_of(self, index: int) -> dict[int, tuple[ShardRef, int]]:
+        """page -> (patch, the page's slot in it), for the newest patch
+        holding each page of the index; pages absent come from the whole shard."""
+        sources = self._page_sources.get(index)
+        if sources is None:
+            sources = self._page_sources[index] = {}
+            for ref in self._layers.get(index, ()):
+                for slot, page in enumerate(ref.pages):
+                    sources[page] = (ref, slot)
+        return sources
+
+    async def _shard_data(self, index: int) -> bytes:
+        """The whole verified shard, its objects merged, from the cache or the stores."""
+        layers = self._layers[index]
         in_flight = self._services.reads_in_flight
-        in_flight[ref.shard_id] += 1  # also while waiting for another reader's fetch
+        for ref in layers:  # also while waiting for another reader's fetch
+            in_flight[ref.shard_id] += 1
         try:
-            return await self._services.cache.get_or_fetch(
-                ref.shard_id, lambda: self._guarded_read(ref, 0, ref.length)
-            )
+            return await self._services.cache.get_or_fetch(layers[-1].shard_id, lambda: self._merge(layers))
         finally:
-            self._done_reading(ref.shard_id)
+            for ref in layers:
+                self._done_reading(ref.shard_id)
+
+    async def _merge(self, layers: ShardLayers) -> bytes:
+        base = None if layers[0].is_patch else layers[0]
+        patches = layers[1:] if base is not None else layers
+        if not patches:
+            return await self._guarded_read(layers[0], 0, layers[0].length)
+        merged = bytearray(max(_reach(ref) for ref in layers))
+        if base is not None:
+            merged[: base.length] = await self._guarded_read(base, 0, base.length)
+        for ref in patches:
+            data = await self._guarded_read(ref, 0, ref.length)
+            for slot, page in enumerate(ref.pages):
+                merged[page * PAGE_SIZE : (page + 1) * PAGE_SIZE] = data[slot * PAGE_SIZE : (slot + 1) * PAGE_SIZE]
+        return bytes(merged)
 
     async def _guarded_read(self, ref: ShardRef, offset: int, length: int) -> bytes:
-        """Read while telling the garbage collector that this shard is in use."""
+        """Read while telling the garbage collector that this object is in use."""
         self._services.reads_in_flight[ref.shard_id] += 1
         try:
             try:
@@ -443,13 +578,13 @@ class FileContents:
             self._done_reading(ref.shard_id)
 
     async def _moved_ref(self, ref: ShardRef) -> ShardRef | None:
-        """The shard's ref as the metadata has it now, if its replicas moved
+        """The object's ref as the metadata has it now, if its replicas moved
         (rebalance, drain, repair) since this file loaded its shard map."""
-        for index, current in (await self._services.meta.shard_map(self.inode)).items():
-            if current.shard_id == ref.shard_id and current.nodes != ref.nodes:
-                if self._shard_map.get(index, current).shard_id == ref.shard_id:
-                    self._shard_map[index] = current
-                return current
+        for layers in (await self._services.meta.shard_map(self.inode)).values():
+            for current in layers:
+                if current.shard_id == ref.shard_id and current.nodes != ref.nodes:
+                    self._follow_move(current)
+                    return current
         return None
 
     def _done_reading(self, shard_id: int) -> None:
@@ -459,14 +594,57 @@ class FileContents:
             del in_flight[shard_id]
 
     def _read_ahead(self, index: int) -> None:
-        ref = self._shard_map.get(index)
-        if ref is None or index in self._dirty or self._services.cache.is_cached_or_fetching(ref.shard_id):
+        layers = self._layers.get(index)
+        if not layers or index in self._dirty or self._services.cache.is_cached_or_fetching(layers[-1].shard_id):
             return
 
         async def fetch_quietly() -> None:
             try:
-                await self._shard_data(ref)
+                await self._shard_data(index)
             except Exception:  # noqa: BLE001 - the real read will retry and report
-                log.debug("read-ahead of shard %d failed", ref.shard_id, exc_info=True)
+                log.debug("read-ahead of shard index %d failed", index, exc_info=True)
 
         self._services.nursery.start_soon(fetch_quietly)
+
+
+def _reach(ref: ShardRef) -> int:
+    """The offset in its shard index just past the last byte an object holds."""
+    return (ref.pages[-1] + 1) * PAGE_SIZE if ref.is_patch else ref.length
+
+
+def _pages_of(start: int, stop: int) -> Iterator[tuple[int, int, int]]:
+    """Split [start, stop) at page boundaries: (piece start, piece stop, page)."""
+    while start < stop:
+        page = start // PAGE_SIZE
+        end = min(stop, (page + 1) * PAGE_SIZE)
+        yield start, end, page
+        start = end
+
+
+def _runs(
+    start: int, stop: int, key: Callable[[int], T], follows: Callable[[T, T, int], bool]
+) -> Iterator[tuple[int, int, T]]:
+    """Split [start, stop) at page boundaries into maximal runs; yields (run
+    start, run stop, key of its first page). A page joins the run when
+    follows(key of the run's first page, its own key, pages since that one)."""
+    position = start
+    while position < stop:
+        first = position // PAGE_SIZE
+        value = key(first)
+        end = min(stop, (first + 1) * PAGE_SIZE)
+        while end < stop and follows(value, key(end // PAGE_SIZE), end // PAGE_SIZE - first):
+            end = min(stop, end + PAGE_SIZE)
+        yield position, end, value
+        position = end
+
+
+def _same(first: object, value: object, distance: int) -> bool:
+    return value == first
+
+
+def _next_slot(first: tuple[ShardRef, int] | None, value: tuple[ShardRef, int] | None, distance: int) -> bool:
+    """Whether a page's source continues a run: both from the whole shard, or
+    the same patch at the slot that follows."""
+    if first is None or value is None:
+        return first is value
+    return value[0] is first[0] and value[1] == first[1] + distance

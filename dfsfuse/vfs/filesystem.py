@@ -8,8 +8,8 @@ limits, and the background garbage collector that deletes replicas of shards
 nothing refers to any more.
 
 An inode whose last name is removed is deleted only when no handle has it
-open and the kernel holds no reference to it; if the mount dies first, the
-next mount deletes it (`orphan_inodes`).
+open and the kernel holds no reference to it, by the garbage collector's next
+round; if the mount dies first, the next mount deletes it (`orphan_inodes`).
 """
 
 from __future__ import annotations
@@ -36,7 +36,14 @@ from .contents import ContentServices, FileContents
 log = logging.getLogger("dfsfuse.vfs")
 
 NAME_MAX = 255
-GARBAGE_BATCH = 512
+# The garbage collector starts a round once no new garbage was noted for
+# GARBAGE_QUIET seconds, or GARBAGE_MAX_DELAY seconds after the first, and takes
+# all that came meanwhile: a burst of deletes (rm -rf) then costs one metadata
+# sync and one pass, not one per file, and does not compete with its own end.
+GARBAGE_QUIET = 0.25
+GARBAGE_MAX_DELAY = 3.0
+GARBAGE_BATCH = 4096  # garbage rows per metadata sync
+DELETE_BATCH = 1000  # inodes per transaction (the requests queued behind one wait for it)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +82,7 @@ class FileSystem:
         self._next_handle = 1
         self._refs: collections.Counter[int] = collections.Counter()
         self._unlinked: set[int] = set()
+        self._doomed: set[int] = set()  # unlinked and unreferenced: the collector deletes them
         self._services: ContentServices | None = None
 
     # -- lifecycle -------------------------------------------------------------
@@ -91,9 +99,10 @@ class FileSystem:
                 shard_size=self._config.shard_size,
                 nursery=nursery,
             )
-            for inode in await self._meta.orphan_inodes():
-                log.info("deleting inode %d, unlinked while open when the file system last stopped", inode)
-                await self._meta.delete_inode(inode)
+            orphans = await self._meta.orphan_inodes()
+            for inode in orphans:
+                log.info("deleting inode %d, unlinked but not yet deleted when the file system last stopped", inode)
+            self._doomed.update(orphans)
             await self._collect_garbage()
             nursery.start_soon(self._garbage_collector)
             task_status.started()
@@ -109,12 +118,16 @@ class FileSystem:
         self._handles.clear()
         self._files.clear()
         self._refs.clear()
-        for inode in sorted(self._unlinked):
-            await self._meta.delete_inode(inode)
+        self._doomed |= self._unlinked
         self._unlinked.clear()
         await self._collect_garbage()
         await self._meta.sync()
         await trio.to_thread.run_sync(os.sync)
+
+    @property
+    def deletions_pending(self) -> int:
+        """Unreferenced inodes waiting for the garbage collector's next round."""
+        return len(self._doomed)
 
     @property
     def services(self) -> ContentServices:
@@ -138,12 +151,15 @@ class FileSystem:
             self._refs[inode] = remaining
             return
         del self._refs[inode]
-        await self._delete_if_unreferenced(inode)
+        self._delete_if_unreferenced(inode)
 
-    async def _delete_if_unreferenced(self, inode: int) -> None:
+    def _delete_if_unreferenced(self, inode: int) -> None:
+        """Hand an unlinked inode that nothing refers to any more to the garbage
+        collector, which deletes it with the others of its round: one engine
+        transaction for a whole `rm -rf`, not one per file."""
         if inode in self._unlinked and not self._refs[inode] and inode not in self._files:
             self._unlinked.discard(inode)
-            await self._meta.delete_inode(inode)
+            self._doomed.add(inode)
             self.services.forget_unsynced(inode)
             self.services.note_garbage()
 
@@ -213,7 +229,7 @@ class FileSystem:
         _check_name(name)
         attrs = (await self._meta.unlink(parent, name, time.time_ns())).attrs
         self._note_links(attrs)
-        await self._delete_if_unreferenced(attrs.inode)
+        self._delete_if_unreferenced(attrs.inode)
 
     async def rmdir(self, parent: int, name: bytes) -> None:
         _check_name(name)
@@ -221,7 +237,7 @@ class FileSystem:
             raise InvalidArgument("cannot remove '.'")
         attrs = (await self._meta.rmdir(parent, name, time.time_ns())).attrs
         self._note_links(attrs)
-        await self._delete_if_unreferenced(attrs.inode)
+        self._delete_if_unreferenced(attrs.inode)
 
     async def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, flags: int) -> None:
         _check_name(old_name)
@@ -229,7 +245,7 @@ class FileSystem:
         change = await self._meta.rename(old_parent, old_name, new_parent, new_name, flags, time.time_ns())
         if change is not None and change.replaced is not None:
             self._note_links(change.replaced)
-            await self._delete_if_unreferenced(change.replaced.inode)
+            self._delete_if_unreferenced(change.replaced.inode)
 
     async def readlink(self, inode: int) -> bytes:
         attrs = await self._meta.getattr(inode)
@@ -273,7 +289,7 @@ class FileSystem:
         try:
             await contents.truncate(size)
         finally:
-            await self._drop_if_closed(contents)
+            self._drop_if_closed(contents)
 
     async def statfs(self) -> FsStats:
         capacity_by_device: dict[str, tuple[int, int]] = {}
@@ -331,7 +347,7 @@ class FileSystem:
                 await contents.truncate(0)
             except BaseException:
                 contents.open_count -= 1
-                await self._drop_if_closed(contents)
+                self._drop_if_closed(contents)
                 raise
         handle = self._next_handle
         self._next_handle += 1
@@ -360,7 +376,9 @@ class FileSystem:
         return await self._handle(handle).contents.write(offset, data)
 
     async def flush(self, handle: int) -> None:
-        await self._handle(handle).contents.flush(sync=False)
+        contents = self._handle(handle).contents
+        if not contents.is_clean:  # every close flushes; one that only read has nothing to store
+            await contents.flush(sync=False)
 
     async def fsync(self, handle: int, datasync: bool) -> None:
         await self._handle(handle).contents.flush(sync=True)
@@ -387,20 +405,19 @@ class FileSystem:
             # buffered and the next open, or the unmount, tries again.
             log.error("inode %d: data not stored at release: %s", contents.inode, error)
         finally:
-            await self._drop_if_closed(contents)
+            self._drop_if_closed(contents)
 
-    async def _drop_if_closed(self, contents: FileContents) -> None:
+    def _drop_if_closed(self, contents: FileContents) -> None:
         """Forget a file's contents once nothing has it open and all is stored."""
         if not contents.open_count and contents.is_clean and self._files.get(contents.inode) is contents:
             del self._files[contents.inode]
-            await self._delete_if_unreferenced(contents.inode)
+            self._delete_if_unreferenced(contents.inode)
 
     # -- garbage -----------------------------------------------------------------
     async def _garbage_collector(self) -> None:
         while True:
-            event = self.services.garbage_added
-            await event.wait()
-            self.services.garbage_added = trio.Event()
+            await self.services.garbage_added.wait()
+            await self._wait_for_a_pause()
             try:
                 complete = await self._collect_garbage()
             except Exception:  # noqa: BLE001 - keep the mount alive; try again later
@@ -410,8 +427,23 @@ class FileSystem:
                 await trio.sleep(1)  # some shards were being read, or a store failed
                 self.services.note_garbage()
 
+    async def _wait_for_a_pause(self) -> None:
+        """Until no garbage was noted for GARBAGE_QUIET seconds, or at most
+        GARBAGE_MAX_DELAY; garbage noted from here on starts another round."""
+        deadline = trio.current_time() + GARBAGE_MAX_DELAY
+        while True:
+            self.services.garbage_added = trio.Event()
+            await trio.sleep(max(0.0, min(GARBAGE_QUIET, deadline - trio.current_time())))
+            if not self.services.garbage_added.is_set() or trio.current_time() >= deadline:
+                return
+
     async def _collect_garbage(self) -> bool:
-        """Delete replicas of unreferenced shards; False if some had to wait."""
+        """Delete the doomed inodes, then the replicas of unreferenced shards;
+        False if some had to wait."""
+        while self._doomed:
+            inodes = sorted(self._doomed)[:DELETE_BATCH]
+            await self._meta.delete_inodes(inodes)
+            self._doomed.difference_update(inodes)
         complete = True
         after_skipped: set[int] = set()
         while True:

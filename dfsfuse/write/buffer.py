@@ -1,50 +1,102 @@
 """Dirty shard buffers and the memory budget that bounds them.
 
-A ShardBuffer holds the bytes [0, len) of one shard of one file as the
-application wrote them (on top of the shard's old contents, loaded first when
-a write covers only part of an existing shard). The WriteBudget counts the
-bytes held by all buffers of all files; when it is exceeded, writers wait
-while the oldest buffers are flushed, so memory stays bounded whatever the
-application does and a slow store slows the writers down instead.
+A ShardBuffer holds the dirty 4 KiB pages of one shard index of one file, as
+the application wrote them. Pages are whole: a write that covers only part of
+a page the buffer does not hold yet needs the page's current contents first
+(`partial_pages` names them, `add_page` puts them in). So a small overwrite
+costs a page, not a shard, in memory and later in the stores (a patch).
+
+The WriteBudget counts the bytes held by all buffers of all files; when it is
+exceeded, writers wait while the oldest buffers are flushed, so memory stays
+bounded whatever the application does and a slow store slows the writers
+down instead.
 """
 
 from __future__ import annotations
 
 import collections
-from typing import Callable
+from collections.abc import Callable
 
 import trio
 
 from ..errors import DataError
+from ..metadata.base import PAGE_SIZE
 
 
 class ShardBuffer:
-    """The pending contents of one shard: a growable bytearray."""
+    """Dirty pages of one shard index: page number -> PAGE_SIZE writable bytes
+    (a bytearray, or a view of the block a write copied)."""
 
-    __slots__ = ("data",)
+    __slots__ = ("pages",)
 
-    def __init__(self, base: bytes | bytearray = b""):
-        self.data = bytearray(base)
+    def __init__(self) -> None:
+        self.pages: dict[int, bytearray | memoryview] = {}
 
     def __len__(self) -> int:
-        return len(self.data)
+        """Bytes held (what the budget counts)."""
+        return len(self.pages) * PAGE_SIZE
+
+    @property
+    def end(self) -> int:
+        """The offset just past the last page held; 0 when empty."""
+        return (max(self.pages) + 1) * PAGE_SIZE if self.pages else 0
+
+    def partial_pages(self, offset: int, length: int) -> list[int]:
+        """Pages that [offset, offset+length) covers only in part and that are
+        not held: their current contents must be added before the write."""
+        if length <= 0:
+            return []
+        first, last = offset // PAGE_SIZE, (offset + length - 1) // PAGE_SIZE
+        edges = {first} if offset % PAGE_SIZE else set()
+        if (offset + length) % PAGE_SIZE:
+            edges.add(last)
+        return sorted(page for page in edges if page not in self.pages)
+
+    def add_page(self, page: int, contents: bytes | bytearray) -> int:
+        """Hold `contents` (zero-padded to a page) as page `page`; returns the growth."""
+        data = bytearray(contents[:PAGE_SIZE])
+        data.extend(bytes(PAGE_SIZE - len(data)))
+        grown = 0 if page in self.pages else PAGE_SIZE
+        self.pages[page] = data
+        return grown
 
     def write(self, offset: int, chunk: bytes | memoryview) -> int:
-        """Write at `offset`, zero-filling any gap; returns how much the buffer grew."""
-        before = len(self.data)
-        end = offset + len(chunk)
-        if offset > before:
-            self.data.extend(bytes(offset - before))
-        self.data[offset:end] = chunk
-        return len(self.data) - before
+        """Write at `offset`; the pages it covers in part must be held already.
+        Returns how many bytes the buffer grew.
 
-    def truncate(self, length: int) -> int:
-        """Cut to `length` bytes; returns how much the buffer shrank."""
-        before = len(self.data)
-        if length < before:
-            del self.data[length:]
-        return before - len(self.data)
+        The whole pages of a write are copied once, as one block, and held as
+        views of it: one allocation per write rather than one per page."""
+        grown = 0
+        view = memoryview(chunk)
+        position = 0
+        while position < len(view):
+            page, inner = divmod(offset + position, PAGE_SIZE)
+            whole_pages = (len(view) - position) // PAGE_SIZE if inner == 0 else 0
+            if whole_pages:
+                block = memoryview(bytearray(view[position : position + whole_pages * PAGE_SIZE]))
+                for number in range(whole_pages):
+                    if page + number not in self.pages:
+                        grown += PAGE_SIZE
+                    self.pages[page + number] = block[number * PAGE_SIZE : (number + 1) * PAGE_SIZE]
+                position += whole_pages * PAGE_SIZE
+            else:
+                take = min(PAGE_SIZE - inner, len(view) - position)
+                self.pages[page][inner : inner + take] = view[position : position + take]
+                position += take
+        return grown
 
+    def covers(self, length: int) -> bool:
+        """Whether every page of [0, length) is held."""
+        return all(page in self.pages for page in range(-(-length // PAGE_SIZE)))
+
+    def overlay(self, data: bytearray, start: int = 0) -> None:
+        """Copy the held pages onto `data`, which holds the shard's bytes from
+        `start` on; pages (or parts) outside it are left out."""
+        stop = start + len(data)
+        for page, contents in self.pages.items():
+            lo, hi = max(page * PAGE_SIZE, start), min((page + 1) * PAGE_SIZE, stop)
+            if lo < hi:
+                data[lo - start : hi - start] = contents[lo - page * PAGE_SIZE : hi - page * PAGE_SIZE]
 
 BufferKey = tuple[int, int]  # (inode, shard index)
 

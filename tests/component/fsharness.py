@@ -141,9 +141,9 @@ class ObservedSqlite(SqliteMetadata):
         self.events.append(("commit", inode))
         return attrs
 
-    async def delete_inode(self, inode: int) -> None:
-        await super().delete_inode(inode)
-        self.events.append(("delete inode", inode))
+    async def delete_inodes(self, inodes) -> None:
+        await super().delete_inodes(inodes)
+        self.events.append(("delete inodes", len(inodes)))
 
     async def sync(self) -> None:
         await super().sync()
@@ -257,13 +257,14 @@ class Env:
         return await self.meta.garbage(100_000)
 
     async def wait_for_garbage_collection(self, timeout: float = 10) -> None:
-        """Until the background collector emptied the garbage list.
+        """Until the background collector deleted the unreferenced inodes and
+        emptied the garbage list.
 
         The collector has no completion signal, so this polls the metadata,
         the observable outcome, under a deadline.
         """
         with trio.fail_after(timeout):
-            while await self.garbage():
+            while self.fs.deletions_pending or await self.garbage():
                 await trio.sleep(0.002)
 
     async def check_stores_match_metadata(self, allow_garbage: bool = False) -> None:

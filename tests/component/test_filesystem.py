@@ -24,7 +24,15 @@ import trio
 import trio.testing
 
 from dfsfuse.errors import DfsError, NoSpace, StoreUnavailable
-from dfsfuse.metadata.base import RENAME_EXCHANGE, RENAME_NOREPLACE, XATTR_CREATE, XATTR_REPLACE, AttrChanges
+from dfsfuse.metadata.base import (
+    PAGE_SIZE,
+    RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
+    XATTR_CREATE,
+    XATTR_REPLACE,
+    AttrChanges,
+)
+from dfsfuse.vfs.contents import MAX_PATCHES
 from dfsfuse.vfs.filesystem import Caller
 from fsharness import KiB, ME, ROOT, SHARD, Harness, replica_path, run, wait_until
 
@@ -177,6 +185,49 @@ def random_workload(harness: Harness, seed: int, steps: int, settle_before_trunc
 
 def test_random_operations_match_a_model_and_survive_a_restart(harness):
     random_workload(harness, seed=20240611, steps=2000, settle_before_truncate=True)
+
+
+def test_random_small_overwrites_through_patches_match_a_model(tmp_path):
+    """Small writes over a big file, with a write buffer so small that
+    evictions flush a few pages at a time: many patches, compactions, reads
+    of every size across them; the same bytes after a restart."""
+    harness = Harness(tmp_path, write_buffer=2 * SHARD)
+    rng = random.Random(20261125)
+    model = bytearray(rng.randbytes(5 * SHARD + 1234))
+
+    async def main():
+        async with harness.running() as env:
+            fs = env.fs
+            handle, inode = await env.create(b"f")
+            await fs.write(handle, 0, bytes(model))
+            await fs.fsync(handle, False)
+            for step in range(1500):
+                op = rng.choices(["write", "read", "flush", "truncate"], [55, 35, 9, 1])[0]
+                if op == "write":
+                    offset = rng.randrange(0, len(model) + 100)
+                    data = rng.randbytes(rng.choice([1, rng.randrange(1, 3000), 4096, rng.randrange(1, 20000)]))
+                    await fs.write(handle, offset, data)
+                    model.extend(bytes(max(0, offset - len(model))))
+                    model[offset : offset + len(data)] = data
+                elif op == "read":
+                    offset, size = rng.randrange(0, len(model)), rng.randrange(1, 3 * SHARD)
+                    assert await fs.read(handle, offset, size) == model[offset : offset + size], step
+                elif op == "flush":
+                    await fs.flush(handle)
+                else:
+                    new_size = rng.randrange(len(model) // 2, len(model))
+                    await fs.setattr(inode, AttrChanges(), new_size)
+                    del model[new_size:]
+            await fs.flush(handle)
+            patches = [record for record in await env.live_shards() if record.ref.is_patch]
+            assert patches, "no write was stored as a patch"
+            await fs.release(handle)
+            assert await env.contents_of(b"f") == bytes(model)
+        async with harness.running() as env:
+            assert await env.contents_of(b"f") == bytes(model)
+            await env.check_stores_match_metadata()
+
+    run(main)
 
 
 def test_bug_random_operations_with_truncate_right_after_writes(harness):
@@ -385,6 +436,39 @@ def test_deleting_everything_leaves_every_store_empty(harness):
     run(main)
 
 
+def test_a_burst_of_deletes_is_collected_in_one_round(harness):
+    """rm of many small files: the collector waits for the burst to end, then
+    deletes the inodes in one transaction and every replica after one
+    metadata sync, not one of each per file."""
+    files = 100
+
+    async def main():
+        async with harness.running() as env:
+            fs = env.fs
+            for i in range(files):
+                handle, _ = await env.create(b"f%d" % i)
+                await fs.write(handle, 0, os.urandom(4 * KiB))
+                await fs.flush(handle)
+                await fs.release(handle)
+            await env.wait_for_garbage_collection()
+            assert env.replica_count() == files * harness.config.replicas
+            first_delete = len(env.events)
+            for i in range(files):
+                inode = (await fs.lookup(ROOT, b"f%d" % i)).inode
+                await fs.unlink(ROOT, b"f%d" % i)
+                await fs.forget(inode, 2)  # the create's reference and the lookup's
+            await env.wait_for_garbage_collection()
+            assert env.replica_count() == 0
+            events = env.events[first_delete:]
+            transactions = [event for event in events if event[0] == "delete inodes"]
+            assert sum(count for _, count in transactions) == files
+            assert len(transactions) <= 3, f"{len(transactions)} transactions to delete {files} inodes"
+            syncs = events.count(("sync", 0))
+            assert 1 <= syncs <= 3, f"{syncs} metadata syncs to collect {files} deleted files"
+
+    run(main)
+
+
 def test_unlinked_open_file_stays_readable_until_released_and_forgotten(harness):
     async def main():
         async with harness.running() as env:
@@ -430,37 +514,85 @@ def test_file_unlinked_while_open_when_the_mount_died_is_deleted_next_time(harne
     run(main)
 
 
-def test_overwrite_makes_a_new_shard_and_collects_the_old_one(harness):
+def test_small_overwrites_stack_patches_until_a_new_shard_collects_them(harness):
+    """A small overwrite stores only the pages it changed, as a patch on top
+    of the shard; after MAX_PATCHES patches the next flush writes a whole new
+    shard and the old objects are collected. Ids never go backwards."""
     async def main():
         seen: list[int] = []
         data = bytearray(os.urandom(SHARD))
         async with harness.running() as env:
             fs = env.fs
             handle, inode = await env.create(b"f")
-            for round_ in range(3):
-                await fs.write(handle, 100 * round_, b"x" * 50)
-                data[100 * round_ : 100 * round_ + 50] = b"x" * 50
-                if round_ == 0:
-                    await fs.write(handle, 0, bytes(data))
+            await fs.write(handle, 0, bytes(data))
+            await fs.fsync(handle, False)
+            for round_ in range(MAX_PATCHES):
+                offset = round_ * 5000  # page round_ * 5000 // 4096
+                await fs.write(handle, offset, b"x" * 50)
+                data[offset : offset + 50] = b"x" * 50
                 await fs.fsync(handle, False)
-                (record,) = await env.live_shards()
-                seen.append(record.ref.shard_id)
-                await env.wait_for_garbage_collection()
-                on_disk = env.replicas_on_disk()
-                assert sorted(i for ids in on_disk.values() for i in ids) == [seen[-1]] * harness.config.replicas
+                records = await env.live_shards()
+                assert [record.ref.is_patch for record in records] == [False] + [True] * (round_ + 1)
+                assert records[-1].ref.length == PAGE_SIZE
+                assert await env.contents_of(b"f") == bytes(data)
+            seen += [record.ref.shard_id for record in records]
+            await fs.write(handle, 3, b"z")
+            data[3:4] = b"z"
+            await fs.fsync(handle, False)
+            (record,) = await env.live_shards()  # compacted into one whole shard
+            assert not record.ref.is_patch and record.ref.length == SHARD
+            seen.append(record.ref.shard_id)
+            await env.wait_for_garbage_collection()
+            on_disk = env.replicas_on_disk()
+            assert sorted(i for ids in on_disk.values() for i in ids) == [seen[-1]] * harness.config.replicas
             await fs.release(handle)
         async with harness.running() as env:  # ids stay fresh across a restart
             handle = await env.fs.open(inode, os.O_RDWR)
             await env.fs.write(handle, 7, b"y")
             data[7:8] = b"y"
             await env.fs.fsync(handle, False)
-            (record,) = await env.live_shards()
-            seen.append(record.ref.shard_id)
+            seen.append((await env.live_shards())[-1].ref.shard_id)
             await env.fs.release(handle)
-            await env.wait_for_garbage_collection()
             assert await env.contents_of(b"f") == bytes(data)
             await env.check_stores_match_metadata()
         assert seen == sorted(set(seen)), f"shard ids reused or going backwards: {seen}"
+
+    run(main)
+
+
+def test_closing_a_new_small_file_is_one_metadata_commit(harness):
+    """The commit that points the file at its shard also records its size and
+    times; close must not commit them a second time."""
+    async def main():
+        async with harness.running() as env:
+            handle, inode = await env.create(b"small")
+            await env.fs.write(handle, 0, os.urandom(4 * KiB))
+            env.events.clear()
+            await env.fs.flush(handle)
+            assert env.events.count(("commit", inode)) == 1, env.events
+            await env.fs.release(handle)
+            assert await env.contents_of(b"small") != b""
+
+    run(main)
+
+
+def test_an_overwrite_of_most_of_a_shard_writes_a_new_shard(harness):
+    async def main():
+        async with harness.running() as env:
+            fs = env.fs
+            handle, _ = await env.create(b"f")
+            data = bytearray(os.urandom(SHARD + 100))
+            await fs.write(handle, 0, bytes(data))
+            await fs.fsync(handle, False)
+            first = [record.ref.shard_id for record in await env.live_shards()]
+            await fs.write(handle, 10, b"q" * (SHARD // 2))  # more than a quarter: no patch
+            data[10 : 10 + SHARD // 2] = b"q" * (SHARD // 2)
+            await fs.fsync(handle, False)
+            by_index = {record.index: record.ref for record in await env.live_shards()}
+            assert not by_index[0].is_patch and by_index[0].shard_id > max(first)
+            assert by_index[1].shard_id in first
+            await fs.release(handle)
+            assert await env.contents_of(b"f") == bytes(data)
 
     run(main)
 
@@ -1189,7 +1321,7 @@ def test_bug_replaced_replicas_are_deleted_only_once_the_replacement_is_durable(
             await fs.write(handle, 0, os.urandom(SHARD))
             await fs.fsync(handle, False)  # durable: data and metadata
             (old,) = await env.live_shards()
-            await fs.write(handle, 10, b"new")
+            await fs.write(handle, 10, b"new" * (SHARD // 6))  # too much for a patch: a whole new shard
             await fs.flush(handle)  # close(): the old shard becomes garbage, nothing synced
             await env.wait_for_garbage_collection()
             deleted = env.events.index(("delete replica", old.ref.shard_id))

@@ -29,6 +29,7 @@ from dfsfuse.metadata.base import (
     EntryChange,
     InodeAttrs,
     MetadataStore,
+    ShardLayers,
     ShardRef,
 )
 from dfsfuse.metadata.cache import CachedMetadata
@@ -70,7 +71,7 @@ class CountingSqlite(SqliteMetadata):
         self.calls["listxattr"] += 1
         return await super().listxattr(inode)
 
-    async def shard_map(self, inode: int) -> dict[int, ShardRef]:
+    async def shard_map(self, inode: int) -> dict[int, ShardLayers]:
         self.calls["shard_map"] += 1
         return await super().shard_map(inode)
 
@@ -168,16 +169,38 @@ def test_repeated_reads_come_from_memory(tmp_path):
                     await cache.getxattr(file.inode, b"security.capability")
                 assert await cache.getxattr(file.inode, b"user.k") == b"v"
                 assert await cache.listxattr(file.inode) == [b"user.k"]
-                assert await cache.shard_map(file.inode) == {0: ref(1)}
+                assert await cache.shard_map(file.inode) == {0: (ref(1),)}
             # Only the first round reaches the engine, and only for what the
             # changes above did not tell the cache. The listing of "dir" is
-            # complete since its mkdir, so it answers for "file" and "absent".
-            assert engine.calls == {
-                "lookup": 1,  # ".."
-                "getxattr": 2,
-                "listxattr": 1,
-                "shard_map": 1,
-            }
+            # complete since its mkdir, so it answers for "file" and "absent";
+            # "file" had no xattrs and no shards when it was made, and the
+            # cache saw it get user.k and its shard.
+            assert engine.calls == {"lookup": 1}  # ".."
+
+    trio.run(main)
+
+
+def test_one_listing_of_names_answers_for_every_absent_xattr(tmp_path):
+    """Inodes the cache did not make (an earlier mount's): the first getxattr
+    lists the names, after which absent names cost no engine call, as for the
+    security.selinux that `ls -l` asks of every entry."""
+
+    async def main() -> None:
+        async with cached(tmp_path) as (cache, engine):
+            plain = (await cache.create(ROOT_INODE, b"plain", FILE, 0, 0, 1)).attrs
+            tagged = (await cache.create(ROOT_INODE, b"tagged", FILE, 0, 0, 1)).attrs
+            await cache.setxattr(tagged.inode, b"user.k", b"v", 0, 2)
+        async with cached(tmp_path) as (cache, engine):
+            for _ in range(3):
+                for name in (b"security.selinux", b"security.capability", b"user.other"):
+                    for inode in (plain.inode, tagged.inode):
+                        with pytest.raises(NoData):
+                            await cache.getxattr(inode, name)
+                assert await cache.getxattr(tagged.inode, b"user.k") == b"v"
+                assert await cache.listxattr(plain.inode) == []
+            assert engine.calls == {"listxattr": 2, "getxattr": 1}
+            with pytest.raises(NotFound):
+                await cache.getxattr(12345, b"security.selinux")
 
     trio.run(main)
 
@@ -215,7 +238,9 @@ def test_creating_a_name_costs_one_engine_call(tmp_path):
                     await cache.lookup(directory.inode, name)
                 parent = await cache.getattr(directory.inode)
                 assert parent.mtime_ns == i + 1  # the time of the create before (or of the mkdir)
-                await cache.create(directory.inode, name, FILE, 0, 0, i + 2)
+                created = (await cache.create(directory.inode, name, FILE, 0, 0, i + 2)).attrs
+                with pytest.raises(NoData):  # the kernel's question before the first write
+                    await cache.getxattr(created.inode, b"security.capability")
             assert engine.calls == {"create": 100}
             listing = await list_all(cache, directory.inode)
             assert engine.calls == {"create": 100}
@@ -495,7 +520,7 @@ class Workload:
     async def delete_orphan(self) -> None:
         orphans = await self.cache.orphan_inodes()
         if orphans:
-            await self.cache.delete_inode(self.rng.choice(orphans))
+            await self.cache.delete_inodes(self.rng.sample(orphans, self.rng.randint(1, len(orphans))))
 
     async def read_through_cache(self) -> None:
         """Fill the cache in the ways the kernel does, partial listings included."""

@@ -31,6 +31,7 @@ from dfsfuse.errors import (
     NotPermitted,
 )
 from dfsfuse.metadata.base import (
+    PAGE_SIZE,
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
     ROOT_INODE,
@@ -152,6 +153,10 @@ def ref(shard_id: int, length: int = 1000, nodes: tuple[str, ...] = ("a", "b")) 
     return ShardRef(shard_id, length, shard_id.to_bytes(16, "little"), nodes)
 
 
+def patch(shard_id: int, pages: tuple[int, ...]) -> ShardRef:
+    return ShardRef(shard_id, len(pages) * PAGE_SIZE, shard_id.to_bytes(16, "little"), ("a", "b"), pages)
+
+
 # -- inodes and names ---------------------------------------------------------
 
 
@@ -217,7 +222,7 @@ def test_inode_numbers_are_not_reused(harness):
     async def body(store: MetadataStore) -> None:
         first = await mkfile(store, ROOT_INODE, b"a")
         await store.unlink(ROOT_INODE, b"a", now())
-        await store.delete_inode(first.inode)
+        await store.delete_inodes([first.inode])
         second = await mkfile(store, ROOT_INODE, b"a")
         assert second.inode != first.inode
 
@@ -387,7 +392,7 @@ def test_rmdir(harness):
         with pytest.raises(NotFound):
             await mkfile(store, b.inode, b"new")
         assert b.inode in await store.orphan_inodes()
-        await store.delete_inode(b.inode)
+        await store.delete_inodes([b.inode])
         with pytest.raises(NotFound):
             await store.getattr(b.inode)
         await check_nlinks(store)
@@ -722,17 +727,17 @@ def test_commit_shards_replaces_drops_and_collects(harness):
         first = await store.commit_shards(file.inode, {0: ref(1, 4096), 1: ref(2, 4096), 3: ref(3, 100)}, 12388)
         assert (first.size, first.blocks) == (12388, 17)  # ceil(8292 / 512): holes take no space
         assert await store.getattr(file.inode) == first
-        assert await store.shard_map(file.inode) == {0: ref(1, 4096), 1: ref(2, 4096), 3: ref(3, 100)}
+        assert await store.shard_map(file.inode) == {0: (ref(1, 4096),), 1: (ref(2, 4096),), 3: (ref(3, 100),)}
         assert await store.garbage(10) == []
         t = now()
         second = await store.commit_shards(file.inode, {1: ref(4, 10)}, 12388, mtime_ns=t, ctime_ns=t + 1)
         assert (second.mtime_ns, second.ctime_ns, second.blocks) == (t, t + 1, 9)
-        assert await store.shard_map(file.inode) == {0: ref(1, 4096), 1: ref(4, 10), 3: ref(3, 100)}
+        assert await store.shard_map(file.inode) == {0: (ref(1, 4096),), 1: (ref(4, 10),), 3: (ref(3, 100),)}
         assert await store.garbage(10) == [(2, ("a", "b"))]
         # Truncate to one shard, then write a new second one.
         third = await store.commit_shards(file.inode, {1: ref(5, 50)}, 4146, drop_from=1)
         assert (third.size, third.blocks, third.mtime_ns) == (4146, 9, t)
-        assert await store.shard_map(file.inode) == {0: ref(1, 4096), 1: ref(5, 50)}
+        assert await store.shard_map(file.inode) == {0: (ref(1, 4096),), 1: (ref(5, 50),)}
         assert [shard_id for shard_id, _ in await store.garbage(10)] == [2, 3, 4]
         assert await store.garbage(2) == [(2, ("a", "b")), (3, ("a", "b"))]
         # Committing a shard again where it already is changes nothing.
@@ -744,6 +749,32 @@ def test_commit_shards_replaces_drops_and_collects(harness):
         assert [shard_id for shard_id, _ in await store.garbage(10)] == [1, 2, 3, 4, 5]
         await store.forget_garbage([2, 4, 99])
         assert [shard_id for shard_id, _ in await store.garbage(10)] == [1, 3, 5]
+
+    run_with_store(harness, body)
+
+
+def test_patches_stack_on_a_shard_until_a_whole_shard_replaces_them(harness):
+    async def body(store: MetadataStore) -> None:
+        file = await mkfile(store, ROOT_INODE, b"file")
+        await store.commit_shards(file.inode, {0: ref(1, 8192), 1: ref(2, 100)}, 4096 * 10)
+        await store.commit_shards(file.inode, {0: patch(3, (0, 5))}, 4096 * 10)
+        await store.commit_shards(file.inode, {0: patch(4, (5, 6, 7))}, 4096 * 10)
+        await store.commit_shards(file.inode, {2: patch(5, (9,))}, 4096 * 10 + 100)
+        assert await store.shard_map(file.inode) == {
+            0: (ref(1, 8192), patch(3, (0, 5)), patch(4, (5, 6, 7))),
+            1: (ref(2, 100),),
+            2: (patch(5, (9,)),),
+        }
+        assert await store.garbage(10) == []
+        assert [record.ref for record in await store.shards(2, 10)] == [patch(3, (0, 5)), patch(4, (5, 6, 7)), patch(5, (9,))]
+        assert (await store.getattr(file.inode)).blocks == (8192 + 100 + 6 * 4096 + 511) // 512  # patches count as stored
+        # A whole shard replaces the shard and its patches; drop_from takes patches too.
+        await store.commit_shards(file.inode, {0: ref(6, 4096)}, 4096 * 10, drop_from=2)
+        assert await store.shard_map(file.inode) == {0: (ref(6, 4096),), 1: (ref(2, 100),)}
+        assert sorted(shard_id for shard_id, _ in await store.garbage(10)) == [1, 3, 4, 5]
+        await store.set_shard_nodes(6, ("c",))
+        await store.commit_shards(file.inode, {0: patch(7, (0,))}, 4096 * 10)
+        assert await store.shard_map(file.inode) == {0: (ref(6, 4096, nodes=("c",)), patch(7, (0,))), 1: (ref(2, 100),)}
 
     run_with_store(harness, body)
 
@@ -768,7 +799,7 @@ def test_shards_listing_and_set_shard_nodes(harness):
         two = await mkfile(store, ROOT_INODE, b"two")
         await store.commit_shards(one.inode, {0: ref(10), 1: ref(30)}, 2000)
         await store.commit_shards(two.inode, {5: ref(20)}, 6000)
-        assert await store.shard_map(one.inode) == {0: ref(10), 1: ref(30)}  # cached, if it is a cache
+        assert await store.shard_map(one.inode) == {0: (ref(10),), 1: (ref(30),)}  # cached, if it is a cache
         assert await store.shards(0, 10) == [
             ShardRecord(one.inode, 0, ref(10)),
             ShardRecord(two.inode, 5, ref(20)),
@@ -777,7 +808,7 @@ def test_shards_listing_and_set_shard_nodes(harness):
         assert await store.shards(10, 1) == [ShardRecord(two.inode, 5, ref(20))]
         assert await store.shards(30, 10) == []
         await store.set_shard_nodes(30, ("c", "d"))
-        assert await store.shard_map(one.inode) == {0: ref(10), 1: ref(30, nodes=("c", "d"))}
+        assert await store.shard_map(one.inode) == {0: (ref(10),), 1: (ref(30, nodes=("c", "d")),)}
         assert (await store.shards(20, 10))[0].ref.nodes == ("c", "d")
         with pytest.raises(NotFound):
             await store.set_shard_nodes(99, ("a",))
@@ -785,23 +816,30 @@ def test_shards_listing_and_set_shard_nodes(harness):
     run_with_store(harness, body)
 
 
-def test_delete_inode_collects_shards_and_xattrs(harness):
+def test_delete_inodes_collects_shards_and_xattrs(harness):
     async def body(store: MetadataStore) -> None:
         file = await mkfile(store, ROOT_INODE, b"file")
+        other = await mkfile(store, ROOT_INODE, b"other")
+        kept = await mkfile(store, ROOT_INODE, b"kept")
         await store.commit_shards(file.inode, {0: ref(7), 1: ref(8)}, 2000)
+        await store.commit_shards(other.inode, {0: ref(9)}, 1000)
+        await store.commit_shards(kept.inode, {0: ref(10)}, 1000)
         await store.setxattr(file.inode, b"user.a", b"1", 0, now())
-        await store.delete_inode(file.inode)  # still named: nothing happens
+        await store.delete_inodes([file.inode])  # still named: nothing happens
         assert (await store.getattr(file.inode)).nlink == 1
         assert await store.garbage(10) == []
         await store.unlink(ROOT_INODE, b"file", now())
-        await store.delete_inode(file.inode)
-        assert [shard_id for shard_id, _ in await store.garbage(10)] == [7, 8]
+        await store.unlink(ROOT_INODE, b"other", now())
+        await store.delete_inodes([file.inode, kept.inode, other.inode])  # kept is still named
+        assert [shard_id for shard_id, _ in await store.garbage(10)] == [7, 8, 9]
         assert await store.orphan_inodes() == []
-        assert await store.shards(0, 10) == []
-        for call in (store.getattr(file.inode), store.shard_map(file.inode), store.listxattr(file.inode)):
-            with pytest.raises(NotFound):
-                await call
-        await store.delete_inode(file.inode)  # gone already: nothing happens
+        assert [record.inode for record in await store.shards(0, 10)] == [kept.inode]
+        for inode in (file.inode, other.inode):
+            for call in (store.getattr(inode), store.shard_map(inode), store.listxattr(inode)):
+                with pytest.raises(NotFound):
+                    await call
+        await store.delete_inodes([file.inode, 12345])  # gone already, never was: nothing happens
+        await store.delete_inodes([])
 
     run_with_store(harness, body)
 
@@ -975,8 +1013,9 @@ def test_node_registry_persists(harness):
     trio.run(main)
 
 
-def test_a_schema_1_database_gains_the_node_registry(tmp_path):
-    """A file system made before the registry existed opens with its files intact and an empty registry."""
+def test_a_schema_1_database_gains_the_node_registry_and_patches(tmp_path):
+    """A file system made before the registry and patches existed opens with
+    its files and shards intact, an empty registry, and takes patches."""
     import sqlite3
 
     from dfsfuse.metadata import sqlite as engine
@@ -989,18 +1028,45 @@ def test_a_schema_1_database_gains_the_node_registry(tmp_path):
     db.execute("COMMIT")
     db.close()
 
+    async def make_file() -> int:
+        store = await SqliteMetadata.open(path)  # migrates to the current version
+        try:
+            file = await mkfile(store, ROOT_INODE, b"old")
+            await store.commit_shards(file.inode, {0: ref(4, 4096)}, 4096)
+            return file.inode
+        finally:
+            await store.close()
+
+    # Undo the migrations after V1 to get a V1 database with a file in it.
+    inode = trio.run(make_file)
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("BEGIN")
+    db.execute("DROP TABLE nodes")
+    db.execute("ALTER TABLE shards RENAME TO shards_new")
+    for statement in engine._statements(engine._SCHEMA_V1):
+        if "CREATE TABLE shards" in statement:
+            db.execute(statement)
+    db.execute("INSERT INTO shards SELECT id, inode, idx, length, checksum, nodes FROM shards_new")
+    db.execute("DROP TABLE shards_new")
+    db.execute("UPDATE meta SET value = 1 WHERE key = 'schema_version'")
+    db.execute("COMMIT")
+    db.close()
+
     async def main() -> None:
         store = await SqliteMetadata.open(path)
         try:
             assert (await store.getattr(ROOT_INODE)).inode == ROOT_INODE
             assert await store.nodes() == []
             await store.add_node("n1", "local:/srv/n1")
+            assert await store.shard_map(inode) == {0: (ref(4, 4096),)}
+            await store.commit_shards(inode, {0: patch(5, (1,))}, 8192)
+            assert await store.shard_map(inode) == {0: (ref(4, 4096), patch(5, (1,)))}
         finally:
             await store.close()
 
     trio.run(main)
     version = sqlite3.connect(path).execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-    assert version == (engine.SCHEMA_VERSION,) == (2,)
+    assert version == (engine.SCHEMA_VERSION,) == (3,)
 
 
 def test_a_snapshot_opens_as_the_metadata_of_its_instant(harness, tmp_path):
@@ -1024,7 +1090,7 @@ def test_a_snapshot_opens_as_the_metadata_of_its_instant(harness, tmp_path):
         try:
             assert await names_in(restored, ROOT_INODE) == {b"kept"}
             kept = await restored.lookup(ROOT_INODE, b"kept")
-            assert (await restored.shard_map(kept.inode))[0].shard_id == 7
+            assert (await restored.shard_map(kept.inode))[0][0].shard_id == 7
             assert [node.name for node in await restored.nodes()] == ["n1"]
             assert (await restored.allocate_shard_ids(1)).start >= 1
         finally:

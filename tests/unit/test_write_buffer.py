@@ -3,18 +3,35 @@
 import trio
 import trio.testing
 
+from dfsfuse.metadata.base import PAGE_SIZE
 from dfsfuse.write.buffer import ShardBuffer, WriteBudget
 
 
-def test_buffer_writes_fill_gaps_with_zeros_and_report_growth():
-    buffer = ShardBuffer(b"abc")
-    assert buffer.write(5, b"xy") == 4
-    assert bytes(buffer.data) == b"abc\0\0xy"
-    assert buffer.write(1, b"Z") == 0
-    assert bytes(buffer.data) == b"aZc\0\0xy"
-    assert buffer.truncate(2) == 5
-    assert bytes(buffer.data) == b"aZ"
-    assert buffer.truncate(10) == 0
+def test_buffer_holds_whole_pages_and_reports_growth():
+    buffer = ShardBuffer()
+    # Whole pages need nothing stored; a partly covered page must be added first.
+    assert buffer.partial_pages(PAGE_SIZE, 2 * PAGE_SIZE) == []
+    assert buffer.write(PAGE_SIZE, b"a" * 2 * PAGE_SIZE) == 2 * PAGE_SIZE
+    assert buffer.partial_pages(10, PAGE_SIZE) == [0]  # page 1 is held already
+    assert buffer.partial_pages(PAGE_SIZE + 10, 5) == []
+    assert buffer.add_page(0, b"old") == PAGE_SIZE
+    assert buffer.write(10, b"b" * PAGE_SIZE) == 0
+    assert (len(buffer), buffer.end) == (3 * PAGE_SIZE, 3 * PAGE_SIZE)
+    assert bytes(buffer.pages[0]) == b"old" + bytes(7) + b"b" * (PAGE_SIZE - 10)
+    assert bytes(buffer.pages[1]) == b"b" * 10 + b"a" * (PAGE_SIZE - 10)
+    assert buffer.covers(3 * PAGE_SIZE) and not buffer.covers(3 * PAGE_SIZE + 1)
+
+
+def test_buffer_overlays_its_pages_on_a_window_of_the_shard():
+    buffer = ShardBuffer()
+    buffer.write(PAGE_SIZE, b"x" * PAGE_SIZE)
+    buffer.write(5 * PAGE_SIZE, b"y" * PAGE_SIZE)
+    data = bytearray(b"-" * 3 * PAGE_SIZE)  # the shard's bytes [100, 100 + 3 pages)
+    buffer.overlay(data, start=100)
+    assert data == b"-" * (PAGE_SIZE - 100) + b"x" * PAGE_SIZE + b"-" * (PAGE_SIZE + 100)
+    short = bytearray(PAGE_SIZE + 7)
+    buffer.overlay(short)
+    assert short == bytes(PAGE_SIZE) + b"x" * 7
 
 
 def test_budget_evicts_oldest_first_and_blocks_until_released():
