@@ -52,9 +52,14 @@ log = logging.getLogger("dfsfuse.contents")
 T = TypeVar("T")
 
 # A read at least this large, or one that continues the previous read, fetches
-# the whole shard into the cache (and the next one ahead); smaller random reads
-# fetch only the checksum blocks they touch.
+# the whole shard into the cache, and the next one ahead; smaller random reads
+# fetch only the checksum blocks they touch (NOT_WHOLE). A sequential reader
+# gets READ_AHEAD_SHARDS ahead: a disk serves several 4 MiB reads in flight
+# much faster than one at a time (a cold 1 GiB read: 415 MB/s with one shard
+# ahead, 630 MB/s with four, measured here).
 WHOLE_SHARD_READ = 128 * 1024
+READ_AHEAD_SHARDS = 4
+NOT_WHOLE = 0
 
 # A flush writes a whole new shard instead of a patch once an index has this
 # many patches (reads merge every patch), or when the patch would hold more
@@ -188,7 +193,7 @@ class FileContents:
         """The stored contents of one page (shorter, or empty, past the end)."""
         if page * PAGE_SIZE >= self._stored_length(index):
             return b""
-        return await self._read_stored(index, page * PAGE_SIZE, PAGE_SIZE, whole=False)
+        return await self._read_stored(index, page * PAGE_SIZE, PAGE_SIZE, ahead=NOT_WHOLE)
 
     def start_background_flush(self, index: int) -> None:
         """Flush one dirty shard without waiting (a full shard, or budget eviction)."""
@@ -458,21 +463,21 @@ class FileContents:
         if offset >= self.size or size <= 0:
             return b""
         size = min(size, self.size - offset)
-        whole = sequential or size >= WHOLE_SHARD_READ
+        ahead = READ_AHEAD_SHARDS if sequential else 1 if size >= WHOLE_SHARD_READ else NOT_WHOLE
         parts = [
-            await self._read_index(index, inner, take, whole)
+            await self._read_index(index, inner, take, ahead)
             for index, inner, take in shard_span(offset, size, self._shard_size)
         ]
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    async def _read_index(self, index: int, inner: int, take: int, whole: bool) -> bytes:
+    async def _read_index(self, index: int, inner: int, take: int, ahead: int) -> bytes:
         """`take` bytes of shard `index` from `inner` on: dirty pages first,
         then what is stored, zeros where nothing is."""
         buffer = self._dirty.get(index)
         if buffer is None:
             buffer = self._flushing.get(index)
         if buffer is None:
-            chunk = await self._read_stored(index, inner, take, whole)
+            chunk = await self._read_stored(index, inner, take, ahead)
             return chunk if len(chunk) == take else chunk + bytes(take - len(chunk))
         out = bytearray(take)
         pages = buffer.pages
@@ -482,7 +487,7 @@ class FileContents:
                     base = page * PAGE_SIZE
                     out[piece_start - inner : piece_stop - inner] = pages[page][piece_start - base : piece_stop - base]
             else:
-                chunk = await self._read_stored(index, start, stop - start, whole)
+                chunk = await self._read_stored(index, start, stop - start, ahead)
                 out[start - inner : start - inner + len(chunk)] = chunk
         return bytes(out)
 
@@ -490,18 +495,21 @@ class FileContents:
         """How far the stored objects of an index reach (0: none)."""
         return max((_reach(ref) for ref in self._layers.get(index, ())), default=0)
 
-    async def _read_stored(self, index: int, inner: int, length: int, whole: bool) -> bytes:
-        """Stored bytes of shard `index`; shorter than `length` past the end."""
+    async def _read_stored(self, index: int, inner: int, length: int, ahead: int) -> bytes:
+        """Stored bytes of shard `index`; shorter than `length` past the end.
+
+        With `ahead` > 0 (NOT_WHOLE is 0) the whole shard is fetched into the
+        cache, and so are that many shards after it."""
         layers = self._layers.get(index)
         if not layers:
             return b""
+        for following in range(index + 1, index + 1 + ahead):  # on hits too: keep the window full
+            self._read_ahead(following)
         cached = self._services.cache.get(layers[-1].shard_id)
         if cached is not None:
             return cached[inner : inner + length]
-        if whole:
-            data = await self._shard_data(index)
-            self._read_ahead(index + 1)
-            return data[inner : inner + length]
+        if ahead:
+            return (await self._shard_data(index))[inner : inner + length]
         if len(layers) == 1 and not layers[0].is_patch:
             return await self._read_object(layers[0], inner, length)
         sources = self._sources_of(index)

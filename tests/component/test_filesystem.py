@@ -32,7 +32,7 @@ from dfsfuse.metadata.base import (
     XATTR_REPLACE,
     AttrChanges,
 )
-from dfsfuse.vfs.contents import MAX_PATCHES
+from dfsfuse.vfs.contents import MAX_PATCHES, READ_AHEAD_SHARDS
 from dfsfuse.vfs.filesystem import Caller
 from fsharness import KiB, ME, ROOT, SHARD, Harness, replica_path, run, wait_until
 
@@ -556,6 +556,39 @@ def test_small_overwrites_stack_patches_until_a_new_shard_collects_them(harness)
             assert await env.contents_of(b"f") == bytes(data)
             await env.check_stores_match_metadata()
         assert seen == sorted(set(seen)), f"shard ids reused or going backwards: {seen}"
+
+    run(main)
+
+
+def test_a_sequential_reader_gets_several_shards_read_ahead(tmp_path):
+    harness = Harness(tmp_path, shard_cache=16 * SHARD)
+
+    async def main():
+        async with harness.running() as env:
+            fs = env.fs
+            handle, inode = await env.create(b"big")
+            data = os.urandom(10 * SHARD)
+            await fs.write(handle, 0, data)
+            await fs.release(handle)
+            tops = {record.index: record.ref.shard_id for record in await env.live_shards()}
+            cache = fs.services.cache
+            def cached() -> list[int]:
+                return [index for index in range(10) if cache.is_cached_or_fetching(tops[index])]
+
+            async def settled() -> list[int]:
+                await trio.sleep(0.2)  # the fetches started by the read have started and ended
+                return cached()
+
+            handle = await fs.open(inode, os.O_RDONLY)
+            assert await fs.read(handle, 5 * SHARD, 4 * KiB) == data[5 * SHARD : 5 * SHARD + 4 * KiB]  # small
+            assert await settled() == []
+            assert await fs.read(handle, 0, 2 * SHARD) == data[: 2 * SHARD]  # large, not sequential: one ahead
+            assert await settled() == [0, 1, 2]
+            assert await fs.read(handle, 2 * SHARD, 4 * KiB) == data[2 * SHARD : 2 * SHARD + 4 * KiB]  # sequential
+            assert await settled() == list(range(3 + READ_AHEAD_SHARDS))
+            await fs.read(handle, 2 * SHARD + 4 * KiB, SHARD)  # a cache hit still moves the window on
+            assert await settled() == list(range(4 + READ_AHEAD_SHARDS))
+            await fs.release(handle)
 
     run(main)
 
