@@ -382,6 +382,20 @@ class Replicator:
         if failures:
             raise StoreUnavailable(f"shard {shard_id}: could not delete replicas: " + _describe(failures))
 
+    async def delete_many(self, garbage: Sequence[tuple[int, Sequence[str]]]) -> set[int]:
+        """Delete the replicas of many shards, given as (shard id, nodes), with
+        one call per store; returns the ids whose replicas may not all be gone
+        (a store failed: try again later). Nodes no longer in the set are skipped."""
+        by_node: dict[str, list[int]] = collections.defaultdict(list)
+        for shard_id, nodes in garbage:
+            for node in nodes:
+                if node in self._stores:
+                    by_node[node].append(shard_id)
+        failures = await self._on_each_store(list(by_node), lambda store: store.delete_many(by_node[store.name]))
+        for node, error in failures.items():
+            logger.warning("could not delete %d replicas on %s yet: %s", len(by_node[node]), node, error)
+        return {shard_id for node in failures for shard_id in by_node[node]}
+
     async def sync(self, refs: Sequence[ShardRef]) -> None:
         """Make replicas written with sync=False durable, one call per store.
 

@@ -52,6 +52,12 @@ class NodeStore(abc.ABC):
     async def delete(self, shard_id: int) -> None:
         """Remove the replica; no error if it is absent."""
 
+    async def delete_many(self, shard_ids: Sequence[int]) -> None:
+        """Remove these replicas (absent ones are fine), as the garbage
+        collector does in bulk; a store may do it in one go."""
+        for shard_id in shard_ids:
+            await self.delete(shard_id)
+
     @abc.abstractmethod
     async def exists(self, shard_id: int) -> bool:
         """Whether a replica of the shard is here."""

@@ -453,20 +453,13 @@ class FileSystem:
             # The commits that made these shards garbage must survive a power
             # loss before the replicas go, or metadata could point at nothing.
             await self._meta.sync()
-            deleted = []
-            for shard_id, nodes in batch:
-                if self._services is not None and shard_id in self._services.reads_in_flight:
-                    after_skipped.add(shard_id)
-                    complete = False
-                    continue
-                try:
-                    await self._replicator.delete(shard_id, nodes)
-                except DfsError as error:
-                    log.warning("shard %d: replicas not deleted yet: %s", shard_id, error)
-                    after_skipped.add(shard_id)
-                    complete = False
-                    continue
-                deleted.append(shard_id)
+            in_use = set() if self._services is None else self._services.reads_in_flight.keys()
+            doomed = [(shard_id, nodes) for shard_id, nodes in batch if shard_id not in in_use]
+            failed = await self._replicator.delete_many(doomed)
+            deleted = [shard_id for shard_id, _ in doomed if shard_id not in failed]
+            if len(deleted) < len(batch):
+                after_skipped.update(shard_id for shard_id, _ in batch if shard_id not in deleted)
+                complete = False
             if deleted:
                 await self._meta.forget_garbage(deleted)
             elif len(batch) < GARBAGE_BATCH:

@@ -125,9 +125,16 @@ class FaultyStore(LocalStore):
 
     async def delete(self, shard_id: int) -> None:
         await super().delete(shard_id)
-        self.durable.discard(shard_id)
+        self._deleted([shard_id])
+
+    async def delete_many(self, shard_ids) -> None:
+        await super().delete_many(shard_ids)
+        self._deleted(shard_ids)
+
+    def _deleted(self, shard_ids) -> None:
+        self.durable.difference_update(shard_ids)
         if self.events is not None:
-            self.events.append(("delete replica", shard_id))
+            self.events.extend(("delete replica", shard_id) for shard_id in shard_ids)
 
 
 class ObservedSqlite(SqliteMetadata):

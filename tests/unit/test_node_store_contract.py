@@ -176,6 +176,20 @@ def test_delete_and_exists(harness):
     run_with_store(harness, body)
 
 
+def test_delete_many_removes_each_and_keeps_the_rest(harness):
+    async def body(store: NodeStore) -> None:
+        for shard_id in (1, 2, 3, 300):
+            await store.put(shard_id, [b"x" * shard_id], sync=False)
+        before = (await store.stat()).used
+        await store.delete_many([300, 1, 77])  # 77 is absent: fine
+        assert [await store.exists(shard_id) for shard_id in (1, 2, 3, 300)] == [False, True, True, False]
+        assert await store.list(0, 10) == [2, 3]
+        assert (await store.stat()).used == before - 301
+        await store.delete_many([])
+
+    run_with_store(harness, body)
+
+
 def test_list_pages_in_id_order(harness):
     rng = random.Random(5)
     ids = {rng.randrange(1, 2**64) for _ in range(300)} | {1, 255, 256, 2**64 - 1}
