@@ -18,12 +18,12 @@ import dataclasses
 
 import trio
 
-from .config import Config
-from .datadir import DataDirLock, mountpoint_of, require_file_system
-from .errors import DfsError
 from .cluster.inventory import SHARD_PAGE, ReplicaTargets, live_shards, replica_ids
 from .cluster.maintenance import RepairTally, repair_shard
 from .cluster.snapshots import is_snapshot_id
+from .config import Config
+from .datadir import DataDirLock, mountpoint_of, require_file_system
+from .errors import DfsError
 from .runtime import open_components
 
 

@@ -37,7 +37,12 @@ from .cluster.registry import (
     open_store,
     parse_address,
 )
-from .cluster.snapshots import is_snapshot_id, read_snapshot, snapshot_ids, snapshot_time_ns
+from .cluster.snapshots import (
+    is_snapshot_id,
+    read_snapshot,
+    snapshot_ids,
+    snapshot_time_ns,
+)
 from .config import Config
 from .datadir import DataDirLock, prepare_data_dir
 from .errors import DfsError, ShardMissing, UserError

@@ -17,7 +17,7 @@ import os
 import signal
 import subprocess
 import sys
-from typing import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
 
 import trio
 

@@ -27,6 +27,7 @@ from dfsfuse.datadir import DataDirLock, mountpoint_of, require_file_system
 from dfsfuse.errors import UserError
 from dfsfuse.runtime import open_components
 
+
 class TerminalOutput:
     """Lines on stdout; progress as a bar redrawn in place on stderr, if it is a terminal."""
 

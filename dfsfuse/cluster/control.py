@@ -18,12 +18,13 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
-import math
 import logging
+import math
 import os
 import socket
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import trio
 

@@ -3,7 +3,7 @@ the metadata lists, and how many of a shard's replicas are present."""
 
 from __future__ import annotations
 
-from typing import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping
 
 from dfsfuse.errors import NoData, NotFound
 from dfsfuse.metadata.base import REPLICAS_XATTR, MetadataStore, ShardRecord

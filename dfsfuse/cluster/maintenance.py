@@ -16,11 +16,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import trio
 
-from dfsfuse.cluster.inventory import ReplicaTargets, live_shards, present_copies, replica_ids
+from dfsfuse.cluster.inventory import (
+    ReplicaTargets,
+    live_shards,
+    present_copies,
+    replica_ids,
+)
 from dfsfuse.errors import DataError, DfsError, NotFound
 from dfsfuse.metadata.base import MetadataStore, ShardRecord
 from dfsfuse.shards.replicator import Replicator

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Awaitable, Callable, Protocol
+from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 from dfsfuse.cluster.heartbeat import probe
 from dfsfuse.cluster.inventory import ReplicaTargets, live_shards
@@ -26,7 +27,13 @@ from dfsfuse.cluster.nodeset import NodeSet
 from dfsfuse.cluster.registry import describe_address, open_store
 from dfsfuse.config import Config, check_node_name
 from dfsfuse.errors import UserError
-from dfsfuse.metadata.base import NODE_ACTIVE, NODE_DRAINED, NODE_DRAINING, MetadataStore, NodeRecord
+from dfsfuse.metadata.base import (
+    NODE_ACTIVE,
+    NODE_DRAINED,
+    NODE_DRAINING,
+    MetadataStore,
+    NodeRecord,
+)
 from dfsfuse.shards.placement import place
 from dfsfuse.shards.replicator import Replicator
 

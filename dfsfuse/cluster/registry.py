@@ -13,8 +13,8 @@ import dataclasses
 import logging
 import os
 import ssl
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from dfsfuse.config import Config
 from dfsfuse.errors import DfsError, StoreUnavailable, UserError

@@ -12,7 +12,8 @@ import errno
 import functools
 import logging
 import os
-from typing import Awaitable, Callable, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import pyfuse3
 import trio

@@ -49,6 +49,8 @@ from dfsfuse.errors import (
     UserError,
 )
 from dfsfuse.metadata.base import (
+    NODE_ACTIVE,
+    NODE_STATES,
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
     ROOT_INODE,
@@ -58,8 +60,6 @@ from dfsfuse.metadata.base import (
     DirEntry,
     EntryChange,
     InodeAttrs,
-    NODE_ACTIVE,
-    NODE_STATES,
     MetadataStore,
     NodeRecord,
     RenameChange,

@@ -33,7 +33,8 @@ import os
 import secrets
 import signal
 import ssl
-from typing import Any, Awaitable, Callable, Iterator, NamedTuple
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, NamedTuple
 
 import trio
 

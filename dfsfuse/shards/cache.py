@@ -9,7 +9,7 @@ fetch, which is what makes read-ahead cheap.
 from __future__ import annotations
 
 import collections
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import trio
 

@@ -9,7 +9,7 @@ whose top-ranked stores change: about 1/n of them per replica.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from dfsfuse.shards.checksum import placement_weight
 

@@ -25,7 +25,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-from typing import Awaitable, Callable, Sequence, TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 import trio
 

@@ -28,7 +28,7 @@ import mmap
 import os
 import secrets
 import threading
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 from dfsfuse.storage.base import Buffer
 

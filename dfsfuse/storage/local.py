@@ -28,8 +28,9 @@ import errno
 import json
 import os
 import secrets
+from collections.abc import Callable, Sequence
 from stat import S_ISREG
-from typing import Callable, Sequence, TypeVar
+from typing import TypeVar
 
 import trio
 

@@ -24,7 +24,8 @@ import hashlib
 import hmac
 import secrets
 import struct
-from typing import ClassVar, Iterator, NamedTuple, Sequence
+from collections.abc import Iterator, Sequence
+from typing import ClassVar, NamedTuple
 
 from dfsfuse.errors import DfsError, NoSpace, ShardMissing, StoreUnavailable
 from dfsfuse.storage.base import Buffer

@@ -33,7 +33,8 @@ import logging
 import random
 import ssl
 import time
-from typing import AsyncIterator, Awaitable, Callable, Sequence, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import TypeVar
 
 import trio
 

@@ -26,7 +26,13 @@ import trio
 
 from ..config import Config
 from ..errors import DfsError, InvalidArgument, NameTooLong, NotFound
-from ..metadata.base import REPLICAS_XATTR, AttrChanges, DirEntry, InodeAttrs, MetadataStore
+from ..metadata.base import (
+    REPLICAS_XATTR,
+    AttrChanges,
+    DirEntry,
+    InodeAttrs,
+    MetadataStore,
+)
 from ..shards.cache import ShardCache
 from ..shards.replicator import Replicator
 from ..write.buffer import BufferKey, WriteBudget

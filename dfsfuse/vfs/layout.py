@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 
 def shard_span(offset: int, length: int, shard_size: int) -> Iterator[tuple[int, int, int]]:

@@ -5,7 +5,6 @@ trio.run; nothing here needs /dev/fuse.
 """
 
 import pytest
-
 from fsharness import Harness
 
 

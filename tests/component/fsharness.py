@@ -28,8 +28,8 @@ import contextlib
 import dataclasses
 import os
 import stat
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import AsyncIterator, Sequence
 
 import trio
 

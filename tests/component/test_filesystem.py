@@ -22,6 +22,7 @@ import stat
 import pytest
 import trio
 import trio.testing
+from fsharness import ME, ROOT, SHARD, Harness, KiB, replica_path, run, wait_until
 
 from dfsfuse.errors import DfsError, NoSpace, StoreUnavailable
 from dfsfuse.metadata.base import (
@@ -34,7 +35,6 @@ from dfsfuse.metadata.base import (
 )
 from dfsfuse.vfs.contents import MAX_PATCHES, READ_AHEAD_SHARDS
 from dfsfuse.vfs.filesystem import Caller
-from fsharness import KiB, ME, ROOT, SHARD, Harness, replica_path, run, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 

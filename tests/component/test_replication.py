@@ -9,6 +9,7 @@ import os
 
 import pytest
 import trio
+from fsharness import SHARD, Harness, run, wait_until
 
 from dfsfuse.cluster.autorepair import repair_pass
 from dfsfuse.cluster.nodeset import NodeSet
@@ -16,7 +17,6 @@ from dfsfuse.cluster.operations import Cluster, node_remove
 from dfsfuse.cluster.registry import local_address, register_config_nodes
 from dfsfuse.errors import DfsError, StoreUnavailable
 from dfsfuse.metadata.base import NODE_DRAINING, REPLICAS_XATTR
-from fsharness import SHARD, Harness, run, wait_until
 
 
 def test_a_write_succeeds_with_w_replicas_and_fails_below_w(tmp_path):

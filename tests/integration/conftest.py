@@ -24,9 +24,8 @@ import signal
 import tempfile
 from pathlib import Path
 
-import pytest
-
 import dfstest
+import pytest
 
 PR_SET_CHILD_SUBREAPER = 36
 _mounts_by_item: dict[str, list[dfstest.Mount]] = {}

@@ -7,7 +7,6 @@ import threading
 import time
 
 import pytest
-
 from dfstest import run
 
 ENTRIES = 100_000

@@ -9,18 +9,17 @@ import time
 from pathlib import Path
 
 import pytest
-
 from dfstest import (
     MOUNT_PY,
     MOUNT_TIMEOUT,
     PYTHON,
     REPO,
+    command_env,
     fuse_mounts,
     is_mounted,
     one_line_error,
     read_file,
     run,
-    command_env,
     wait_pid,
     write_file,
 )

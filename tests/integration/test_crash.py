@@ -6,7 +6,6 @@ import errno
 import os
 
 import pytest
-
 from dfstest import (
     MiB,
     NodeServer,

@@ -19,7 +19,6 @@ import subprocess
 import threading
 
 import pytest
-
 from dfstest import (
     PYTHON,
     REPO,

@@ -10,7 +10,6 @@ import os
 import stat
 
 import pytest
-
 from dfstest import as_user, expect_errno, read_file, user_errno, write_file
 
 ALSO_REMOTE = True  # also on three node servers (conftest.py)

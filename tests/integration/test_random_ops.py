@@ -9,7 +9,6 @@ import os
 import random
 
 import pytest
-
 from dfstest import KiB, MiB, drop_caches, read_file
 
 ALSO_REMOTE = True  # also on three node servers (conftest.py)

@@ -11,8 +11,16 @@ import re
 import time
 
 import pytest
-
-from dfstest import KiB, MiB, expect_errno, parse_fsck, parse_status, read_file, run, write_file
+from dfstest import (
+    KiB,
+    MiB,
+    expect_errno,
+    parse_fsck,
+    parse_status,
+    read_file,
+    run,
+    write_file,
+)
 
 from dfsfuse.cluster.snapshots import is_snapshot_id
 

@@ -8,8 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from dfstest import MiB, drop_caches, run, command_env, tree_digest
+from dfstest import MiB, command_env, drop_caches, run, tree_digest
 
 BIG = 200 * MiB
 ALSO_REMOTE = True  # also on three node servers (conftest.py)

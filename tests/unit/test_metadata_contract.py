@@ -31,6 +31,9 @@ from dfsfuse.errors import (
     NotPermitted,
 )
 from dfsfuse.metadata.base import (
+    NODE_ACTIVE,
+    NODE_DRAINED,
+    NODE_DRAINING,
     PAGE_SIZE,
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
@@ -40,9 +43,6 @@ from dfsfuse.metadata.base import (
     AttrChanges,
     DirEntry,
     InodeAttrs,
-    NODE_ACTIVE,
-    NODE_DRAINED,
-    NODE_DRAINING,
     MetadataStore,
     NodeRecord,
     RenameChange,

@@ -15,7 +15,7 @@ import pathlib
 import random
 import resource
 import signal
-from typing import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 import trio

@@ -6,7 +6,7 @@ import logging
 import os
 import pathlib
 import random
-from typing import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import pytest
 import trio
