@@ -255,7 +255,7 @@ class CachedMetadata(MetadataStore):
             elif stat.S_ISREG(mode):
                 self._shard_maps[inode] = {}
                 self._account((_SHARD_MAP, inode), 1)
-            self._set_xattr_names(change.attrs.inode, [])
+            self._set_xattr_names(inode, [])
             return change
 
     async def link(self, inode: int, new_parent: int, new_name: bytes, now_ns: int) -> EntryChange:

@@ -35,8 +35,7 @@ import collections
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Iterator
-from typing import TypeVar
+from collections.abc import Iterator
 
 import trio
 
@@ -49,7 +48,6 @@ from ..write.flusher import Flusher
 from .layout import shard_count, shard_length, shard_span
 
 log = logging.getLogger("dfsfuse.contents")
-T = TypeVar("T")
 
 # A read at least this large, or one that continues the previous read, fetches
 # the whole shard into the cache, and the next one ahead; smaller random reads
@@ -284,11 +282,18 @@ class FileContents:
             numbers = sorted(page for page in pages if page * PAGE_SIZE < limit)
             ref = await flusher.store(b"".join(pages[page] for page in numbers), sync, self.replicas)
             return dataclasses.replace(ref, pages=tuple(numbers)), (numbers[-1] + 1) * PAGE_SIZE
-        data = bytearray(length)
-        if stored_length:
-            data[:stored_length] = (await self._shard_data(index))[:stored_length]
-        buffer.overlay(data)
+        data = await self._merged(index, buffer, stored_length, length)
         return await flusher.store(data, sync, self.replicas), length
+
+    async def _merged(self, index: int, buffer: ShardBuffer, stored_length: int, length: int) -> bytearray:
+        """The first `length` bytes of shard `index`: the buffer's pages over
+        the first `stored_length` stored bytes, zeros elsewhere."""
+        data = bytearray(length)
+        kept = min(stored_length, length)
+        if kept:
+            data[:kept] = (await self._shard_data(index))[:kept]
+        buffer.overlay(data)
+        return data
 
     @staticmethod
     def _patch_fits(layers: ShardLayers, buffer: ShardBuffer, length: int) -> bool:
@@ -451,11 +456,7 @@ class FileContents:
         stored_length = min(self._stored_length(index), limit)
         if max(stored_length, min(buffer.end, limit)) <= length:
             return None
-        data = bytearray(length)
-        kept = min(stored_length, length)
-        if kept:
-            data[:kept] = (await self._shard_data(index))[:kept]
-        buffer.overlay(data)
+        data = await self._merged(index, buffer, stored_length, length)
         return await self._services.flusher.store(data, sync=False, replicas=self.replicas)
 
     # -- reading -------------------------------------------------------------
@@ -480,15 +481,10 @@ class FileContents:
             chunk = await self._read_stored(index, inner, take, ahead)
             return chunk if len(chunk) == take else chunk + bytes(take - len(chunk))
         out = bytearray(take)
-        pages = buffer.pages
-        for start, stop, held in _runs(inner, inner + take, pages.__contains__, _same):
-            if held:
-                for piece_start, piece_stop, page in _pages_of(start, stop):
-                    base = page * PAGE_SIZE
-                    out[piece_start - inner : piece_stop - inner] = pages[page][piece_start - base : piece_stop - base]
-            else:
-                chunk = await self._read_stored(index, start, stop - start, ahead)
-                out[start - inner : start - inner + len(chunk)] = chunk
+        if not buffer.covers_range(inner, inner + take):
+            chunk = await self._read_stored(index, inner, take, ahead)
+            out[: len(chunk)] = chunk
+        buffer.overlay(out, start=inner)
         return bytes(out)
 
     def _stored_length(self, index: int) -> int:
@@ -515,7 +511,7 @@ class FileContents:
         sources = self._sources_of(index)
         base = None if layers[0].is_patch else layers[0]
         out = bytearray(length)
-        for start, stop, source in _runs(inner, inner + length, sources.get, _next_slot):
+        for start, stop, source in _source_runs(inner, inner + length, sources):
             if source is None:
                 chunk = b"" if base is None else await self._read_object(base, start, stop - start)
             else:
@@ -620,39 +616,24 @@ def _reach(ref: ShardRef) -> int:
     return (ref.pages[-1] + 1) * PAGE_SIZE if ref.is_patch else ref.length
 
 
-def _pages_of(start: int, stop: int) -> Iterator[tuple[int, int, int]]:
-    """Split [start, stop) at page boundaries: (piece start, piece stop, page)."""
-    while start < stop:
-        page = start // PAGE_SIZE
-        end = min(stop, (page + 1) * PAGE_SIZE)
-        yield start, end, page
-        start = end
-
-
-def _runs(
-    start: int, stop: int, key: Callable[[int], T], follows: Callable[[T, T, int], bool]
-) -> Iterator[tuple[int, int, T]]:
-    """Split [start, stop) at page boundaries into maximal runs; yields (run
-    start, run stop, key of its first page). A page joins the run when
-    follows(key of the run's first page, its own key, pages since that one)."""
+def _source_runs(
+    start: int, stop: int, sources: dict[int, tuple[ShardRef, int]]
+) -> Iterator[tuple[int, int, tuple[ShardRef, int] | None]]:
+    """Split [start, stop) into maximal runs that one read can serve; yields
+    (run start, run stop, source of its first page): pages all from the whole
+    shard (source None), or from one patch at consecutive slots."""
     position = start
     while position < stop:
         first = position // PAGE_SIZE
-        value = key(first)
+        source = sources.get(first)
         end = min(stop, (first + 1) * PAGE_SIZE)
-        while end < stop and follows(value, key(end // PAGE_SIZE), end // PAGE_SIZE - first):
+        while end < stop and _continues(source, sources.get(end // PAGE_SIZE), end // PAGE_SIZE - first):
             end = min(stop, end + PAGE_SIZE)
-        yield position, end, value
+        yield position, end, source
         position = end
 
 
-def _same(first: object, value: object, distance: int) -> bool:
-    return value == first
-
-
-def _next_slot(first: tuple[ShardRef, int] | None, value: tuple[ShardRef, int] | None, distance: int) -> bool:
-    """Whether a page's source continues a run: both from the whole shard, or
-    the same patch at the slot that follows."""
-    if first is None or value is None:
-        return first is value
-    return value[0] is first[0] and value[1] == first[1] + distance
+def _continues(first: tuple[ShardRef, int] | None, source: tuple[ShardRef, int] | None, distance: int) -> bool:
+    if first is None or source is None:
+        return first is source
+    return source[0] is first[0] and source[1] == first[1] + distance

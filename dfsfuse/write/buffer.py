@@ -87,15 +87,23 @@ class ShardBuffer:
 
     def covers(self, length: int) -> bool:
         """Whether every page of [0, length) is held."""
-        return all(page in self.pages for page in range(-(-length // PAGE_SIZE)))
+        return self.covers_range(0, length)
+
+    def covers_range(self, start: int, stop: int) -> bool:
+        """Whether every page that [start, stop) touches is held."""
+        return all(page in self.pages for page in range(start // PAGE_SIZE, -(-stop // PAGE_SIZE)))
 
     def overlay(self, data: bytearray, start: int = 0) -> None:
         """Copy the held pages onto `data`, which holds the shard's bytes from
         `start` on; pages (or parts) outside it are left out."""
         stop = start + len(data)
-        for page, contents in self.pages.items():
+        window = range(start // PAGE_SIZE, -(-stop // PAGE_SIZE))
+        # Look up the window's pages or walk the held ones, whichever is fewer:
+        # a 4 KiB read of a shard with many dirty pages stays cheap.
+        for page in window if len(window) < len(self.pages) else list(self.pages):
+            contents = self.pages.get(page)
             lo, hi = max(page * PAGE_SIZE, start), min((page + 1) * PAGE_SIZE, stop)
-            if lo < hi:
+            if contents is not None and lo < hi:
                 data[lo - start : hi - start] = contents[lo - page * PAGE_SIZE : hi - page * PAGE_SIZE]
 
 BufferKey = tuple[int, int]  # (inode, shard index)

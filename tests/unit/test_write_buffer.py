@@ -20,6 +20,7 @@ def test_buffer_holds_whole_pages_and_reports_growth():
     assert bytes(buffer.pages[0]) == b"old" + bytes(7) + b"b" * (PAGE_SIZE - 10)
     assert bytes(buffer.pages[1]) == b"b" * 10 + b"a" * (PAGE_SIZE - 10)
     assert buffer.covers(3 * PAGE_SIZE) and not buffer.covers(3 * PAGE_SIZE + 1)
+    assert buffer.covers_range(PAGE_SIZE + 1, 3 * PAGE_SIZE) and not buffer.covers_range(PAGE_SIZE, 4 * PAGE_SIZE - 1)
 
 
 def test_buffer_overlays_its_pages_on_a_window_of_the_shard():
