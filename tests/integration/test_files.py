@@ -354,3 +354,14 @@ def test_read_write_many_small_files(workdir):
     for name, data in contents.items():
         assert read_file(workdir / name) == data
     assert sorted(os.listdir(workdir)) == sorted(contents)
+
+
+def test_the_mount_reads_ahead_one_mebibyte(mount):
+    """The kernel sends reads as large as the mount's read-ahead window, which
+    the mount raises to 1 MiB (dfsfuse/fuse/readahead.py)."""
+    from dfsfuse.fuse.readahead import READ_AHEAD_KB, mount_device
+
+    device = mount_device(os.path.realpath(mount.mountpoint))
+    assert device is not None
+    with open(f"/sys/class/bdi/{device}/read_ahead_kb") as handle:
+        assert int(handle.read()) == READ_AHEAD_KB == 1024

@@ -275,6 +275,30 @@ def test_status_counts(fs):
     fs.start()  # the final fsck repairs it
 
 
+def test_small_overwrites_are_stored_as_patches_and_survive_a_remount(fs, tmp_path):
+    """dd conv=notrunc of a few 4 KiB blocks into a big file stores just those
+    pages (small replica files next to the shard's), and the file reads the
+    same as a local copy given the same overwrites, before and after a remount."""
+    model = tmp_path / "model"
+    data = os.urandom(3 * MiB)
+    model.write_bytes(data)
+    write_file(fs / "big", data, fsync=True)
+    whole = set(fs.replica_files())
+    for block in (300, 301, 700):  # pages of shard 1 (1 MiB shards): three closes, three patches
+        patch = tmp_path / f"patch{block}"
+        patch.write_bytes(os.urandom(4 * KiB))
+        for target in (fs / "big", model):
+            run(["dd", f"if={patch}", f"of={target}", "bs=4096", f"seek={block}", "conv=notrunc", "status=none"])
+    new = {shard: replicas for shard, replicas in fs.replica_files().items() if shard not in whole}
+    assert len(new) == 3, new
+    assert set(fs.replica_files()) >= whole  # the shards stay; the patches go on top
+    for replicas in new.values():
+        assert len(replicas) == 2 and all(replica.stat().st_size < 8 * KiB for replica in replicas)
+    run(["cmp", fs / "big", model])
+    fs.remount()
+    run(["cmp", fs / "big", model])
+
+
 def test_rm_rf_leaves_node_stores_empty(fs):
     root = fs / "stuff"
     os.makedirs(root / "sub" / "deeper")
