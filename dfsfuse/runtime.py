@@ -33,8 +33,17 @@ from .errors import UserError
 from .metadata.base import NODE_ACTIVE, MetadataStore, NodeRecord
 from .metadata.cache import CachedMetadata
 from .metadata.sqlite import SqliteMetadata
+from .shards.cache import ShardCache
+from .shards.garbage import GarbageCollector
 from .shards.replicator import Replicator
 from .storage.base import NodeStore
+from .vfs.filesystem import FileSystem
+from .vfs.reader import ReadServices
+from .write.buffer import WriteBudget
+from .write.file_writer import WriteServices
+from .write.flusher import Flusher, flush_channel
+from .write.storer import ShardStorer
+from .write.unsynced import UnsyncedReplicas
 
 log = logging.getLogger("dfsfuse")
 
@@ -85,6 +94,45 @@ async def open_components(config: Config, cached: bool) -> AsyncIterator[Compone
             for store in stores:
                 await store.close()
             await meta.close()
+
+
+@dataclasses.dataclass
+class FileSystemParts:
+    """A running FileSystem and the shared parts under it."""
+
+    fs: FileSystem
+    budget: WriteBudget
+    cache: ShardCache
+    garbage: GarbageCollector
+
+
+@contextlib.asynccontextmanager
+async def running_file_system(meta: MetadataStore, replicator: Replicator, config: Config) -> AsyncIterator[FileSystemParts]:
+    """Build the POSIX layer and its write and read paths over `meta` and
+    `replicator`, with their background tasks (the flusher, the garbage
+    collector, read-ahead) running until the block ends. Call
+    `fs.shutdown()` in the block to store everything first; leaving without
+    it is what a crash of the mount leaves behind."""
+    async with trio.open_nursery() as nursery:
+        flush_requests, flusher_inbox = flush_channel()
+        budget = WriteBudget(config.write_buffer_bytes, flush_requests)
+        cache = ShardCache(config.shard_cache_bytes)
+        garbage = GarbageCollector(meta, replicator)
+        writes = WriteServices(
+            meta=meta,
+            replicator=replicator,
+            storer=ShardStorer(meta, replicator),
+            budget=budget,
+            cache=cache,
+            garbage=garbage,
+            unsynced=UnsyncedReplicas(replicator, nursery),
+            shard_size=config.shard_size,
+        )
+        reads = ReadServices(meta=meta, replicator=replicator, cache=cache, garbage=garbage, nursery=nursery)
+        await nursery.start(Flusher(flusher_inbox).run)
+        await nursery.start(garbage.run)
+        yield FileSystemParts(FileSystem(writes, reads, config.replicas), budget, cache, garbage)
+        nursery.cancel_scope.cancel()
 
 
 def check_mountpoint(path: str) -> str:
@@ -192,50 +240,17 @@ def _log_to(stream) -> None:
 
 
 def _run_mount(config: Config, mountpoint: str, options: list[str], ready: Callable[[], None]) -> int:
-    # Imported here so status/fsck never load pyfuse3.
-    from .fuse import operations as fuse
-    from .vfs.filesystem import FileSystem
-
     async def main() -> int:
         async with open_components(config, cached=True) as parts:
-            fs = FileSystem(parts.meta, parts.replicator, config)
             async with trio.open_nursery() as nursery:
                 await nursery.start(parts.replicator.run)
-                nodes = NodeSet(parts.meta, config, parts.replicator, parts.stores)
-                await nursery.start(nodes.run)
-                cluster = Cluster(parts.meta, parts.replicator, nodes, config)
-                maintenance_lock = trio.Lock()  # one cluster operation or repair pass at a time
-                await nursery.start(ControlServer(config.control_socket_path, cluster, maintenance_lock).run)
-                await nursery.start(background_repair, cluster, maintenance_lock)
-                snapshots = SnapshotWriter(parts.meta, parts.replicator)
-                if config.snapshot_interval:
-                    await nursery.start(snapshots.run, config.snapshot_interval)
-                await nursery.start(fs.run)
-                try:
-                    fuse.start(fuse.Operations(fs), mountpoint, fuse.mount_options(f"dfsfuse:{config.data_dir}", options))
-                except RuntimeError as error:
-                    raise UserError(f"cannot mount at {mountpoint}: {error}") from None
-                log.info("mounted %s at %s", config.data_dir, mountpoint)
-                ready()
-                stopped_by_signal = False
-
-                async def stop_on_signal() -> None:
-                    nonlocal stopped_by_signal
-                    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-                        async for signum in signals:
-                            log.info("signal %d: unmounting", signum)
-                            stopped_by_signal = True
-                            fuse.terminate()
-                            return
-
-                nursery.start_soon(stop_on_signal)
-                try:
-                    await fuse.serve()
-                finally:
-                    with trio.CancelScope(shield=True):
-                        await fs.shutdown()
-                        fuse.stop(unmount=stopped_by_signal)
-                        await snapshots.write_at_unmount()  # after shutdown: every file's data is committed
+                snapshots = await _start_cluster_services(nursery, parts, config)
+                async with running_file_system(parts.meta, parts.replicator, config) as file_system:
+                    try:
+                        await _serve(file_system.fs, config, mountpoint, options, ready, nursery)
+                    finally:
+                        with trio.CancelScope(shield=True):
+                            await snapshots.write_at_unmount()  # after shutdown: every file's data is committed
                 nursery.cancel_scope.cancel()
         log.info("unmounted cleanly")
         return 0
@@ -244,6 +259,54 @@ def _run_mount(config: Config, mountpoint: str, options: list[str], ready: Calla
         return trio.run(main)
     except BaseExceptionGroup as group:
         raise _single_user_error(group) from None
+
+
+async def _start_cluster_services(nursery: trio.Nursery, parts: Components, config: Config) -> SnapshotWriter:
+    """The mount's cluster side: following the node registry, the control
+    socket, background repair and periodic metadata snapshots."""
+    nodes = NodeSet(parts.meta, config, parts.replicator, parts.stores)
+    await nursery.start(nodes.run)
+    cluster = Cluster(parts.meta, parts.replicator, nodes, config)
+    maintenance_lock = trio.Lock()  # one cluster operation or repair pass at a time
+    await nursery.start(ControlServer(config.control_socket_path, cluster, maintenance_lock).run)
+    await nursery.start(background_repair, cluster, maintenance_lock)
+    snapshots = SnapshotWriter(parts.meta, parts.replicator)
+    if config.snapshot_interval:
+        await nursery.start(snapshots.run, config.snapshot_interval)
+    return snapshots
+
+
+async def _serve(
+    fs: FileSystem, config: Config, mountpoint: str, options: list[str], ready: Callable[[], None], nursery: trio.Nursery
+) -> None:
+    """Mount, serve the kernel until it lets go (an unmount, or a signal),
+    then store everything and end the FUSE session."""
+    from .fuse import operations as fuse  # here, so status and fsck never load pyfuse3
+
+    try:
+        fuse.start(fuse.Operations(fs), mountpoint, fuse.mount_options(f"dfsfuse:{config.data_dir}", options))
+    except RuntimeError as error:
+        raise UserError(f"cannot mount at {mountpoint}: {error}") from None
+    log.info("mounted %s at %s", config.data_dir, mountpoint)
+    ready()
+    stopped_by_signal = False
+
+    async def stop_on_signal() -> None:
+        nonlocal stopped_by_signal
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for signum in signals:
+                log.info("signal %d: unmounting", signum)
+                stopped_by_signal = True
+                fuse.terminate()
+                return
+
+    nursery.start_soon(stop_on_signal)
+    try:
+        await fuse.serve()
+    finally:
+        with trio.CancelScope(shield=True):
+            await fs.shutdown()
+            fuse.stop(unmount=stopped_by_signal)
 
 
 def _single_user_error(group: BaseExceptionGroup) -> BaseException:

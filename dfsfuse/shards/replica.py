@@ -37,7 +37,7 @@ from dfsfuse.shards.checksum import (
     shard_checksum,
 )
 from dfsfuse.storage.base import Buffer
-from dfsfuse.vfs.layout import block_span
+from dfsfuse.layout import block_span
 
 MAGIC = b"DFSR"
 FORMAT_VERSION = 1

@@ -113,6 +113,20 @@ class Replicator:
         """The stores new replicas may go to."""
         return list(self._writable)
 
+    async def capacity(self) -> tuple[int, int]:
+        """(capacity, free) bytes of the disks under the stores, each disk
+        counted once however many stores share it; a store that does not
+        answer is left out (and logged)."""
+        by_device: dict[str, tuple[int, int]] = {}
+        for store in self._stores.values():
+            try:
+                info = await store.stat()
+            except DfsError as error:
+                logger.warning("node store %s does not report its capacity: %s", store.name, error)
+                continue
+            by_device[info.device or store.name] = (info.capacity, info.free)
+        return sum(c for c, _ in by_device.values()), sum(f for _, f in by_device.values())
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The repair worker: repairs shards that reads found bad, one at a time.
 

@@ -3,13 +3,13 @@
 The FUSE adapter converts each kernel request into one call here. This layer
 adds what neither the metadata engine nor the stores know about: open files
 and their contents, kernel references (lookup counts) that keep an unlinked
-inode alive, ownership rules for new inodes (umask, setgid directories), name
-limits, and the background garbage collector that deletes replicas of shards
-nothing refers to any more.
+inode alive, ownership rules for new inodes (umask, setgid directories) and
+name limits.
 
 An inode whose last name is removed is deleted only when no handle has it
 open and the kernel holds no reference to it, by the garbage collector's next
-round; if the mount dies first, the next mount deletes it (`orphan_inodes`).
+round (shards/garbage.py); if the mount dies first, the next mount deletes it
+(`orphan_inodes`).
 """
 
 from __future__ import annotations
@@ -24,32 +24,20 @@ import time
 
 import trio
 
-from ..config import Config
 from ..errors import DfsError, InvalidArgument, NameTooLong, NotFound
 from ..metadata.base import (
     REPLICAS_XATTR,
     AttrChanges,
     DirEntry,
     InodeAttrs,
-    MetadataStore,
 )
-from ..shards.cache import ShardCache
-from ..shards.replicator import Replicator
-from ..write.buffer import BufferKey, WriteBudget
-from ..write.flusher import Flusher
-from .contents import ContentServices, FileContents
+from ..write.file_writer import WriteServices
+from .contents import FileContents
+from .reader import ReadServices
 
 log = logging.getLogger("dfsfuse.vfs")
 
 NAME_MAX = 255
-# The garbage collector starts a round once no new garbage was noted for
-# GARBAGE_QUIET seconds, or GARBAGE_MAX_DELAY seconds after the first, and takes
-# all that came meanwhile: a burst of deletes (rm -rf) then costs one metadata
-# sync and one pass, not one per file, and does not compete with its own end.
-GARBAGE_QUIET = 0.25
-GARBAGE_MAX_DELAY = 3.0
-GARBAGE_BATCH = 4096  # garbage rows per metadata sync
-DELETE_BATCH = 1000  # inodes per transaction (the requests queued behind one wait for it)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,40 +67,21 @@ class Handle:
 
 
 class FileSystem:
-    def __init__(self, meta: MetadataStore, replicator: Replicator, config: Config):
-        self._meta = meta
-        self._replicator = replicator
-        self._config = config
+    """The POSIX layer; `replicas` is the configured R (statfs divides by it)."""
+
+    def __init__(self, writes: WriteServices, reads: ReadServices, replicas: int):
+        self._meta = writes.meta
+        self._replicator = writes.replicator
+        self._garbage = writes.garbage
+        self._unsynced = writes.unsynced
+        self._writes = writes
+        self._reads = reads
+        self._replicas = replicas
         self._files: dict[int, FileContents] = {}
         self._handles: dict[int, Handle] = {}
         self._next_handle = 1
         self._refs: collections.Counter[int] = collections.Counter()
         self._unlinked: set[int] = set()
-        self._doomed: set[int] = set()  # unlinked and unreferenced: the collector deletes them
-        self._services: ContentServices | None = None
-
-    # -- lifecycle -------------------------------------------------------------
-    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Serve background work (flushes, read-ahead, garbage) until cancelled."""
-        async with trio.open_nursery() as nursery:
-            budget = WriteBudget(self._config.write_buffer_bytes, self._evict)
-            self._services = ContentServices(
-                meta=self._meta,
-                replicator=self._replicator,
-                flusher=Flusher(self._meta, self._replicator),
-                cache=ShardCache(self._config.shard_cache_bytes),
-                budget=budget,
-                shard_size=self._config.shard_size,
-                nursery=nursery,
-            )
-            orphans = await self._meta.orphan_inodes()
-            for inode in orphans:
-                log.info("deleting inode %d, unlinked but not yet deleted when the file system last stopped", inode)
-            self._doomed.update(orphans)
-            await self._collect_garbage()
-            nursery.start_soon(self._garbage_collector)
-            task_status.started()
-            await trio.sleep_forever()
 
     async def shutdown(self) -> None:
         """After the kernel let go: write everything, delete what is unreferenced."""
@@ -124,28 +93,16 @@ class FileSystem:
         self._handles.clear()
         self._files.clear()
         self._refs.clear()
-        self._doomed |= self._unlinked
+        self._garbage.doom(self._unlinked)
         self._unlinked.clear()
-        await self._collect_garbage()
+        await self._garbage.collect()
         await self._meta.sync()
         await trio.to_thread.run_sync(os.sync)
 
-    @property
-    def deletions_pending(self) -> int:
-        """Unreferenced inodes waiting for the garbage collector's next round."""
-        return len(self._doomed)
-
-    @property
-    def services(self) -> ContentServices:
-        if self._services is None:
-            raise RuntimeError("FileSystem.run has not started")
-        return self._services
-
-    def _evict(self, key: BufferKey) -> None:
-        inode, index = key
-        contents = self._files.get(inode)
-        if contents is not None:
-            contents.start_background_flush(index)
+    def _contents(self, attrs: InodeAttrs, replicas: int | None) -> FileContents:
+        """A file's contents, registered, so every open shares them."""
+        contents = self._files[attrs.inode] = FileContents(attrs, replicas, self._writes, self._reads)
+        return contents
 
     # -- kernel references -----------------------------------------------------
     def add_ref(self, inode: int, count: int = 1) -> None:
@@ -165,9 +122,8 @@ class FileSystem:
         transaction for a whole `rm -rf`, not one per file."""
         if inode in self._unlinked and not self._refs[inode] and inode not in self._files:
             self._unlinked.discard(inode)
-            self._doomed.add(inode)
-            self.services.forget_unsynced(inode)
-            self.services.note_garbage()
+            self._unsynced.forget(inode)
+            self._garbage.doom([inode])
 
     def _note_links(self, attrs: InodeAttrs | None) -> None:
         if attrs is not None and attrs.nlink == 0:
@@ -192,8 +148,9 @@ class FileSystem:
         contents = self._files.get(attrs.inode)
         if contents is None:
             return attrs
+        writer = contents.writer
         return dataclasses.replace(
-            attrs, size=contents.size, mtime_ns=contents.mtime_ns, ctime_ns=max(attrs.ctime_ns, contents.ctime_ns)
+            attrs, size=writer.size, mtime_ns=writer.mtime_ns, ctime_ns=max(attrs.ctime_ns, writer.ctime_ns)
         )
 
     async def create_node(
@@ -271,7 +228,7 @@ class FileSystem:
             attrs = await self._meta.setattr(inode, changes, time.time_ns())
             contents = self._files.get(inode)
             if contents is not None:
-                contents.mtime_ns, contents.ctime_ns = attrs.mtime_ns, attrs.ctime_ns
+                contents.writer.times_set(attrs.mtime_ns, attrs.ctime_ns)
         return await self.getattr(inode)
 
     async def _truncate(self, inode: int, size: int) -> None:
@@ -286,28 +243,20 @@ class FileSystem:
             raise DfsError("cannot truncate a directory", errno.EISDIR)
         if not stat.S_ISREG(attrs.mode):
             raise InvalidArgument("only regular files can be truncated")
-        shard_map = await self._meta.shard_map(inode)
+        replicas = await self._replicas_of(inode)
         contents = self._files.get(inode)  # opened meanwhile?
         if contents is None:
             # Registered while it works, so an open in the meantime shares it.
-            replicas = await self._replicas_of(inode)
-            contents = self._files[inode] = FileContents(attrs, shard_map, self.services, replicas)
+            contents = self._contents(attrs, replicas)
         try:
             await contents.truncate(size)
         finally:
             self._drop_if_closed(contents)
 
     async def statfs(self) -> FsStats:
-        capacity_by_device: dict[str, tuple[int, int]] = {}
-        for store in self._replicator.stores:
-            try:
-                info = await store.stat()
-            except DfsError as error:
-                log.warning("statfs: node store %s: %s", store.name, error)
-                continue
-            capacity_by_device[info.device or store.name] = (info.capacity, info.free)
-        capacity = sum(c for c, _ in capacity_by_device.values()) // self._config.replicas
-        free = sum(f for _, f in capacity_by_device.values()) // self._config.replicas
+        capacity, free = await self._replicator.capacity()
+        capacity //= self._replicas
+        free //= self._replicas
         usage = await self._meta.usage()
         block = 4096
         files = max(2**32, usage.inodes * 2)
@@ -338,11 +287,10 @@ class FileSystem:
             attrs = await self._meta.getattr(inode)
             if not stat.S_ISREG(attrs.mode):
                 raise DfsError("not a regular file", errno.EISDIR if stat.S_ISDIR(attrs.mode) else errno.EINVAL)
-            shard_map = await self._meta.shard_map(inode)
             replicas = await self._replicas_of(inode)
             contents = self._files.get(inode)  # another open may have won the race
             if contents is None:
-                contents = self._files[inode] = FileContents(attrs, shard_map, self.services, replicas)
+                contents = self._contents(attrs, replicas)
         return await self._open_contents(contents, flags)
 
     async def _open_contents(self, contents: FileContents, flags: int) -> int:
@@ -363,7 +311,7 @@ class FileSystem:
     async def create(self, parent: int, name: bytes, mode: int, flags: int, caller: Caller) -> tuple[int, InodeAttrs]:
         attrs = await self.create_node(parent, name, stat.S_IFREG | stat.S_IMODE(mode), caller)
         replicas = await self._replicas_of(parent)  # inherited; the parent's xattrs are cached now
-        contents = self._files[attrs.inode] = FileContents(attrs, {}, self.services, replicas)
+        contents = self._contents(attrs, replicas)
         return await self._open_contents(contents, flags & ~os.O_TRUNC), attrs
 
     def _handle(self, handle: int) -> Handle:
@@ -418,58 +366,6 @@ class FileSystem:
         if not contents.open_count and contents.is_clean and self._files.get(contents.inode) is contents:
             del self._files[contents.inode]
             self._delete_if_unreferenced(contents.inode)
-
-    # -- garbage -----------------------------------------------------------------
-    async def _garbage_collector(self) -> None:
-        while True:
-            await self.services.garbage_added.wait()
-            await self._wait_for_a_pause()
-            try:
-                complete = await self._collect_garbage()
-            except Exception:  # noqa: BLE001 - keep the mount alive; try again later
-                log.exception("garbage collection failed")
-                complete = False
-            if not complete:
-                await trio.sleep(1)  # some shards were being read, or a store failed
-                self.services.note_garbage()
-
-    async def _wait_for_a_pause(self) -> None:
-        """Until no garbage was noted for GARBAGE_QUIET seconds, or at most
-        GARBAGE_MAX_DELAY; garbage noted from here on starts another round."""
-        deadline = trio.current_time() + GARBAGE_MAX_DELAY
-        while True:
-            self.services.garbage_added = trio.Event()
-            await trio.sleep(max(0.0, min(GARBAGE_QUIET, deadline - trio.current_time())))
-            if not self.services.garbage_added.is_set() or trio.current_time() >= deadline:
-                return
-
-    async def _collect_garbage(self) -> bool:
-        """Delete the doomed inodes, then the replicas of unreferenced shards;
-        False if some had to wait."""
-        while self._doomed:
-            inodes = sorted(self._doomed)[:DELETE_BATCH]
-            await self._meta.delete_inodes(inodes)
-            self._doomed.difference_update(inodes)
-        complete = True
-        after_skipped: set[int] = set()
-        while True:
-            batch = [g for g in await self._meta.garbage(GARBAGE_BATCH) if g[0] not in after_skipped]
-            if not batch:
-                return complete
-            # The commits that made these shards garbage must survive a power
-            # loss before the replicas go, or metadata could point at nothing.
-            await self._meta.sync()
-            in_use = set() if self._services is None else self._services.reads_in_flight.keys()
-            doomed = [(shard_id, nodes) for shard_id, nodes in batch if shard_id not in in_use]
-            failed = await self._replicator.delete_many(doomed)
-            deleted = [shard_id for shard_id, _ in doomed if shard_id not in failed]
-            if len(deleted) < len(batch):
-                after_skipped.update(shard_id for shard_id, _ in batch if shard_id not in deleted)
-                complete = False
-            if deleted:
-                await self._meta.forget_garbage(deleted)
-            elif len(batch) < GARBAGE_BATCH:
-                return complete
 
 
 def _check_name(name: bytes) -> None:

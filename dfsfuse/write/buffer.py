@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Callable
+from typing import Protocol
 
 import trio
 
 from ..errors import DataError
-from ..metadata.base import PAGE_SIZE
+from ..layout import PAGE_SIZE
 
 
 class ShardBuffer:
@@ -106,23 +107,34 @@ class ShardBuffer:
             if contents is not None and lo < hi:
                 data[lo - start : hi - start] = contents[lo - page * PAGE_SIZE : hi - page * PAGE_SIZE]
 
-BufferKey = tuple[int, int]  # (inode, shard index)
+class Flushable(Protocol):
+    """A file whose dirty shard indexes the background flusher can store."""
+
+    async def flush_in_background(self, index: int) -> None:
+        """Store the index's dirty buffer if it still has one; ends the
+        flush that `WriteBudget.request_flush` began."""
+
+
+BufferKey = tuple[Flushable, int]  # (file, shard index)
 
 
 class WriteBudget:
     """Global accounting of buffered bytes with backpressure.
 
-    `evict` is called with the key of the oldest tracked buffer when writers
-    must wait; it starts flushing that buffer, which brackets the work with
-    `begin_flush` and `end_flush`. A buffer whose store failed is not tracked
-    again (its file's next flush retries it), so when the budget is full of
-    such data and nothing is being flushed, writers get an error instead of
-    waiting for ever.
+    Flushes in the background are requested here (`request_flush`): a
+    message on a memory channel to the flusher task (write/flusher.py),
+    whose capacity holds back requesters when the flusher falls behind.
+    When writers must wait for room, the oldest tracked buffer is requested.
+    Every requested flush is counted until the file ends it (`end_flush`),
+    so writers waiting for room know relief is coming. A buffer whose store
+    failed is not tracked again (its file's next flush retries it), so when
+    the budget is full of such data and nothing is being flushed, writers
+    get an error instead of waiting for ever.
     """
 
-    def __init__(self, max_bytes: int, evict: Callable[[BufferKey], None]):
+    def __init__(self, max_bytes: int, flush_requests: trio.MemorySendChannel[BufferKey]):
         self.max_bytes = max_bytes
-        self._evict = evict
+        self._flush_requests = flush_requests
         self._used = 0
         self._flushes = 0
         self._oldest_first: collections.OrderedDict[BufferKey, None] = collections.OrderedDict()
@@ -148,7 +160,14 @@ class WriteBudget:
             self._changed.notify_all()
 
     def begin_flush(self) -> None:
+        """Count a flush the caller does itself (fsync, close)."""
         self._flushes += 1
+
+    async def request_flush(self, key: BufferKey) -> None:
+        """Have the flusher task store this buffer (a full shard, an eviction)."""
+        self.untrack(key)
+        self._flushes += 1
+        await self._flush_requests.send(key)
 
     async def end_flush(self, released: int) -> None:
         self._flushes -= 1
@@ -166,9 +185,7 @@ class WriteBudget:
             if self._used < self.max_bytes:
                 return
             if self._oldest_first:
-                key = next(iter(self._oldest_first))
-                self.untrack(key)
-                self._evict(key)
+                await self.request_flush(next(iter(self._oldest_first)))
             elif not self._flushes:
                 raise DataError("the write buffer is full of data that could not be stored")
             async with self._changed:

@@ -1,41 +1,34 @@
-"""Seal a shard's bytes, replicate them, and hand back the reference to commit.
+"""The background flusher: one task that stores the shards nobody waits for.
 
-The flusher is the one place that turns data into a stored shard: it takes a
-fresh shard id (ids are never reused: the metadata engine hands them out in
-batches, persisted before use) and asks the replicator to store every replica.
-Only then may the caller commit the returned ShardRef to the metadata, so
-metadata never points at a shard that was not stored.
+Two kinds of flush happen without a caller waiting: a shard a write filled
+to its end, and the oldest buffers when writers wait for room in the write
+budget. Both arrive as (file, shard index) messages on a trio memory channel
+(WriteBudget.request_flush sends them); this task starts each in its own
+task in its nursery. The channel's capacity is the backpressure: a requester
+waits while FLUSH_QUEUE requests are waiting to be started.
 """
 
 from __future__ import annotations
 
 import trio
 
-from ..metadata.base import MetadataStore, ShardRef
-from ..shards.replicator import Replicator
+from .buffer import BufferKey
 
-ID_BATCH = 256
+FLUSH_QUEUE = 64
+
+
+def flush_channel() -> tuple[trio.MemorySendChannel[BufferKey], trio.MemoryReceiveChannel[BufferKey]]:
+    """The channel between the write budget (sender) and the flusher."""
+    return trio.open_memory_channel[BufferKey](FLUSH_QUEUE)
 
 
 class Flusher:
-    def __init__(self, meta: MetadataStore, replicator: Replicator, parallel_stores: int = 4):
-        self._meta = meta
-        self._replicator = replicator
-        self._ids: range = range(0)
-        self._id_lock = trio.Lock()
-        self._limiter = trio.CapacityLimiter(parallel_stores)
+    def __init__(self, requests: trio.MemoryReceiveChannel[BufferKey]):
+        self._requests = requests
 
-    async def store(self, data: bytes | bytearray | memoryview, sync: bool, replicas: int | None = None) -> ShardRef:
-        """Store `data` as a new shard on `replicas` (default R) node stores;
-        raises DataError/NoSpace."""
-        shard_id = await self._next_id()
-        async with self._limiter:
-            return await self._replicator.write(shard_id, data, sync, replicas)
-
-    async def _next_id(self) -> int:
-        async with self._id_lock:
-            if not self._ids:
-                self._ids = await self._meta.allocate_shard_ids(ID_BATCH)
-            shard_id = self._ids[0]
-            self._ids = self._ids[1:]
-            return shard_id
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Start a flush for every request, until cancelled."""
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            async for file, index in self._requests:
+                nursery.start_soon(file.flush_in_background, index)

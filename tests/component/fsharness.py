@@ -38,11 +38,15 @@ from dfsfuse.errors import DfsError
 from dfsfuse.metadata.base import ROOT_INODE, MetadataStore
 from dfsfuse.metadata.cache import CachedMetadata
 from dfsfuse.metadata.sqlite import SqliteMetadata
+from dfsfuse.runtime import running_file_system
 from dfsfuse.shards import replica
+from dfsfuse.shards.cache import ShardCache
+from dfsfuse.shards.garbage import GarbageCollector
 from dfsfuse.shards.replicator import Replicator
 from dfsfuse.storage.base import Buffer
 from dfsfuse.storage.local import SHARDS_DIR, LocalStore, replica_name
 from dfsfuse.vfs.filesystem import Caller, FileSystem
+from dfsfuse.write.buffer import WriteBudget
 
 KiB = 1024
 SHARD = 64 * KiB
@@ -216,6 +220,9 @@ class Env:
     replicator: Replicator
     config: Config
     events: list[tuple[str, int]]  # see ObservedSqlite and FaultyStore.delete
+    budget: WriteBudget
+    cache: ShardCache
+    garbage: GarbageCollector
 
     @property
     def store(self) -> dict[str, FaultyStore]:
@@ -260,7 +267,7 @@ class Env:
             after = page[-1].ref.shard_id
         return records
 
-    async def garbage(self) -> list[tuple[int, tuple[str, ...]]]:
+    async def garbage_rows(self) -> list[tuple[int, tuple[str, ...]]]:
         return await self.meta.garbage(100_000)
 
     async def wait_for_garbage_collection(self, timeout: float = 10) -> None:
@@ -271,14 +278,14 @@ class Env:
         the observable outcome, under a deadline.
         """
         with trio.fail_after(timeout):
-            while self.fs.deletions_pending or await self.garbage():
+            while self.garbage.pending or await self.garbage_rows():
                 await trio.sleep(0.002)
 
     async def check_stores_match_metadata(self, allow_garbage: bool = False) -> None:
         """The fsck oracle: every live shard has a replica, which verifies, on each
         store its metadata names; no replica file exists that nothing refers to."""
         live = await self.live_shards()
-        garbage = {shard_id for shard_id, _ in await self.garbage()}
+        garbage = {shard_id for shard_id, _ in await self.garbage_rows()}
         on_disk = self.replicas_on_disk()
         expected: dict[str, set[int]] = {store.name: set() for store in self.stores}
         for record in live:
@@ -323,15 +330,15 @@ class Harness:
                 stores.append(await FaultyStore.open(node.name, str(node.path)))
                 stores[-1].events = events
             replicator = Replicator(stores, config.replicas, config.block_size, write_quorum=config.write_quorum)
-            fs = FileSystem(meta, replicator, config)
             async with trio.open_nursery() as nursery:
                 await nursery.start(replicator.run)
-                await nursery.start(fs.run)
-                yield Env(fs, meta, stores, replicator, config, events)
-                if shutdown:
-                    for store in stores:  # faults are for the test body, not the shutdown
-                        store.put_error = store.put_gate = store.sync_gate = None
-                    await fs.shutdown()
+                async with running_file_system(meta, replicator, config) as parts:
+                    fs = parts.fs
+                    yield Env(fs, meta, stores, replicator, config, events, parts.budget, parts.cache, parts.garbage)
+                    if shutdown:
+                        for store in stores:  # faults are for the test body, not the shutdown
+                            store.put_error = store.put_gate = store.sync_gate = None
+                        await fs.shutdown()
                 nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):

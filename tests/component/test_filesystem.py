@@ -25,16 +25,17 @@ import trio.testing
 from fsharness import ME, ROOT, SHARD, Harness, KiB, replica_path, run, wait_until
 
 from dfsfuse.errors import DfsError, NoSpace, StoreUnavailable
+from dfsfuse.layout import PAGE_SIZE
 from dfsfuse.metadata.base import (
-    PAGE_SIZE,
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
     XATTR_CREATE,
     XATTR_REPLACE,
     AttrChanges,
 )
-from dfsfuse.vfs.contents import MAX_PATCHES, READ_AHEAD_SHARDS
 from dfsfuse.vfs.filesystem import Caller
+from dfsfuse.vfs.reader import READ_AHEAD_SHARDS
+from dfsfuse.write.file_writer import MAX_PATCHES
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -172,9 +173,9 @@ def random_workload(harness: Harness, seed: int, steps: int, settle_before_trunc
                     await env.fs.release(handle)
             for f in files:
                 assert await env.contents_of(f.name) == bytes(f.model)
-            assert env.fs.services.budget.used == 0
+            assert env.budget.used == 0
         async with harness.running() as env:
-            assert await env.garbage() == []
+            assert await env.garbage_rows() == []
             await env.check_stores_match_metadata()
             for f in files:
                 assert (await env.fs.getattr(f.inode)).size == len(f.model)
@@ -307,7 +308,7 @@ def test_writes_under_memory_pressure_keep_working_and_stay_bounded(tmp_path):
 
     async def main():
         async with harness.running() as env:
-            fs, budget = env.fs, env.fs.services.budget
+            fs, budget = env.fs, env.budget
             limit = budget.max_bytes
             bound = limit + writers * (max_write + 2 * SHARD)
             models = {}
@@ -428,7 +429,7 @@ def test_deleting_everything_leaves_every_store_empty(harness):
             assert env.replica_count() == 0
         async with harness.running() as env:
             assert env.replicas_on_disk() == {store.name: [] for store in env.stores}
-            assert await env.garbage() == []
+            assert await env.garbage_rows() == []
             usage = await env.meta.usage()
             assert (usage.inodes, usage.shards, usage.stored_bytes) == (1, 0, 0)
             assert await env.fs.readdir(ROOT, 0, 100) == []
@@ -571,7 +572,7 @@ def test_a_sequential_reader_gets_several_shards_read_ahead(tmp_path):
             await fs.write(handle, 0, data)
             await fs.release(handle)
             tops = {record.index: record.ref.shard_id for record in await env.live_shards()}
-            cache = fs.services.cache
+            cache = env.cache
             def cached() -> list[int]:
                 return [index for index in range(10) if cache.is_cached_or_fetching(tops[index])]
 

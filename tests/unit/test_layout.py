@@ -2,7 +2,7 @@
 
 import pytest
 
-from dfsfuse.vfs.layout import block_span, shard_count, shard_length, shard_span
+from dfsfuse.layout import block_span, shard_count, shard_length, shard_span
 
 
 def test_shard_span_inside_one_shard():

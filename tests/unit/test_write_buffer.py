@@ -3,7 +3,7 @@
 import trio
 import trio.testing
 
-from dfsfuse.metadata.base import PAGE_SIZE
+from dfsfuse.layout import PAGE_SIZE
 from dfsfuse.write.buffer import ShardBuffer, WriteBudget
 
 
@@ -35,11 +35,20 @@ def test_buffer_overlays_its_pages_on_a_window_of_the_shard():
     assert short == bytes(PAGE_SIZE) + b"x" * 7
 
 
-def test_budget_evicts_oldest_first_and_blocks_until_released():
-    evicted = []
+def _requested(receive: trio.MemoryReceiveChannel) -> list:
+    """The flush requests waiting on the flusher's channel."""
+    requests = []
+    while True:
+        try:
+            requests.append(receive.receive_nowait())
+        except trio.WouldBlock:
+            return requests
 
+
+def test_budget_evicts_oldest_first_and_blocks_until_released():
     async def main():
-        budget = WriteBudget(100, evicted.append)
+        send, receive = trio.open_memory_channel(10)
+        budget = WriteBudget(100, send)
         budget.track((1, 0))
         budget.track((2, 0))
         budget.grow(150)
@@ -52,7 +61,7 @@ def test_budget_evicts_oldest_first_and_blocks_until_released():
         async with trio.open_nursery() as nursery:
             nursery.start_soon(writer)
             await trio.testing.wait_all_tasks_blocked()
-            assert evicted == [(1, 0)]
+            assert _requested(receive) == [(1, 0)]
             assert not finished.is_set()
             await budget.release(100)
             await finished.wait()
@@ -63,7 +72,7 @@ def test_budget_evicts_oldest_first_and_blocks_until_released():
 
 def test_budget_returns_at_once_when_under_limit():
     async def main():
-        budget = WriteBudget(100, lambda key: None)
+        budget = WriteBudget(100, trio.open_memory_channel(1)[0])
         budget.grow(99)
         with trio.fail_after(1):
             await budget.wait_for_room(lambda: None)

@@ -1,8 +1,15 @@
-"""Pure arithmetic between file offsets and shards."""
+"""Pure arithmetic between file offsets, shards, pages and checksum blocks.
+
+Every layer uses it (the POSIX layer to split a range by shard, the write
+buffers and patches in pages, the replica format in checksum blocks), so it
+sits under all of them and imports nothing.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+
+PAGE_SIZE = 4096  # the unit of dirty data and of a patch (metadata/base.py ShardRef)
 
 
 def shard_span(offset: int, length: int, shard_size: int) -> Iterator[tuple[int, int, int]]:
