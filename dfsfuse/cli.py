@@ -72,17 +72,18 @@ def run(argv: list[str]) -> int:
         return run_node_command(args)
     config = config_module.load(args.data_dir, args.config)
     if args.command == "node":
-        from .cluster import commands as cluster
-
-        if args.node_command == "add":
-            return cluster.node_add(config, args.where, args.name)
         if args.node_command == "list":
-            return cluster.node_list(config)
-        return cluster.run_operation(config, f"node {args.node_command}", name=args.name)
-    if args.command in ("repair", "scrub", "rebalance"):
-        from .cluster import commands as cluster
+            from .cluster.commands import print_node_list
+            from .runtime import probe_nodes
 
-        return cluster.run_operation(config, args.command)
+            return print_node_list(*probe_nodes(config))
+        if args.node_command == "add":
+            from .cluster.commands import node_add_arguments
+
+            return _cluster_operation(config, "node add", node_add_arguments(args.where, args.name))
+        return _cluster_operation(config, f"node {args.node_command}", {"name": args.name})
+    if args.command in ("repair", "scrub", "rebalance"):
+        return _cluster_operation(config, args.command, {})
     if args.command == "mount":
         from .runtime import mount
 
@@ -98,6 +99,18 @@ def run(argv: list[str]) -> int:
     from .fsck import fsck
 
     return fsck(config)
+
+
+def _cluster_operation(config: config_module.Config, operation: str, arguments: dict[str, str]) -> int:
+    """In the mount if one runs (it is the only writer), else in this process."""
+    from .cluster.commands import TerminalOutput, ask_mount
+    from .runtime import run_cluster_operation
+
+    output = TerminalOutput()
+    code = ask_mount(config, operation, arguments, output)
+    if code is None:
+        code = run_cluster_operation(config, operation, output, arguments)
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,17 +18,19 @@ import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import trio
 
 from .cluster.autorepair import background_repair
 from .cluster.control import ControlServer
+from .cluster.heartbeat import probe
 from .cluster.nodeset import NodeSet
-from .cluster.operations import Cluster
+from .cluster.operations import OPERATIONS, Cluster, Output
 from .cluster.registry import open_store_or_stand_in, register_config_nodes
 from .cluster.snapshots import SnapshotWriter
 from .config import Config
-from .datadir import DataDirLock, mountpoint_of, prepare_data_dir
+from .datadir import DataDirLock, mountpoint_of, prepare_data_dir, require_file_system
 from .errors import UserError
 from .metadata.base import NODE_ACTIVE, MetadataStore, NodeRecord
 from .metadata.cache import CachedMetadata
@@ -36,7 +38,7 @@ from .metadata.sqlite import SqliteMetadata
 from .shards.cache import ShardCache
 from .shards.garbage import GarbageCollector
 from .shards.replicator import Replicator
-from .storage.base import NodeStore
+from .storage.base import NodeStore, StoreStat
 from .vfs.filesystem import FileSystem
 from .vfs.reader import ReadServices
 from .write.buffer import WriteBudget
@@ -133,6 +135,42 @@ async def running_file_system(meta: MetadataStore, replicator: Replicator, confi
         await nursery.start(garbage.run)
         yield FileSystemParts(FileSystem(writes, reads, config.replicas), budget, cache, garbage)
         nursery.cancel_scope.cancel()
+
+
+def run_cluster_operation(config: Config, operation: str, output: Output, arguments: dict[str, Any]) -> int:
+    """Run a cluster operation in this process, holding the data dir's lock
+    (the mount, the only other writer, is not running)."""
+    require_file_system(config)
+    lock = DataDirLock(config.lock_path)
+    where = mountpoint_of(config)
+    lock.acquire(f"it is mounted{' at ' + where if where else ''} but its control socket does not answer")
+
+    async def main() -> int:
+        async with open_components(config, cached=False) as parts:
+            nodes = NodeSet(parts.meta, config, parts.replicator, parts.stores)
+            await nodes.refresh()
+            cluster = Cluster(parts.meta, parts.replicator, nodes, config)
+            try:
+                return await OPERATIONS[operation](cluster, output, **arguments)
+            finally:
+                await nodes.close()
+                await parts.meta.sync()
+
+    try:
+        return trio.run(main)
+    finally:
+        lock.release()
+
+
+def probe_nodes(config: Config) -> tuple[list[NodeRecord], dict[str, StoreStat | None]]:
+    """The registry's nodes and what each answers now (None: no answer)."""
+    require_file_system(config)
+
+    async def main() -> tuple[list[NodeRecord], dict[str, StoreStat | None]]:
+        async with open_components(config, cached=False) as parts:
+            return parts.nodes, await probe(parts.stores)
+
+    return trio.run(main)
 
 
 def check_mountpoint(path: str) -> str:

@@ -1,10 +1,11 @@
-"""The cluster commands on the command line: `dfsfuse node add|drain|remove|list`,
-`dfsfuse rebalance`, `dfsfuse repair`, `dfsfuse scrub`.
+"""The command-line side of the cluster commands: `dfsfuse node
+add|drain|remove|list`, `dfsfuse rebalance`, `dfsfuse repair`, `dfsfuse scrub`.
 
 While the file system is mounted, the mount is the only writer of the
-metadata, so the commands ask it over its control socket and show what it
-reports. Otherwise they take the data dir's lock and run the operation
-themselves. `node list` only reads, like status.
+metadata, so a command asks it over its control socket and shows what it
+reports (`ask_mount`). Otherwise the composition root runs the operation in
+this process (runtime.run_cluster_operation). This module turns what a
+person typed into an operation's arguments and its results into lines.
 """
 
 from __future__ import annotations
@@ -15,17 +16,13 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-import trio
-
 from dfsfuse.cluster import control
-from dfsfuse.cluster.heartbeat import probe
-from dfsfuse.cluster.nodeset import NodeSet
-from dfsfuse.cluster.operations import OPERATIONS, Cluster
 from dfsfuse.cluster.registry import describe_address, local_address, parse_address
 from dfsfuse.config import Config
-from dfsfuse.datadir import DataDirLock, mountpoint_of, require_file_system
+from dfsfuse.datadir import require_file_system
 from dfsfuse.errors import UserError
-from dfsfuse.runtime import open_components
+from dfsfuse.metadata.base import NodeRecord
+from dfsfuse.storage.base import StoreStat
 
 
 class TerminalOutput:
@@ -50,32 +47,13 @@ class TerminalOutput:
         self._stream.flush()
 
 
-def run_operation(config: Config, operation: str, **arguments: Any) -> int:
-    """Run a cluster operation in the mount if one runs, else here."""
+def ask_mount(config: Config, operation: str, arguments: dict[str, Any], output: TerminalOutput) -> int | None:
+    """Run the operation in the mount, if one listens; its exit code, or None."""
     require_file_system(config)
-    output = TerminalOutput()
     client = control.connect(config.control_socket_path)
-    if client is not None:
-        return control.request(client, operation, arguments, output.line, output.progress)
-    lock = DataDirLock(config.lock_path)
-    where = mountpoint_of(config)
-    lock.acquire(f"it is mounted{' at ' + where if where else ''} but its control socket does not answer")
-
-    async def main() -> int:
-        async with open_components(config, cached=False) as parts:
-            nodes = NodeSet(parts.meta, config, parts.replicator, parts.stores)
-            await nodes.refresh()
-            cluster = Cluster(parts.meta, parts.replicator, nodes, config)
-            try:
-                return await OPERATIONS[operation](cluster, output, **arguments)
-            finally:
-                await nodes.close()
-                await parts.meta.sync()
-
-    try:
-        return trio.run(main)
-    finally:
-        lock.release()
+    if client is None:
+        return None
+    return control.request(client, operation, arguments, output.line, output.progress)
 
 
 def node_address(where: str) -> str:
@@ -86,38 +64,31 @@ def node_address(where: str) -> str:
     return where
 
 
-def node_add(config: Config, where: str, name: str | None) -> int:
+def node_add_arguments(where: str, name: str | None) -> dict[str, str]:
+    """The `node add` operation's arguments for a directory or HOST:PORT."""
     address = node_address(where)
     if name is None:
         if not address.startswith("local:"):
             raise UserError(f"node add {where}: --name NAME is required for a node server (the name it serves)")
         name = Path(describe_address(address)).name
-    return run_operation(config, "node add", address=address, name=name)
+    return {"address": address, "name": name}
 
 
-def node_list(config: Config) -> int:
+def print_node_list(nodes: list[NodeRecord], answers: dict[str, StoreStat | None]) -> int:
     """One line per node: state, alive, address, capacity, used, shards, last seen."""
-    require_file_system(config)
-
-    async def listing() -> list[list[str]]:
-        async with open_components(config, cached=False) as parts:
-            answers = await probe(parts.stores)
-        now_ns = time.time_ns()
-        rows = []
-        for node in parts.nodes:
-            info = answers[node.name]
-            capacity, used, shards, seen_ns = (
-                (node.capacity, node.used, node.shards, node.last_seen_ns)
-                if info is None
-                else (info.capacity, info.used, info.shards, now_ns)
-            )
-            rows.append([
-                node.name, node.state, "yes" if info is not None else "no", describe_address(node.address),
-                str(capacity), str(used), str(shards), _ago(seen_ns, now_ns),
-            ])
-        return rows
-
-    rows = trio.run(listing)
+    now_ns = time.time_ns()
+    rows = []
+    for node in nodes:
+        info = answers[node.name]
+        capacity, used, shards, seen_ns = (
+            (node.capacity, node.used, node.shards, node.last_seen_ns)
+            if info is None
+            else (info.capacity, info.used, info.shards, now_ns)
+        )
+        rows.append([
+            node.name, node.state, "yes" if info is not None else "no", describe_address(node.address),
+            str(capacity), str(used), str(shards), _ago(seen_ns, now_ns),
+        ])
     header = ["NAME", "STATE", "ALIVE", "ADDRESS", "CAPACITY", "USED", "SHARDS", "LAST SEEN"]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
