@@ -24,7 +24,7 @@ import time
 
 import trio
 
-from ..errors import DfsError, InvalidArgument, NameTooLong, NotFound
+from ..errors import DfsError, InvalidArgument, IsADirectory, NameTooLong, NotFound
 from ..metadata.base import (
     REPLICAS_XATTR,
     AttrChanges,
@@ -240,7 +240,7 @@ class FileSystem:
             return
         attrs = await self._meta.getattr(inode)
         if stat.S_ISDIR(attrs.mode):
-            raise DfsError("cannot truncate a directory", errno.EISDIR)
+            raise IsADirectory("cannot truncate a directory")
         if not stat.S_ISREG(attrs.mode):
             raise InvalidArgument("only regular files can be truncated")
         replicas = await self._replicas_of(inode)
@@ -286,7 +286,9 @@ class FileSystem:
         if contents is None:
             attrs = await self._meta.getattr(inode)
             if not stat.S_ISREG(attrs.mode):
-                raise DfsError("not a regular file", errno.EISDIR if stat.S_ISDIR(attrs.mode) else errno.EINVAL)
+                if stat.S_ISDIR(attrs.mode):
+                    raise IsADirectory("cannot open a directory as a file")
+                raise InvalidArgument("not a regular file")
             replicas = await self._replicas_of(inode)
             contents = self._files.get(inode)  # another open may have won the race
             if contents is None:
