@@ -5,6 +5,7 @@ import trio.testing
 
 from dfsfuse.layout import PAGE_SIZE
 from dfsfuse.write.buffer import ShardBuffer, WriteBudget
+from dfsfuse.write.flusher import Flusher, flush_channel
 
 
 def test_buffer_holds_whole_pages_and_reports_growth():
@@ -76,5 +77,58 @@ def test_budget_returns_at_once_when_under_limit():
         budget.grow(99)
         with trio.fail_after(1):
             await budget.wait_for_room(lambda: None)
+
+    trio.run(main)
+
+
+class _RecordingFile:
+    """A Flushable that notes the flushes the flusher starts and ends them."""
+
+    def __init__(self, budget: WriteBudget):
+        self.budget = budget
+        self.flushed: list[int] = []
+
+    async def flush_in_background(self, index: int) -> None:
+        self.flushed.append(index)
+        await self.budget.end_flush(0)
+
+
+def test_flusher_starts_a_flush_for_every_request():
+    async def main():
+        send, receive = flush_channel()
+        budget = WriteBudget(100, send)
+        file = _RecordingFile(budget)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(Flusher(receive).run)
+            for index in range(3):
+                await budget.request_flush((file, index))
+            await trio.testing.wait_all_tasks_blocked()
+            assert sorted(file.flushed) == [0, 1, 2]
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_a_full_flush_queue_holds_requesters_back():
+    async def main():
+        send, receive = trio.open_memory_channel(2)
+        budget = WriteBudget(100, send)
+        file = _RecordingFile(budget)
+        sent = 0
+
+        async def requester():
+            nonlocal sent
+            for index in range(5):
+                await budget.request_flush((file, index))
+                sent += 1
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(requester)
+            await trio.testing.wait_all_tasks_blocked()
+            assert sent == 2  # the queue's capacity; nobody takes requests yet
+            await nursery.start(Flusher(receive).run)
+            await trio.testing.wait_all_tasks_blocked()
+            assert sent == 5 and sorted(file.flushed) == list(range(5))
+            nursery.cancel_scope.cancel()
 
     trio.run(main)
