@@ -45,13 +45,14 @@ from .cluster.snapshots import (
 )
 from .config import Config
 from .datadir import DataDirLock, prepare_data_dir
+from .durable import fsync_dir, fsync_file
 from .errors import DfsError, ShardMissing, UserError
 from .metadata.base import NODE_ACTIVE, NodeRecord
 from .metadata.sqlite import SqliteMetadata
 from .node.secret import load_secret
 from .shards.replica import ReplicaCorrupt
 from .storage.base import NodeStore
-from .storage.local import IDENTITY_FILE, LocalStore, fsync_dir, recorded_store_name
+from .storage.local import IDENTITY_FILE, LocalStore, recorded_store_name
 
 RESTORING_SUFFIX = ".restoring"
 
@@ -115,7 +116,7 @@ async def _restore(config: Config, node: str) -> tuple[_Snapshot, int]:
         if snapshot is not first:
             temporary.write_bytes(snapshot.image)
         inodes = await _finish_metadata(temporary, await _highest_shard_id(stores))
-        _fsync_file(temporary)
+        fsync_file(temporary)
         os.rename(temporary, config.metadata_path)
         fsync_dir(config.data_dir)
         return snapshot, inodes
@@ -231,11 +232,3 @@ def _keep_secret(config: Config) -> None:
     with open(fd, "wb") as out, open(config.secret_file, "rb") as source:
         shutil.copyfileobj(source, out)
     print(f"the cluster secret is kept in {target}")
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -34,6 +34,7 @@ from typing import TypeVar
 
 import trio
 
+from dfsfuse.durable import fsync_dir, fsync_file
 from dfsfuse.errors import NoSpace, ShardMissing, StoreUnavailable
 from dfsfuse.storage.base import Buffer, NodeStore, StoreStat
 from dfsfuse.storage.directio import supports_direct_io, write_direct
@@ -357,27 +358,14 @@ def _unlink_quietly(path: str) -> None:
         pass
 
 
-def fsync_dir(path: str | os.PathLike[str]) -> None:
-    """Make the names in a directory (creations, renames) durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_files_and_dirs(paths: Sequence[str]) -> None:
     """fsync each existing file, then each directory that holds one (once)."""
     directories = set()
     for path in paths:
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fsync_file(path)
         except FileNotFoundError:
             continue
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
         directories.add(os.path.dirname(path))
     for directory in sorted(directories):
         fsync_dir(directory)
