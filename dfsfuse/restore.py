@@ -52,7 +52,7 @@ from .metadata.sqlite import SqliteMetadata
 from .node.secret import load_secret
 from .shards.replica import ReplicaCorrupt
 from .storage.base import NodeStore
-from .storage.local import IDENTITY_FILE, LocalStore, recorded_store_name
+from .storage.local import LocalStore
 
 RESTORING_SUFFIX = ".restoring"
 
@@ -130,9 +130,9 @@ async def _restore(config: Config, node: str) -> tuple[_Snapshot, int]:
 async def _open_source(node: str, config: Config) -> NodeStore:
     """The node store `node` names: a node store directory, or HOST:PORT of a node server."""
     if os.path.isdir(node):
-        name = recorded_store_name(node)
+        name = LocalStore.recorded_name(node)
         if name is None:
-            raise UserError(f"{node} is not a node store directory (it has no {IDENTITY_FILE} file)")
+            raise UserError(f"{node} is not a node store directory ({LocalStore.NO_IDENTITY})")
         try:
             return await LocalStore.open(name, node)
         except DfsError as error:
@@ -182,7 +182,7 @@ async def _registered_peers(image: Path, source: NodeStore, config: Config) -> l
     peers: list[NodeStore] = []
     for record in registered:
         where = parse_address(record.address)
-        if record.name == source.name or (isinstance(where, Path) and recorded_store_name(str(where)) is None):
+        if record.name == source.name or (isinstance(where, Path) and LocalStore.recorded_name(str(where)) is None):
             continue
         try:
             store = await open_store(NodeRecord(record.name, record.address, NODE_ACTIVE), config)

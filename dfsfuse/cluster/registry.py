@@ -20,7 +20,7 @@ from dfsfuse.config import Config
 from dfsfuse.errors import DfsError, StoreUnavailable, UserError
 from dfsfuse.metadata.base import MetadataStore, NodeRecord
 from dfsfuse.storage.base import Buffer, NodeStore, StoreStat
-from dfsfuse.storage.local import IDENTITY_FILE, LocalStore, recorded_store_name
+from dfsfuse.storage.local import LocalStore
 
 log = logging.getLogger("dfsfuse.nodes")
 
@@ -129,8 +129,8 @@ async def open_store(node: NodeRecord, config: Config) -> NodeStore:
     """
     where = parse_address(node.address)
     if isinstance(where, Path):
-        if node.last_seen_ns and recorded_store_name(str(where)) is None:
-            raise UserError(f"node store {node.name} at {where} is gone: it has no {IDENTITY_FILE} file")
+        if node.last_seen_ns and LocalStore.recorded_name(str(where)) is None:
+            raise UserError(f"node store {node.name} at {where} is gone: {LocalStore.NO_IDENTITY}")
         try:
             return await LocalStore.open(node.name, str(where))
         except (OSError, DfsError) as error:

@@ -12,7 +12,7 @@ import sys
 
 from dfsfuse.errors import UserError
 from dfsfuse.node.secret import load_secret
-from dfsfuse.storage.local import recorded_store_name
+from dfsfuse.storage.local import LocalStore
 
 
 def add_node_commands(commands: argparse._SubParsersAction) -> argparse._SubParsersAction:
@@ -41,7 +41,7 @@ def run_node_command(args: argparse.Namespace) -> int:
     host, port = parse_listen_address(args.listen)
     secret = load_secret(args.secret_file)
     ssl_context = _server_tls_context(args.tls_cert, args.tls_key)
-    name = args.name or recorded_store_name(args.data) or socket.gethostname().split(".")[0]
+    name = args.name or LocalStore.recorded_name(args.data) or socket.gethostname().split(".")[0]
     _log_to_stderr()
     return trio.run(run_node_server, args.data, name, host, port, secret, ssl_context)
 

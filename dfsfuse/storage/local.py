@@ -50,16 +50,6 @@ _IOV_MAX = os.sysconf("SC_IOV_MAX")  # buffers one writev call accepts
 _T = TypeVar("_T")
 
 
-def recorded_store_name(root: str) -> str | None:
-    """The store name in ROOT's identity file, if it has a readable one."""
-    try:
-        with open(os.path.join(root, IDENTITY_FILE), "rb") as file:
-            name = json.loads(file.read()).get("name")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return name if isinstance(name, str) and name else None
-
-
 def replica_name(shard_id: int) -> str:
     """The path of a shard's replica relative to the store's root."""
     return os.path.join(SHARDS_DIR, f"{shard_id & 0xFF:02x}", f"{shard_id:016x}")
@@ -70,7 +60,13 @@ class LocalStore(NodeStore):
 
     Construct, then `await prepare()` before any other call (or use
     `await LocalStore.open(name, root)`, which does both).
+
+    `root` (absolute) is public and read-only, for messages and logs; the
+    layout under it is this module's business.
     """
+
+    # Why a directory whose recorded_name() is None is not a node store, in words for messages.
+    NO_IDENTITY = f"it has no {IDENTITY_FILE} file"
 
     def __init__(self, name: str, root: str):
         if not name or "\n" in name:
@@ -91,6 +87,17 @@ class LocalStore(NodeStore):
         store = cls(name, root)
         await store.prepare()
         return store
+
+    @staticmethod
+    def recorded_name(root: str) -> str | None:
+        """The store name in ROOT's identity file, if it has a readable one:
+        None means ROOT is not (or no longer) a node store."""
+        try:
+            with open(os.path.join(root, IDENTITY_FILE), "rb") as file:
+                name = json.loads(file.read()).get("name")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return name if isinstance(name, str) and name else None
 
     async def prepare(self) -> None:
         """Create the layout if new, check the identity file, remove leftover
