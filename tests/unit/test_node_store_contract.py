@@ -372,3 +372,11 @@ def test_local_store_whose_directory_is_gone(tmp_path):
             await store.stat()
 
     trio.run(main)
+
+
+def test_local_recorded_name(tmp_path):
+    assert LocalStore.recorded_name(str(tmp_path)) is None
+    trio.run(LocalStore.open, "node-1", str(tmp_path))
+    assert LocalStore.recorded_name(str(tmp_path)) == "node-1"
+    (tmp_path / "STORE").write_text("not json")
+    assert LocalStore.recorded_name(str(tmp_path)) is None
