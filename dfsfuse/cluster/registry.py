@@ -19,6 +19,7 @@ from pathlib import Path
 from dfsfuse.config import Config
 from dfsfuse.errors import DfsError, StoreUnavailable, UserError
 from dfsfuse.metadata.base import MetadataStore, NodeRecord
+from dfsfuse.storage.addresses import split_host_port
 from dfsfuse.storage.base import Buffer, NodeStore, StoreStat
 from dfsfuse.storage.local import LocalStore
 
@@ -49,14 +50,13 @@ def parse_address(address: str) -> Path | RemoteAddress:
         if not path.is_absolute():
             raise UserError(f"node address {address!r}: a local path must be absolute")
         return path
-    host, colon, port_text = address.rpartition(":")
-    if not colon or not host or not port_text.isdigit() or not 0 < int(port_text) <= 65535:
+    try:
+        host_port = split_host_port(address)
+    except ValueError as error:
+        raise UserError(f"node address {address!r}: {error}") from None
+    if host_port is None or not host_port[0] or not host_port[1]:
         raise UserError(f"node address {address!r}: expected HOST:PORT or a directory")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        raise UserError(f"node address {address!r}: write an IPv6 address in brackets, as [::1]:PORT")
-    return RemoteAddress(host, int(port_text))
+    return RemoteAddress(*host_port)
 
 
 async def register_config_nodes(meta: MetadataStore, config: Config) -> list[NodeRecord]:

@@ -12,6 +12,7 @@ import sys
 
 from dfsfuse.errors import UserError
 from dfsfuse.node.secret import load_secret
+from dfsfuse.storage.addresses import split_host_port
 from dfsfuse.storage.local import LocalStore
 
 
@@ -48,14 +49,13 @@ def run_node_command(args: argparse.Namespace) -> int:
 
 def parse_listen_address(text: str) -> tuple[str, int]:
     """HOST:PORT, [IPV6]:PORT or :PORT (every interface) as (host, port); host "" means every interface."""
-    host, colon, port_text = text.rpartition(":")
-    if not colon or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+    try:
+        address = split_host_port(text)
+    except ValueError as error:
+        raise UserError(f"--listen {text}: {error}") from None
+    if address is None:
         raise UserError(f"--listen {text}: expected HOST:PORT with a port from 0 to 65535")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        raise UserError(f"--listen {text}: write an IPv6 address in brackets, as [::1]:PORT")
-    return host, int(port_text)
+    return address
 
 
 def _server_tls_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:

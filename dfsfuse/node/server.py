@@ -36,6 +36,7 @@ import trio
 
 from dfsfuse.errors import DfsError, UserError
 from dfsfuse.storage import protocol as p
+from dfsfuse.storage.addresses import format_host_port
 from dfsfuse.storage.local import LocalStore, Spool
 
 log = logging.getLogger("dfsfuse.node")
@@ -515,15 +516,9 @@ async def close_stream(stream: trio.abc.Stream) -> None:
 
 def _peer_name(stream: trio.SocketStream) -> str:
     try:
-        return format_address(stream.socket.getpeername())
+        return format_host_port(*stream.socket.getpeername()[:2])
     except OSError:
         return "an unknown peer"
-
-
-def format_address(address: tuple) -> str:
-    """HOST:PORT of a socket address, with IPv6 hosts in brackets."""
-    host, port = address[0], address[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _cause(error: BaseException) -> str:
@@ -551,11 +546,11 @@ async def run_node_server(
     try:
         listeners = await trio.open_tcp_listeners(port, host=host or None)
     except OSError as error:
-        raise UserError(f"cannot listen on {format_address((host or '*', port))}: {error.strerror or error}") from None
+        raise UserError(f"cannot listen on {format_host_port(host or '*', port)}: {error.strerror or error}") from None
     server = NodeServer(store, secret, ssl_context=ssl_context)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         for listener in listeners:
-            address = format_address(listener.socket.getsockname())
+            address = format_host_port(*listener.socket.getsockname()[:2])
             tls = " (TLS)" if ssl_context else ""
             log.info("node store %r in %s: listening on %s%s", name, store.root, address, tls)
             print(f"listening on {address}", flush=True)
