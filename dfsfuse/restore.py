@@ -45,13 +45,14 @@ from .cluster.snapshots import (
 )
 from .config import Config
 from .datadir import DataDirLock, prepare_data_dir
+from .durable import fsync_dir, fsync_file
 from .errors import DfsError, ShardMissing, UserError
 from .metadata.base import NODE_ACTIVE, NodeRecord
 from .metadata.sqlite import SqliteMetadata
 from .node.secret import load_secret
 from .shards.replica import ReplicaCorrupt
 from .storage.base import NodeStore
-from .storage.local import IDENTITY_FILE, LocalStore, fsync_dir, recorded_store_name
+from .storage.local import LocalStore
 
 RESTORING_SUFFIX = ".restoring"
 
@@ -115,7 +116,7 @@ async def _restore(config: Config, node: str) -> tuple[_Snapshot, int]:
         if snapshot is not first:
             temporary.write_bytes(snapshot.image)
         inodes = await _finish_metadata(temporary, await _highest_shard_id(stores))
-        _fsync_file(temporary)
+        fsync_file(temporary)
         os.rename(temporary, config.metadata_path)
         fsync_dir(config.data_dir)
         return snapshot, inodes
@@ -129,9 +130,9 @@ async def _restore(config: Config, node: str) -> tuple[_Snapshot, int]:
 async def _open_source(node: str, config: Config) -> NodeStore:
     """The node store `node` names: a node store directory, or HOST:PORT of a node server."""
     if os.path.isdir(node):
-        name = recorded_store_name(node)
+        name = LocalStore.recorded_name(node)
         if name is None:
-            raise UserError(f"{node} is not a node store directory (it has no {IDENTITY_FILE} file)")
+            raise UserError(f"{node} is not a node store directory ({LocalStore.NO_IDENTITY})")
         try:
             return await LocalStore.open(name, node)
         except DfsError as error:
@@ -181,7 +182,7 @@ async def _registered_peers(image: Path, source: NodeStore, config: Config) -> l
     peers: list[NodeStore] = []
     for record in registered:
         where = parse_address(record.address)
-        if record.name == source.name or (isinstance(where, Path) and recorded_store_name(str(where)) is None):
+        if record.name == source.name or (isinstance(where, Path) and LocalStore.recorded_name(str(where)) is None):
             continue
         try:
             store = await open_store(NodeRecord(record.name, record.address, NODE_ACTIVE), config)
@@ -231,11 +232,3 @@ def _keep_secret(config: Config) -> None:
     with open(fd, "wb") as out, open(config.secret_file, "rb") as source:
         shutil.copyfileobj(source, out)
     print(f"the cluster secret is kept in {target}")
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

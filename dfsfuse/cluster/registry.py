@@ -19,8 +19,9 @@ from pathlib import Path
 from dfsfuse.config import Config
 from dfsfuse.errors import DfsError, StoreUnavailable, UserError
 from dfsfuse.metadata.base import MetadataStore, NodeRecord
+from dfsfuse.storage.addresses import split_host_port
 from dfsfuse.storage.base import Buffer, NodeStore, StoreStat
-from dfsfuse.storage.local import IDENTITY_FILE, LocalStore, recorded_store_name
+from dfsfuse.storage.local import LocalStore
 
 log = logging.getLogger("dfsfuse.nodes")
 
@@ -49,14 +50,13 @@ def parse_address(address: str) -> Path | RemoteAddress:
         if not path.is_absolute():
             raise UserError(f"node address {address!r}: a local path must be absolute")
         return path
-    host, colon, port_text = address.rpartition(":")
-    if not colon or not host or not port_text.isdigit() or not 0 < int(port_text) <= 65535:
+    try:
+        host_port = split_host_port(address)
+    except ValueError as error:
+        raise UserError(f"node address {address!r}: {error}") from None
+    if host_port is None or not host_port[0] or not host_port[1]:
         raise UserError(f"node address {address!r}: expected HOST:PORT or a directory")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        raise UserError(f"node address {address!r}: write an IPv6 address in brackets, as [::1]:PORT")
-    return RemoteAddress(host, int(port_text))
+    return RemoteAddress(*host_port)
 
 
 async def register_config_nodes(meta: MetadataStore, config: Config) -> list[NodeRecord]:
@@ -129,8 +129,8 @@ async def open_store(node: NodeRecord, config: Config) -> NodeStore:
     """
     where = parse_address(node.address)
     if isinstance(where, Path):
-        if node.last_seen_ns and recorded_store_name(str(where)) is None:
-            raise UserError(f"node store {node.name} at {where} is gone: it has no {IDENTITY_FILE} file")
+        if node.last_seen_ns and LocalStore.recorded_name(str(where)) is None:
+            raise UserError(f"node store {node.name} at {where} is gone: {LocalStore.NO_IDENTITY}")
         try:
             return await LocalStore.open(node.name, str(where))
         except (OSError, DfsError) as error:

@@ -12,7 +12,8 @@ import sys
 
 from dfsfuse.errors import UserError
 from dfsfuse.node.secret import load_secret
-from dfsfuse.storage.local import recorded_store_name
+from dfsfuse.storage.addresses import split_host_port
+from dfsfuse.storage.local import LocalStore
 
 
 def add_node_commands(commands: argparse._SubParsersAction) -> argparse._SubParsersAction:
@@ -41,21 +42,20 @@ def run_node_command(args: argparse.Namespace) -> int:
     host, port = parse_listen_address(args.listen)
     secret = load_secret(args.secret_file)
     ssl_context = _server_tls_context(args.tls_cert, args.tls_key)
-    name = args.name or recorded_store_name(args.data) or socket.gethostname().split(".")[0]
+    name = args.name or LocalStore.recorded_name(args.data) or socket.gethostname().split(".")[0]
     _log_to_stderr()
     return trio.run(run_node_server, args.data, name, host, port, secret, ssl_context)
 
 
 def parse_listen_address(text: str) -> tuple[str, int]:
     """HOST:PORT, [IPV6]:PORT or :PORT (every interface) as (host, port); host "" means every interface."""
-    host, colon, port_text = text.rpartition(":")
-    if not colon or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+    try:
+        address = split_host_port(text)
+    except ValueError as error:
+        raise UserError(f"--listen {text}: {error}") from None
+    if address is None:
         raise UserError(f"--listen {text}: expected HOST:PORT with a port from 0 to 65535")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        raise UserError(f"--listen {text}: write an IPv6 address in brackets, as [::1]:PORT")
-    return host, int(port_text)
+    return address
 
 
 def _server_tls_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:

@@ -26,11 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import logging
-import mmap
-import os
-import secrets
 import signal
 import ssl
 from collections.abc import Awaitable, Callable, Iterator
@@ -38,10 +34,10 @@ from typing import Any, NamedTuple
 
 import trio
 
-from dfsfuse.errors import DfsError, NoSpace, StoreUnavailable, UserError
+from dfsfuse.errors import DfsError, UserError
 from dfsfuse.storage import protocol as p
-from dfsfuse.storage.base import Buffer
-from dfsfuse.storage.local import TMP_DIR, LocalStore
+from dfsfuse.storage.addresses import format_host_port
+from dfsfuse.storage.local import LocalStore, Spool
 
 log = logging.getLogger("dfsfuse.node")
 
@@ -452,14 +448,8 @@ class _Connection:
 
 
 class _Spool:
-    """A put's body as it arrives, in an unnamed temporary file in the store's
-    tmp/ (the same disk): memory holds at most one chunk of it, and a put that
-    is cut short leaves nothing behind, not even a name.
-
-    Once complete, the body goes to LocalStore.put as a read-only memory map of
-    the file; the store copies it into its own temporary and renames that into
-    place. The spool is never fsynced and is dropped right after, so its pages
-    usually never reach the disk at all.
+    """A put's body as it arrives, in a spool of the store (LocalStore.open_spool),
+    stored as the replica once complete.
 
     A failure to take the body (disk full, ...) is kept and reported in the
     reply; the rest of the body is still received, and dropped.
@@ -470,29 +460,23 @@ class _Spool:
         self._shard_id = shard_id
         self._on_close = on_close
         self._closed = False
-        self._fd = -1
-        self.size = 0
+        self._file: Spool | None = None
+        self.size = 0  # bytes of the body received, kept or not
         self._error: DfsError | None = None
 
     async def open(self) -> None:
-        path = os.path.join(self._store.root, TMP_DIR, f"receiving.{secrets.token_hex(8)}")
-
-        def create_unnamed() -> int:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            os.unlink(path)
-            return fd
-
         try:
-            self._fd = await trio.to_thread.run_sync(create_unnamed)
-        except OSError as error:
-            self._fail("create a spool file", error)
+            self._file = await self._store.open_spool(self._shard_id)
+        except DfsError as error:
+            self._error = error
 
     async def append(self, data: bytes) -> None:
-        if self._error is None:
+        if self._file is not None:
             try:
-                await trio.to_thread.run_sync(_write_all, self._fd, data)
-            except OSError as error:
-                self._fail("write", error)
+                await self._file.append(data)
+            except DfsError as error:
+                self._drop_file()
+                self._error = error
         self.size += len(data)
 
     async def store_as(self, put: p.Put, reply: Reply) -> None:
@@ -500,52 +484,22 @@ class _Spool:
         try:
             if self._error is not None:
                 raise self._error
-            parts: list[Buffer] = []
-            if self.size:
-                try:
-                    # Not closed explicitly: the store's views of it may outlive put()
-                    # (in a traceback); the map goes with its last reference.
-                    parts.append(memoryview(await trio.to_thread.run_sync(self._map)))
-                except OSError as error:
-                    raise self._fail("map", error) from error
-            await self._store.put(put.shard_id, parts, put.sync)
+            assert self._file is not None
+            await self._file.commit(put.sync)
         finally:
             self.close()
         await reply(p.Ok())
 
-    def _map(self) -> mmap.mmap:
-        return mmap.mmap(self._fd, self.size, prot=mmap.PROT_READ)
-
-    def _fail(self, action: str, error: OSError) -> DfsError:
-        """Remember (and return) why the body cannot be stored; drop what was received."""
-        self._close_file()
-        self._error = _store_error(self._store, f"receiving shard {self._shard_id:016x}: {action}", error)
-        return self._error
-
     def close(self) -> None:
-        self._close_file()
+        self._drop_file()
         if not self._closed:
             self._closed = True
             self._on_close(self)
 
-    def _close_file(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def _store_error(store: LocalStore, action: str, error: OSError) -> DfsError:
-    """A spool failure as the store error LocalStore would raise for it."""
-    message = f"node store {store.name!r}: {action} in {store.root}/{TMP_DIR}: {error.strerror or error}"
-    if error.errno in (errno.ENOSPC, errno.EDQUOT):
-        return NoSpace(message)
-    return StoreUnavailable(message)
+    def _drop_file(self) -> None:
+        if self._file is not None:
+            self._file.abort()
+            self._file = None
 
 
 async def close_stream(stream: trio.abc.Stream) -> None:
@@ -562,15 +516,9 @@ async def close_stream(stream: trio.abc.Stream) -> None:
 
 def _peer_name(stream: trio.SocketStream) -> str:
     try:
-        return format_address(stream.socket.getpeername())
+        return format_host_port(*stream.socket.getpeername()[:2])
     except OSError:
         return "an unknown peer"
-
-
-def format_address(address: tuple) -> str:
-    """HOST:PORT of a socket address, with IPv6 hosts in brackets."""
-    host, port = address[0], address[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _cause(error: BaseException) -> str:
@@ -598,11 +546,11 @@ async def run_node_server(
     try:
         listeners = await trio.open_tcp_listeners(port, host=host or None)
     except OSError as error:
-        raise UserError(f"cannot listen on {format_address((host or '*', port))}: {error.strerror or error}") from None
+        raise UserError(f"cannot listen on {format_host_port(host or '*', port)}: {error.strerror or error}") from None
     server = NodeServer(store, secret, ssl_context=ssl_context)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         for listener in listeners:
-            address = format_address(listener.socket.getsockname())
+            address = format_host_port(*listener.socket.getsockname()[:2])
             tls = " (TLS)" if ssl_context else ""
             log.info("node store %r in %s: listening on %s%s", name, store.root, address, tls)
             print(f"listening on {address}", flush=True)

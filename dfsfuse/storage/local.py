@@ -1,11 +1,12 @@
 """A node store in a local directory.
 
-Layout under ROOT (other code and tests rely on it):
+Layout under ROOT (tests look at it; other code goes through LocalStore):
 
     ROOT/STORE                  identity: {"format": 1, "name": "<store name>"} (JSON)
     ROOT/shards/<xx>/<id>       one replica file per shard; <id> is the shard id
                                 as 16 lowercase hex digits, <xx> its last two
-    ROOT/tmp/                   replicas being written; emptied when the store opens
+    ROOT/tmp/                   replicas being written, and spools (Spool: receiving.<random>,
+                                unlinked once open); emptied when the store opens
 
 A replica is written to ROOT/tmp/ and renamed into place, so a reader sees
 either no replica or a whole one. With sync=True the file is fsync'd before
@@ -26,6 +27,7 @@ import array
 import bisect
 import errno
 import json
+import mmap
 import os
 import secrets
 from collections.abc import Callable, Sequence
@@ -34,6 +36,7 @@ from typing import TypeVar
 
 import trio
 
+from dfsfuse.durable import fsync_dir, fsync_file
 from dfsfuse.errors import NoSpace, ShardMissing, StoreUnavailable
 from dfsfuse.storage.base import Buffer, NodeStore, StoreStat
 from dfsfuse.storage.directio import supports_direct_io, write_direct
@@ -49,16 +52,6 @@ _IOV_MAX = os.sysconf("SC_IOV_MAX")  # buffers one writev call accepts
 _T = TypeVar("_T")
 
 
-def recorded_store_name(root: str) -> str | None:
-    """The store name in ROOT's identity file, if it has a readable one."""
-    try:
-        with open(os.path.join(root, IDENTITY_FILE), "rb") as file:
-            name = json.loads(file.read()).get("name")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return name if isinstance(name, str) and name else None
-
-
 def replica_name(shard_id: int) -> str:
     """The path of a shard's replica relative to the store's root."""
     return os.path.join(SHARDS_DIR, f"{shard_id & 0xFF:02x}", f"{shard_id:016x}")
@@ -69,7 +62,13 @@ class LocalStore(NodeStore):
 
     Construct, then `await prepare()` before any other call (or use
     `await LocalStore.open(name, root)`, which does both).
+
+    `root` (absolute) is public and read-only, for messages and logs; the
+    layout under it is this module's business.
     """
+
+    # Why a directory whose recorded_name() is None is not a node store, in words for messages.
+    NO_IDENTITY = f"it has no {IDENTITY_FILE} file"
 
     def __init__(self, name: str, root: str):
         if not name or "\n" in name:
@@ -90,6 +89,17 @@ class LocalStore(NodeStore):
         store = cls(name, root)
         await store.prepare()
         return store
+
+    @staticmethod
+    def recorded_name(root: str) -> str | None:
+        """The store name in ROOT's identity file, if it has a readable one:
+        None means ROOT is not (or no longer) a node store."""
+        try:
+            with open(os.path.join(root, IDENTITY_FILE), "rb") as file:
+                name = json.loads(file.read()).get("name")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return name if isinstance(name, str) and name else None
 
     async def prepare(self) -> None:
         """Create the layout if new, check the identity file, remove leftover
@@ -182,6 +192,13 @@ class LocalStore(NodeStore):
             fsync_dir(os.path.dirname(path))
         return size
 
+    async def open_spool(self, shard_id: int) -> Spool:
+        """A spool to receive the replica of `shard_id` in pieces (see Spool);
+        NoSpace or StoreUnavailable if its file cannot be made."""
+        spool = Spool(self, shard_id)
+        await spool._create()
+        return spool
+
     async def read(self, shard_id: int, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
         for offset, length in ranges:
             if offset < 0 or length < -1:
@@ -266,6 +283,70 @@ class LocalStore(NodeStore):
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             return NoSpace(message)
         return StoreUnavailable(message)
+
+
+class Spool:
+    """A replica received in pieces (a node server's PUT body), in an unnamed
+    temporary file in the store's tmp/ (the same disk): memory holds at most
+    one piece, and a spool that is cut short leaves nothing behind, not even
+    a name.
+
+    commit() hands the pieces to LocalStore.put as a read-only memory map of
+    the file; the store copies them into its own temporary and renames that
+    into place. The spool file is never fsynced and is dropped right after,
+    so its pages usually never reach the disk at all.
+
+    Failures are NoSpace or StoreUnavailable, as the store's own; after one,
+    abort() the spool.
+    """
+
+    def __init__(self, store: LocalStore, shard_id: int):
+        self._store = store
+        self._shard_id = shard_id
+        self._fd = -1
+        self.size = 0  # bytes appended so far
+
+    async def _create(self) -> None:
+        self._fd = await self._run("create a spool file", _create_unnamed, self._store._tmp_dir)
+
+    async def append(self, data: Buffer) -> None:
+        await self._run("write", _write_all, self._fd, [data])
+        self.size += memoryview(data).nbytes
+
+    async def commit(self, sync: bool) -> None:
+        """Store what was appended as the replica (fsynced with `sync`, as
+        LocalStore.put), then drop the spool."""
+        try:
+            parts: list[Buffer] = []
+            if self.size:
+                # Not closed explicitly: the store's views of it may outlive put()
+                # (in a traceback); the map goes with its last reference.
+                parts.append(memoryview(await self._run("map", self._map)))
+            await self._store.put(self._shard_id, parts, sync)
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        """Drop the spool and what it received; nothing is stored. Idempotent."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def _map(self) -> mmap.mmap:
+        return mmap.mmap(self._fd, self.size, prot=mmap.PROT_READ)
+
+    async def _run(self, action: str, function: Callable[..., _T], *args: object) -> _T:
+        """The store's _run, with messages that name the shard and the tmp/ directory."""
+        action = f"receiving shard {self._shard_id:016x}: {action} in"
+        return await self._store._run(action, self._store._tmp_dir, function, *args)
+
+
+def _create_unnamed(directory: str) -> int:
+    """A new file in `directory`, opened read-write and unlinked at once."""
+    path = os.path.join(directory, f"receiving.{secrets.token_hex(8)}")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    os.unlink(path)
+    return fd
 
 
 def _parse_replica_name(name: str, bucket: int) -> int | None:
@@ -357,27 +438,14 @@ def _unlink_quietly(path: str) -> None:
         pass
 
 
-def fsync_dir(path: str | os.PathLike[str]) -> None:
-    """Make the names in a directory (creations, renames) durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_files_and_dirs(paths: Sequence[str]) -> None:
     """fsync each existing file, then each directory that holds one (once)."""
     directories = set()
     for path in paths:
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fsync_file(path)
         except FileNotFoundError:
             continue
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
         directories.add(os.path.dirname(path))
     for directory in sorted(directories):
         fsync_dir(directory)

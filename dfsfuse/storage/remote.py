@@ -40,6 +40,7 @@ import trio
 
 from dfsfuse.errors import StoreUnavailable
 from dfsfuse.storage import protocol as p
+from dfsfuse.storage.addresses import format_host_port
 from dfsfuse.storage.base import Buffer, NodeStore, StoreStat
 
 log = logging.getLogger("dfsfuse.remote")
@@ -98,7 +99,7 @@ class RemoteStore(NodeStore):
         self.name = name
         self.host = host
         self.port = port
-        self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.address = format_host_port(host, port)
         self.last_seen: float | None = None  # time.time() of the node's last answer
         self._secret = secret
         self._ssl_context = ssl_context
@@ -413,8 +414,7 @@ async def node_server_store_name(
     try:
         connection = await _Connection.open(host, port, None, secret, ssl_context, timeout)
     except (_Transient, _Failure) as failure:
-        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        raise StoreUnavailable(f"node at {address}: {failure}") from None
+        raise StoreUnavailable(f"node at {format_host_port(host, port)}: {failure}") from None
     await connection.close()
     return connection.store_name
 

@@ -10,6 +10,7 @@ harness to HARNESSES to run the whole suite on another implementation.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import pathlib
 import random
@@ -20,8 +21,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 import trio
 
-from dfsfuse.errors import ShardMissing, StoreUnavailable
+from dfsfuse.errors import NoSpace, ShardMissing, StoreUnavailable
 from dfsfuse.node.server import NodeServer
+from dfsfuse.storage import local
 from dfsfuse.storage.base import NodeStore
 from dfsfuse.storage.local import LocalStore, replica_name
 from dfsfuse.storage.remote import RemoteStore
@@ -370,5 +372,75 @@ def test_local_store_whose_directory_is_gone(tmp_path):
             await store.read(1, [(0, -1)])
         with pytest.raises(StoreUnavailable):
             await store.stat()
+
+    trio.run(main)
+
+
+def test_local_recorded_name(tmp_path):
+    assert LocalStore.recorded_name(str(tmp_path)) is None
+    trio.run(LocalStore.open, "node-1", str(tmp_path))
+    assert LocalStore.recorded_name(str(tmp_path)) == "node-1"
+    (tmp_path / "STORE").write_text("not json")
+    assert LocalStore.recorded_name(str(tmp_path)) is None
+
+
+# -- LocalStore spools (a node server's put bodies) -----------------------------
+
+
+def test_local_spool_appended_and_committed_is_a_replica(tmp_path):
+    async def main() -> None:
+        store = await LocalStore.open("node-1", str(tmp_path))
+        spool = await store.open_spool(7)
+        for piece in (b"hello ", b"spooled ", b"world"):
+            await spool.append(piece)
+        assert spool.size == 19
+        assert list((tmp_path / "tmp").iterdir()) == []  # the spool file has no name
+        await spool.commit(sync=True)
+        assert await store.read(7, [(0, -1)]) == [b"hello spooled world"]
+        assert (await store.stat()).used == 19
+        empty = await store.open_spool(8)
+        await empty.commit(sync=False)
+        assert await store.read(8, [(0, -1)]) == [b""]
+
+    trio.run(main)
+    assert (tmp_path / replica_name(7)).read_bytes() == b"hello spooled world"
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_local_spool_aborted_leaves_nothing(tmp_path):
+    async def main() -> None:
+        store = await LocalStore.open("node-1", str(tmp_path))
+        spool = await store.open_spool(7)
+        await spool.append(b"half a body")
+        spool.abort()
+        spool.abort()  # again: nothing more to drop
+        assert not await store.exists(7)
+        assert (await store.stat()).shards == 0
+
+    trio.run(main)
+    assert list((tmp_path / "tmp").iterdir()) == []
+    assert not (tmp_path / replica_name(7)).exists()
+
+
+def test_local_spool_failures_are_store_errors(tmp_path, monkeypatch):
+    def disk_full(fd: int, parts: object) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    async def main() -> None:
+        store = await LocalStore.open("node-1", str(tmp_path / "root"))
+        spool = await store.open_spool(7)
+        with monkeypatch.context() as patch:
+            patch.setattr(local, "_write_all", disk_full)
+            with pytest.raises(NoSpace) as full:
+                await spool.append(b"x")
+        tmp = tmp_path / "root" / "tmp"
+        assert str(full.value) == (
+            f"node store 'node-1': receiving shard 0000000000000007: write in {tmp}: No space left on device"
+        )
+        spool.abort()
+        (tmp_path / "root").rename(tmp_path / "elsewhere")
+        gone = "receiving shard 0000000000000008: create a spool file in .*root/tmp"
+        with pytest.raises(StoreUnavailable, match=gone):
+            await store.open_spool(8)
 
     trio.run(main)
