@@ -31,6 +31,7 @@ import trio
 
 from .cluster.inventory import replica_ids
 from .cluster.registry import (
+    NodeAccess,
     RemoteAddress,
     client_tls_context,
     describe_address,
@@ -145,7 +146,7 @@ async def _open_source(node: str, config: Config) -> NodeStore:
     if config.secret_file is None and not config.cluster_secret_path.exists():
         raise UserError(f"{node} is a node server: give the cluster secret with --secret-file FILE")
     secret = load_secret(str(config.cluster_secret_path))
-    tls = client_tls_context(config)
+    tls = client_tls_context(config.tls_ca_file)
     try:
         name = await node_server_store_name(where.host, where.port, secret, ssl_context=tls)
     except DfsError as error:
@@ -185,7 +186,7 @@ async def _registered_peers(image: Path, source: NodeStore, config: Config) -> l
         if record.name == source.name or (isinstance(where, Path) and LocalStore.recorded_name(str(where)) is None):
             continue
         try:
-            store = await open_store(NodeRecord(record.name, record.address, NODE_ACTIVE), config)
+            store = await open_store(NodeRecord(record.name, record.address, NODE_ACTIVE), NodeAccess.from_config(config))
             await store.stat()
         except (UserError, DfsError) as error:
             print(f"node {record.name} at {describe_address(record.address)} not asked for a newer snapshot: {error}")

@@ -27,7 +27,7 @@ from .cluster.control import ControlServer
 from .cluster.heartbeat import probe
 from .cluster.nodeset import NodeSet
 from .cluster.operations import OPERATIONS, Cluster, Output
-from .cluster.registry import open_store_or_stand_in, register_config_nodes
+from .cluster.registry import NodeAccess, open_store_or_stand_in, register_config_nodes
 from .cluster.snapshots import SnapshotWriter
 from .config import Config
 from .datadir import DataDirLock, mountpoint_of, prepare_data_dir, require_file_system
@@ -58,6 +58,7 @@ class Components:
     stores: list[NodeStore]
     replicator: Replicator
     nodes: list[NodeRecord]  # the registry when the stores were opened, by name
+    access: NodeAccess  # how node servers are reached
 
 
 @contextlib.asynccontextmanager
@@ -80,17 +81,18 @@ async def open_components(config: Config, cached: bool) -> AsyncIterator[Compone
                 f"config: this file system was made with shard_size {recorded[0]} and block_size {recorded[1]}; "
                 "they cannot change (set them back in the config file)"
             )
-        nodes = await register_config_nodes(meta, config)
+        nodes = await register_config_nodes(meta, config.nodes)
         if len(nodes) < config.replicas:
             raise UserError(
                 f"config: replicas = {config.replicas} but the cluster has {len(nodes)} nodes"
                 " (see dfsfuse node list; lower replicas or add nodes)"
             )
+        access = NodeAccess.from_config(config)
         for node in nodes:
-            stores.append(await open_store_or_stand_in(node, config))
+            stores.append(await open_store_or_stand_in(node, access))
         replicator = Replicator(stores, config.replicas, config.block_size, write_quorum=config.write_quorum)
         replicator.update_nodes(stores, [node.name for node in nodes if node.state == NODE_ACTIVE])
-        yield Components(meta, stores, replicator, nodes)
+        yield Components(meta, stores, replicator, nodes, access)
     finally:
         with trio.CancelScope(shield=True):
             for store in stores:
@@ -147,9 +149,9 @@ def run_cluster_operation(config: Config, operation: str, output: Output, argume
 
     async def main() -> int:
         async with open_components(config, cached=False) as parts:
-            nodes = NodeSet(parts.meta, config, parts.replicator, parts.stores)
+            nodes = NodeSet(parts.meta, parts.access, parts.replicator, parts.stores)
             await nodes.refresh()
-            cluster = Cluster(parts.meta, parts.replicator, nodes, config)
+            cluster = Cluster(parts.meta, parts.replicator, nodes, config.replicas, parts.access)
             try:
                 return await OPERATIONS[operation](cluster, output, **arguments)
             finally:
@@ -302,9 +304,9 @@ def _run_mount(config: Config, mountpoint: str, options: list[str], ready: Calla
 async def _start_cluster_services(nursery: trio.Nursery, parts: Components, config: Config) -> SnapshotWriter:
     """The mount's cluster side: following the node registry, the control
     socket, background repair and periodic metadata snapshots."""
-    nodes = NodeSet(parts.meta, config, parts.replicator, parts.stores)
+    nodes = NodeSet(parts.meta, parts.access, parts.replicator, parts.stores)
     await nursery.start(nodes.run)
-    cluster = Cluster(parts.meta, parts.replicator, nodes, config)
+    cluster = Cluster(parts.meta, parts.replicator, nodes, config.replicas, parts.access)
     maintenance_lock = trio.Lock()  # one cluster operation or repair pass at a time
     await nursery.start(ControlServer(config.control_socket_path, cluster, maintenance_lock).run)
     await nursery.start(background_repair, cluster, maintenance_lock)

@@ -25,7 +25,7 @@ async def repair_pass(cluster: Cluster, lock: trio.Lock, rate: float = REPAIR_RA
     operation waits for `lock` (the next pass picks up the rest)."""
     tally = RepairTally()
     async with lock:
-        targets = ReplicaTargets(cluster.meta, cluster.config.replicas)
+        targets = ReplicaTargets(cluster.meta, cluster.replicas)
         short = await endangered_shards(cluster.meta, cluster.replicator.stores, targets)
         if short:
             log.info("%d shards are short of replicas; repairing", len(short))

@@ -14,8 +14,7 @@ import logging
 import trio
 
 from dfsfuse.cluster.heartbeat import record_probe
-from dfsfuse.cluster.registry import UnreachableStore, open_store_or_stand_in
-from dfsfuse.config import Config
+from dfsfuse.cluster.registry import NodeAccess, UnreachableStore, open_store_or_stand_in
 from dfsfuse.metadata.base import NODE_ACTIVE, MetadataStore
 from dfsfuse.shards.replicator import Replicator
 from dfsfuse.storage.base import NodeStore
@@ -26,11 +25,11 @@ REFRESH_INTERVAL = 5.0  # seconds between two refreshes
 
 
 class NodeSet:
-    def __init__(self, meta: MetadataStore, config: Config, replicator: Replicator, stores: list[NodeStore]):
+    def __init__(self, meta: MetadataStore, access: NodeAccess, replicator: Replicator, stores: list[NodeStore]):
         """`stores`: the stores open_components opened for the registry's nodes;
         the NodeSet closes those it drops (the rest are closed by their opener)."""
         self._meta = meta
-        self._config = config
+        self._access = access
         self._replicator = replicator
         self._stores = {store.name: store for store in stores}
         self._opened: list[NodeStore] = []  # stores the NodeSet opened itself
@@ -41,7 +40,7 @@ class NodeSet:
         for node in nodes:
             current = self._stores.get(node.name)
             if current is None or isinstance(current, UnreachableStore):
-                store = await open_store_or_stand_in(node, self._config)
+                store = await open_store_or_stand_in(node, self._access)
                 if isinstance(store, UnreachableStore) and current is not None:
                     continue
                 log.info("node %s at %s %s", node.name, node.address, "joined" if current is None else "opened")

@@ -24,8 +24,8 @@ from dfsfuse.cluster.maintenance import (
     repair_shard,
 )
 from dfsfuse.cluster.nodeset import NodeSet
-from dfsfuse.cluster.registry import describe_address, open_store
-from dfsfuse.config import Config, check_node_name
+from dfsfuse.cluster.registry import NodeAccess, describe_address, open_store
+from dfsfuse.config import check_node_name
 from dfsfuse.errors import UserError
 from dfsfuse.metadata.base import (
     NODE_ACTIVE,
@@ -54,7 +54,8 @@ class Cluster:
     meta: MetadataStore
     replicator: Replicator
     nodes: NodeSet
-    config: Config
+    replicas: int  # the configured R
+    access: NodeAccess  # how to reach a node being added
 
 
 Operation = Callable[..., Awaitable[int]]
@@ -78,7 +79,7 @@ async def node_add(cluster: Cluster, out: Output, address: str, name: str) -> in
             raise UserError(f"{describe_address(address)} is already node {node.name}")
         if node.name == name:
             raise UserError(f"there is already a node named {name}")
-    store = await open_store(NodeRecord(name, address, NODE_ACTIVE), cluster.config)
+    store = await open_store(NodeRecord(name, address, NODE_ACTIVE), cluster.access)
     try:
         answer = (await probe([store]))[name]
     finally:
@@ -100,7 +101,7 @@ async def node_drain(cluster: Cluster, out: Output, name: str) -> int:
         return 0
     await cluster.meta.set_node_state(name, NODE_DRAINING)
     await cluster.nodes.refresh()  # no new replica goes to it from now on
-    targets = ReplicaTargets(cluster.meta, cluster.config.replicas)
+    targets = ReplicaTargets(cluster.meta, cluster.replicas)
     tally = MoveTally()
     # Writes placed before the refresh may still commit replicas on the node,
     # so look again until a pass finds nothing left to move.
@@ -146,8 +147,8 @@ async def node_remove(cluster: Cluster, out: Output, name: str) -> int:
     `dfsfuse repair` makes them whole again.
     """
     await _node(cluster, name)
-    if len(await cluster.meta.nodes()) <= cluster.config.replicas:
-        raise UserError(f"cannot remove node {name}: {cluster.config.replicas} replicas need as many nodes")
+    if len(await cluster.meta.nodes()) <= cluster.replicas:
+        raise UserError(f"cannot remove node {name}: {cluster.replicas} replicas need as many nodes")
     held = await held_replicas(store for store in cluster.replicator.stores if store.name != name)
     only_here: list[int] = []
     others: list[tuple[int, tuple[str, ...]]] = []
@@ -183,7 +184,7 @@ async def node_remove(cluster: Cluster, out: Output, name: str) -> int:
 async def rebalance(cluster: Cluster, out: Output) -> int:
     """Move the shards whose placement over the writable nodes changed."""
     writable = cluster.replicator.writable
-    targets = ReplicaTargets(cluster.meta, cluster.config.replicas)
+    targets = ReplicaTargets(cluster.meta, cluster.replicas)
     moves: list[Move] = []
     shards = 0
     async for record in live_shards(cluster.meta):
@@ -213,7 +214,7 @@ async def _move_in_batches(cluster: Cluster, out: Output, moves: list[Move], tal
 
 async def repair(cluster: Cluster, out: Output) -> int:
     """Every shard short of its replicas back to them, most-endangered first."""
-    targets = ReplicaTargets(cluster.meta, cluster.config.replicas)
+    targets = ReplicaTargets(cluster.meta, cluster.replicas)
     short = await endangered_shards(cluster.meta, cluster.replicator.stores, targets, ask_each=True)
     tally = RepairTally()
     for done, record in enumerate(short, 1):
@@ -230,7 +231,7 @@ async def repair(cluster: Cluster, out: Output) -> int:
 
 async def scrub(cluster: Cluster, out: Output) -> int:
     """Read and verify every replica of every shard; repair what is bad."""
-    targets = ReplicaTargets(cluster.meta, cluster.config.replicas)
+    targets = ReplicaTargets(cluster.meta, cluster.replicas)
     total = (await cluster.meta.usage()).shards
     tally = RepairTally()
     async for record in live_shards(cluster.meta):

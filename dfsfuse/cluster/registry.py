@@ -16,7 +16,7 @@ import ssl
 from collections.abc import Sequence
 from pathlib import Path
 
-from dfsfuse.config import Config
+from dfsfuse.config import Config, NodeSpec
 from dfsfuse.errors import DfsError, StoreUnavailable, UserError
 from dfsfuse.metadata.base import MetadataStore, NodeRecord
 from dfsfuse.storage.addresses import split_host_port
@@ -26,6 +26,19 @@ from dfsfuse.storage.local import LocalStore
 log = logging.getLogger("dfsfuse.nodes")
 
 LOCAL_PREFIX = "local:"
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeAccess:
+    """How this machine reaches node servers: the cluster secret and TLS."""
+
+    secret_path: Path  # where the cluster secret is read from
+    secret_configured: bool  # the config names it (secret_file); else it is DATA_DIR/secret, if present
+    tls_ca_file: Path | None = None  # talk TLS, trusting this CA; None: plain TCP
+
+    @classmethod
+    def from_config(cls, config: Config) -> NodeAccess:
+        return cls(config.cluster_secret_path, config.secret_file is not None, config.tls_ca_file)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +72,7 @@ def parse_address(address: str) -> Path | RemoteAddress:
     return RemoteAddress(*host_port)
 
 
-async def register_config_nodes(meta: MetadataStore, config: Config) -> list[NodeRecord]:
+async def register_config_nodes(meta: MetadataStore, specs: Sequence[NodeSpec]) -> list[NodeRecord]:
     """The registry, after seeding an empty one with the config file's [[nodes]].
 
     Only an empty registry is seeded (a new file system, or one made before
@@ -67,7 +80,7 @@ async def register_config_nodes(meta: MetadataStore, config: Config) -> list[Nod
     node removed with `dfsfuse node remove` stays removed.
     """
     if not await meta.nodes():
-        for spec in config.nodes:
+        for spec in specs:
             if spec.address is not None:
                 parse_address(spec.address)  # a UserError if it is not HOST:PORT
                 await meta.add_node(spec.name, spec.address)
@@ -111,16 +124,16 @@ class UnreachableStore(NodeStore):
         raise self._fail()
 
 
-async def open_store_or_stand_in(node: NodeRecord, config: Config) -> NodeStore:
+async def open_store_or_stand_in(node: NodeRecord, access: NodeAccess) -> NodeStore:
     """The node's store, or an UnreachableStore (logged) if it cannot be opened now."""
     try:
-        return await open_store(node, config)
+        return await open_store(node, access)
     except UserError as error:
         log.warning("%s", error)
         return UnreachableStore(node.name, str(error))
 
 
-async def open_store(node: NodeRecord, config: Config) -> NodeStore:
+async def open_store(node: NodeRecord, access: NodeAccess) -> NodeStore:
     """The node store `node` names; UserError if it cannot be used.
 
     A local store is created if missing only for a node never seen before: a
@@ -139,22 +152,22 @@ async def open_store(node: NodeRecord, config: Config) -> NodeStore:
     from dfsfuse.node.secret import load_secret
     from dfsfuse.storage.remote import RemoteStore
 
-    secret_path = config.cluster_secret_path
-    if config.secret_file is None and not secret_path.exists():
+    secret_path = access.secret_path
+    if not access.secret_configured and not secret_path.exists():
         raise UserError(
             f"node {node.name} is a node server at {node.address}: set secret_file in the config"
             f" or put the cluster secret in {secret_path}"
         )
     return RemoteStore(
-        node.name, where.host, where.port, load_secret(str(secret_path)), ssl_context=client_tls_context(config)
+        node.name, where.host, where.port, load_secret(str(secret_path)), ssl_context=client_tls_context(access.tls_ca_file)
     )
 
 
-def client_tls_context(config: Config) -> ssl.SSLContext | None:
+def client_tls_context(tls_ca_file: Path | None) -> ssl.SSLContext | None:
     """TLS towards node servers, trusting the config's tls_ca_file; None (plain TCP) without one."""
-    if config.tls_ca_file is None:
+    if tls_ca_file is None:
         return None
     try:
-        return ssl.create_default_context(cafile=str(config.tls_ca_file))
+        return ssl.create_default_context(cafile=str(tls_ca_file))
     except (OSError, ssl.SSLError) as error:
-        raise UserError(f"config: tls_ca_file {config.tls_ca_file} cannot be used: {error}") from None
+        raise UserError(f"config: tls_ca_file {tls_ca_file} cannot be used: {error}") from None

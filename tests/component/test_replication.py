@@ -14,7 +14,7 @@ from fsharness import SHARD, Harness, run, wait_until
 from dfsfuse.cluster.autorepair import repair_pass
 from dfsfuse.cluster.nodeset import NodeSet
 from dfsfuse.cluster.operations import Cluster, node_remove
-from dfsfuse.cluster.registry import local_address, register_config_nodes
+from dfsfuse.cluster.registry import NodeAccess, local_address, register_config_nodes
 from dfsfuse.errors import DfsError, StoreUnavailable
 from dfsfuse.metadata.base import NODE_DRAINING, REPLICAS_XATTR
 
@@ -105,8 +105,8 @@ def test_the_node_set_follows_the_registry(tmp_path):
 
     async def main():
         async with harness.running() as env:
-            await register_config_nodes(env.meta, env.config)
-            nodes = NodeSet(env.meta, env.config, env.replicator, env.stores)
+            await register_config_nodes(env.meta, env.config.nodes)
+            nodes = NodeSet(env.meta, NodeAccess.from_config(env.config), env.replicator, env.stores)
             await nodes.refresh()
             assert sorted(env.replicator.writable) == ["node1", "node2", "node3"]
             assert all(node.last_seen_ns > 0 for node in await env.meta.nodes())
@@ -157,10 +157,10 @@ def test_background_repair_remakes_replicas_of_a_removed_node_and_yields_to_comm
 
     async def main():
         async with harness.running() as env:
-            await register_config_nodes(env.meta, env.config)
-            nodes = NodeSet(env.meta, env.config, env.replicator, env.stores)
+            await register_config_nodes(env.meta, env.config.nodes)
+            nodes = NodeSet(env.meta, NodeAccess.from_config(env.config), env.replicator, env.stores)
             await nodes.refresh()
-            cluster = Cluster(env.meta, env.replicator, nodes, env.config)
+            cluster = Cluster(env.meta, env.replicator, nodes, env.config.replicas, NodeAccess.from_config(env.config))
             data = {}
             for index in range(12):
                 name = b"f%d" % index
