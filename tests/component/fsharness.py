@@ -32,6 +32,7 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import trio
+import trio.testing
 
 from dfsfuse.config import Config, NodeSpec
 from dfsfuse.errors import DfsError
@@ -55,17 +56,47 @@ ROOT = ROOT_INODE
 ME = Caller(uid=os.getuid(), gid=os.getgid(), umask=0o022)
 
 
-def run(async_fn, *args) -> None:
+# On the autojump clock, time jumps once the loop was idle this long (real
+# seconds): not at once, or the loop would spin through jumps while worker
+# threads do the I/O it waits for.
+AUTOJUMP_IDLE = 0.001
+
+
+def run(async_fn, *args, autojump: bool = False) -> None:
     """trio.run, raising the one exception inside a nursery's ExceptionGroup
     as itself, so that failures read plainly and pytest.raises/xfail(raises=)
-    see the real type."""
+    see the real type.
+
+    With `autojump`, on trio's autojump clock: whenever every task waits,
+    time jumps to the next timer, so a test that waits for a timeout-driven
+    behaviour (the garbage collector's quiet period and retry delay) does
+    not sleep through it."""
+    clock = trio.testing.MockClock(autojump_threshold=AUTOJUMP_IDLE) if autojump else None
     try:
-        trio.run(async_fn, *args)
+        trio.run(async_fn, *args, clock=clock)
     except BaseExceptionGroup as group:
         leaves = list(_leaves(group))
         if len(leaves) == 1:
             raise leaves[0] from None
         raise
+
+
+def _on_autojump_clock() -> bool:
+    return isinstance(trio.lowlevel.current_clock(), trio.testing.MockClock)
+
+
+def deadline(seconds: float) -> contextlib.AbstractContextManager[object]:
+    """A deadline for a wait: fail_after on the real clock. On the autojump
+    clock there is none (pytest-timeout bounds the test): time jumps there
+    while worker threads do real I/O, so a deadline would pass early."""
+    return contextlib.nullcontext() if _on_autojump_clock() else trio.fail_after(seconds)
+
+
+async def poll_pause() -> None:
+    """The pause between two looks at a condition that has no signal: short
+    on the real clock; on the autojump clock a longer one costs nothing and
+    lets each jump cover more time."""
+    await trio.sleep(0.05 if _on_autojump_clock() else 0.002)
 
 
 def _leaves(group: BaseExceptionGroup):
@@ -167,9 +198,9 @@ async def wait_until(predicate, timeout: float = 10) -> None:
     For outcomes with no completion signal to wait on (a put reaching a gate,
     the garbage collector's or the repair worker's work).
     """
-    with trio.fail_after(timeout):
+    with deadline(timeout):
         while not predicate():
-            await trio.sleep(0.002)
+            await poll_pause()
 
 
 def replica_files(store: LocalStore) -> list[int]:
@@ -277,9 +308,9 @@ class Env:
         The collector has no completion signal, so this polls the metadata,
         the observable outcome, under a deadline.
         """
-        with trio.fail_after(timeout):
+        with deadline(timeout):
             while self.garbage.pending or await self.garbage_rows():
-                await trio.sleep(0.002)
+                await poll_pause()
 
     async def check_stores_match_metadata(self, allow_garbage: bool = False) -> None:
         """The fsck oracle: every live shard has a replica, which verifies, on each

@@ -434,7 +434,7 @@ def test_deleting_everything_leaves_every_store_empty(harness):
             assert (usage.inodes, usage.shards, usage.stored_bytes) == (1, 0, 0)
             assert await env.fs.readdir(ROOT, 0, 100) == []
 
-    run(main)
+    run(main, autojump=True)
 
 
 def test_a_burst_of_deletes_is_collected_in_one_round(harness):
@@ -496,7 +496,7 @@ def test_unlinked_open_file_stays_readable_until_released_and_forgotten(harness)
                 await fs.getattr(inode)
             assert errno_of(excinfo) == errno.ENOENT
 
-    run(main)
+    run(main, autojump=True)
 
 
 def test_file_unlinked_while_open_when_the_mount_died_is_deleted_next_time(harness):
@@ -512,7 +512,7 @@ def test_file_unlinked_while_open_when_the_mount_died_is_deleted_next_time(harne
             await env.wait_for_garbage_collection()
             assert env.replica_count() == 0
 
-    run(main)
+    run(main, autojump=True)
 
 
 def test_small_overwrites_stack_patches_until_a_new_shard_collects_them(harness):
@@ -558,7 +558,7 @@ def test_small_overwrites_stack_patches_until_a_new_shard_collects_them(harness)
             await env.check_stores_match_metadata()
         assert seen == sorted(set(seen)), f"shard ids reused or going backwards: {seen}"
 
-    run(main)
+    run(main, autojump=True)
 
 
 def test_a_sequential_reader_gets_several_shards_read_ahead(tmp_path):
@@ -1262,7 +1262,7 @@ def test_rename_over_an_open_file_keeps_it_readable_until_released(harness):
             assert env.replica_count() == 2 * harness.config.replicas
             assert await env.contents_of(b"b") == a_data
 
-    run(main)
+    run(main, autojump=True)
 
 
 def test_bug_concurrent_flushes_both_report_a_store_failure(tmp_path):
@@ -1366,7 +1366,7 @@ def test_bug_replaced_replicas_are_deleted_only_once_the_replacement_is_durable(
             )
             await fs.release(handle)
 
-    run(main)
+    run(main, autojump=True)
 
 
 def test_open_with_o_trunc_empties_the_file(harness):
@@ -1391,4 +1391,4 @@ def test_open_with_o_trunc_empties_the_file(harness):
             assert await env.contents_of(b"f") == b"new"
             await env.check_stores_match_metadata()
 
-    run(main)
+    run(main, autojump=True)
