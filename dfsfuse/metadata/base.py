@@ -22,7 +22,10 @@ import abc
 import dataclasses
 from collections.abc import Mapping, Sequence
 
+from dfsfuse.errors import InvalidArgument, NameTooLong
+
 ROOT_INODE = 1
+NAME_MAX = 255  # the longest name in bytes, as on Linux file systems
 
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
@@ -34,6 +37,20 @@ XATTR_REPLACE = 2
 # inherited by the files and subdirectories created in it. Absent: the
 # configured R.
 REPLICAS_XATTR = b"user.dfs.replicas"
+
+
+def check_name(name: bytes) -> None:
+    """Refuse a name no directory entry can have: InvalidArgument (EINVAL) if it
+    is empty, holds b"/" or NUL, or is b"." or b".."; NameTooLong past NAME_MAX.
+
+    The one rule for names, kept by every engine for the names it stores and
+    by the POSIX layer before it asks (lookup resolves b"." and b".." itself,
+    so it checks only other names).
+    """
+    if name in (b"", b".", b"..") or b"/" in name or b"\0" in name:
+        raise InvalidArgument(f"invalid file name {name!r}")
+    if len(name) > NAME_MAX:
+        raise NameTooLong(f"file name of {len(name)} bytes (at most {NAME_MAX})")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -40,7 +40,6 @@ from dfsfuse.errors import (
     Exists,
     InvalidArgument,
     IsADirectory,
-    NameTooLong,
     NoData,
     NotADirectory,
     NotEmpty,
@@ -67,9 +66,9 @@ from dfsfuse.metadata.base import (
     ShardRecord,
     ShardRef,
     UsageCounts,
+    check_name,
 )
 
-NAME_MAX = 255  # the longest name in bytes, as on Linux file systems
 FILE_TYPE_BITS = 0o170000  # the S_IFMT part of a mode
 PAGE_CACHE_KIB = 65536  # SQLite's page cache: keeps the hot index pages in memory
 
@@ -559,13 +558,6 @@ def _decode_nodes(text: str) -> tuple[str, ...]:
     return tuple(json.loads(text))
 
 
-def _check_new_name(name: bytes) -> None:
-    if name in (b"", b".", b"..") or b"/" in name or b"\0" in name:
-        raise InvalidArgument(f"invalid file name {name!r}")
-    if len(name) > NAME_MAX:
-        raise NameTooLong(f"file name of {len(name)} bytes")
-
-
 def _inode_exists(db: sqlite3.Connection, inode: int) -> bool:
     return db.execute("SELECT 1 FROM inodes WHERE id = ?", (inode,)).fetchone() is not None
 
@@ -675,7 +667,7 @@ def _create(
     rdev: int,
     target: bytes,
 ) -> EntryChange:
-    _check_new_name(name)
+    check_name(name)
     is_directory = stat.S_ISDIR(mode)
     if not stat.S_ISLNK(mode):
         target = b""
@@ -694,7 +686,7 @@ def _create(
 
 
 def _link(db: sqlite3.Connection, inode: int, new_parent: int, new_name: bytes, now_ns: int) -> EntryChange:
-    _check_new_name(new_name)
+    check_name(new_name)
     attrs = _inode_attrs(db, inode)
     if stat.S_ISDIR(attrs.mode):
         raise NotPermitted(f"inode {inode} is a directory and cannot be hard-linked")
@@ -739,7 +731,7 @@ def _rename(
 ) -> RenameChange | None:
     if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
         raise InvalidArgument(f"invalid rename flags {flags:#x}")
-    _check_new_name(new_name)
+    check_name(new_name)
     source_entry, source = _existing_entry(db, old_parent, old_name)
     target = _entry(db, new_parent, new_name)
     if target is None:

@@ -31,6 +31,7 @@ from dfsfuse.errors import (
     NotPermitted,
 )
 from dfsfuse.metadata.base import (
+    NAME_MAX,
     NODE_ACTIVE,
     NODE_DRAINED,
     NODE_DRAINING,
@@ -49,6 +50,7 @@ from dfsfuse.metadata.base import (
     ShardRecord,
     ShardRef,
     UsageCounts,
+    check_name,
 )
 from dfsfuse.metadata.cache import CachedMetadata
 from dfsfuse.metadata.sqlite import SqliteMetadata
@@ -247,6 +249,23 @@ def test_create_errors(harness):
             await mkfile(store, ROOT_INODE, b"n" * 256)
         await mkfile(store, ROOT_INODE, b"n" * 255)
         assert await names_in(store, ROOT_INODE) == {b"file", b"n" * 255}
+
+    run_with_store(harness, body)
+
+
+def test_check_name_is_the_rule_the_engine_keeps(harness):
+    """The POSIX layer checks names with check_name before it asks; the engine
+    refuses exactly those names with the same errors."""
+
+    async def body(store: MetadataStore) -> None:
+        for bad_name in (b"", b".", b"..", b"a/b", b"a\0b", b"n" * (NAME_MAX + 1)):
+            with pytest.raises((InvalidArgument, NameTooLong)) as by_check:
+                check_name(bad_name)
+            with pytest.raises(type(by_check.value)):
+                await mkfile(store, ROOT_INODE, bad_name)
+        for good_name in (b"n" * NAME_MAX, b"...", b".hidden", "caf\u00e9".encode()):
+            check_name(good_name)
+            await mkfile(store, ROOT_INODE, good_name)
 
     run_with_store(harness, body)
 
