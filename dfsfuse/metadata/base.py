@@ -332,7 +332,11 @@ class MetadataStore(abc.ABC):
 
     @abc.abstractmethod
     async def allocate_shard_ids(self, count: int) -> range:
-        """`count` fresh shard ids, never handed out before (even after a crash)."""
+        """`count` fresh shard ids, never handed out before (even after a crash).
+
+        Shard ids stay below 2**63 (signed 64-bit); dfsfuse.cluster.snapshots
+        names snapshots with the ids above.
+        """
 
     @abc.abstractmethod
     async def garbage(self, limit: int) -> list[tuple[int, tuple[str, ...]]]:
@@ -406,9 +410,10 @@ class MetadataStore(abc.ABC):
     # -- lifecycle --------------------------------------------------------
     @abc.abstractmethod
     async def snapshot(self) -> bytes:
-        """The whole metadata as of one instant, as a self-contained SQLite
-        database image: written to a file, it opens as this file system's
-        metadata (dfsfuse.cluster.snapshots keeps such images on the nodes)."""
+        """The whole metadata as of one instant, as a dump (dfsfuse.metadata.dump:
+        a versioned envelope naming this engine around the engine's own image)
+        from which dfsfuse.metadata.engines.load_dump makes the metadata of a
+        new data dir. dfsfuse.cluster.snapshots keeps such dumps on the nodes."""
 
     @abc.abstractmethod
     async def sync(self) -> None:

@@ -29,7 +29,8 @@ import stat
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import outcome
@@ -68,7 +69,10 @@ from dfsfuse.metadata.base import (
     UsageCounts,
     check_name,
 )
+from dfsfuse.metadata.dump import Dump, encode_dump
 
+ENGINE_NAME = "sqlite"  # config [metadata] engine, and the engine named in its dumps
+STAGED_SUFFIX = ".restoring"  # load_dump builds the database under this name
 FILE_TYPE_BITS = 0o170000  # the S_IFMT part of a mode
 PAGE_CACHE_KIB = 65536  # SQLite's page cache: keeps the hot index pages in memory
 
@@ -325,14 +329,34 @@ def _migrate(db: sqlite3.Connection, path: str) -> None:
 
 
 def _connect(path: str) -> sqlite3.Connection:
-    if sqlite3.sqlite_version_info < (3, 35, 0):
-        raise UserError(f"SQLite {sqlite3.sqlite_version} is too old: dfsfuse needs 3.35 or newer")
-    db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    return _prepared(sqlite3.connect(path, check_same_thread=False, isolation_level=None), path)
+
+
+def _connect_image(image: bytes) -> sqlite3.Connection:
+    """A database in memory holding `image` (a dump's payload), migrated as a file would be."""
+    # A database in memory cannot be in WAL mode, and SQLite refuses one whose
+    # header says so: set the header's write and read versions (bytes 18 and
+    # 19) from 2, WAL, to 1, rollback journal.
+    legacy = bytearray(image)
+    legacy[18:20] = b"\x01\x01"
+    db = sqlite3.connect(":memory:", check_same_thread=False, isolation_level=None)
     try:
+        db.deserialize(legacy)
+    except BaseException:
+        db.close()
+        raise
+    return _prepared(db, "the metadata dump")
+
+
+def _prepared(db: sqlite3.Connection, name: str) -> sqlite3.Connection:
+    """`db` set up and migrated to SCHEMA_VERSION; closed if that fails."""
+    try:
+        if sqlite3.sqlite_version_info < (3, 35, 0):
+            raise UserError(f"SQLite {sqlite3.sqlite_version} is too old: dfsfuse needs 3.35 or newer")
         db.execute("PRAGMA journal_mode = WAL")
         db.execute("PRAGMA synchronous = NORMAL")
         db.execute(f"PRAGMA cache_size = -{PAGE_CACHE_KIB}")
-        _migrate(db, path)
+        _migrate(db, name)
     except BaseException:
         db.close()
         raise
@@ -525,7 +549,8 @@ class SqliteMetadata(MetadataStore):
 
     # -- lifecycle --------------------------------------------------------
     async def snapshot(self) -> bytes:
-        return await self._thread.run(_database_image, self._db)
+        """A dump whose payload is a database image (see _database_image)."""
+        return await self._thread.run(_dump, self._db)
 
     async def sync(self) -> None:
         await self._thread.run(_checkpoint, self._db)
@@ -534,6 +559,92 @@ class SqliteMetadata(MetadataStore):
         if self._thread.running:
             await self._thread.run(self._db.close)
             self._thread.stop()
+
+
+# -- dumps ------------------------------------------------------------------
+# dfsfuse.metadata.engines reaches these through the engine name ENGINE_NAME.
+
+
+@contextlib.asynccontextmanager
+async def load_dump(path: Path, dump: Dump) -> AsyncIterator[SqliteMetadata]:
+    """Create the database at `path` from `dump`, all or nothing.
+
+    The database is written under a temporary name (`path` + STAGED_SUFFIX)
+    and opened for the caller's block to finish it (restore moves the shard
+    id counter on); only when the block ends without an error is it made
+    durable and renamed to `path`. So until then, and if anything fails or
+    the process dies, there is nothing at `path`. UserError if `path` exists
+    (a dump only ever makes new metadata) or the dump is not a SQLite one.
+    """
+    _check_loadable(dump)
+    if path.exists():
+        raise UserError(f"{path} exists already: a metadata dump is loaded only into new metadata")
+    staged = path.with_name(path.name + STAGED_SUFFIX)
+    try:
+        await trio.to_thread.run_sync(_write_staged, staged, dump.payload)
+        meta = SqliteMetadata(await _dump_database(trio.to_thread.run_sync(_connect, str(staged))))
+        try:
+            yield meta
+            await meta.sync()
+        finally:
+            with trio.CancelScope(shield=True):
+                await meta.close()
+        await trio.to_thread.run_sync(_install, staged, path)
+    finally:
+        _remove_staged(staged)
+
+
+@contextlib.asynccontextmanager
+async def open_dump(dump: Dump) -> AsyncIterator[SqliteMetadata]:
+    """The metadata in `dump`, in memory: changes go nowhere, and it is gone at the end."""
+    _check_loadable(dump)
+    meta = SqliteMetadata(await _dump_database(trio.to_thread.run_sync(_connect_image, dump.payload)))
+    try:
+        yield meta
+    finally:
+        with trio.CancelScope(shield=True):
+            await meta.close()
+
+
+def _check_loadable(dump: Dump) -> None:
+    if dump.engine != ENGINE_NAME:
+        raise UserError(f"a dump of metadata engine {dump.engine!r} cannot be loaded into {ENGINE_NAME}")
+
+
+async def _dump_database(connecting: Awaitable[sqlite3.Connection]) -> sqlite3.Connection:
+    """The connection to a dump's database; a UserError if it is no database."""
+    try:
+        return await connecting
+    except sqlite3.DatabaseError as error:
+        raise UserError(f"the metadata dump holds no SQLite database that opens: {error}") from None
+
+
+def _write_staged(staged: Path, payload: bytes) -> None:
+    _remove_staged(staged)  # a WAL left by a load cut short must not be applied to this one
+    staged.write_bytes(payload)
+
+
+def _remove_staged(staged: Path) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        staged.with_name(staged.name + suffix).unlink(missing_ok=True)
+
+
+def _install(staged: Path, path: Path) -> None:
+    """Rename the finished database into place, durably."""
+    _fsync(staged)
+    if path.exists():
+        raise UserError(f"{path} appeared while a metadata dump was loaded; nothing loaded")
+    os.rename(staged, path)
+    _fsync(path.parent)
+
+
+def _fsync(path: Path) -> None:
+    """fsync a file or a directory."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # -- transaction bodies ---------------------------------------------------
@@ -1048,13 +1159,20 @@ def _remove_node(db: sqlite3.Connection, name: str) -> None:
         raise NotFound(f"no node {name!r}")
 
 
+def _dump(db: sqlite3.Connection) -> bytes:
+    """The dump MetadataStore.snapshot returns: a database image in an envelope,
+    both made here so the trio loop copies nothing."""
+    return encode_dump(ENGINE_NAME, _database_image(db))
+
+
 def _database_image(db: sqlite3.Connection) -> bytes:
-    """The database as of one instant, in rollback-journal mode.
+    """The database as of one instant, as one self-contained file image.
 
     The backup API copies every page in one step under one read transaction,
     so the image is consistent; it runs on the engine's thread, between two
     calls, so no transaction of ours is half done. Copied into a connection
-    in memory, the image carries no WAL and serializes as a plain file.
+    in memory, the image carries no WAL, but its header still says WAL mode
+    (_connect_image minds that).
     """
     image = sqlite3.connect(":memory:")
     try:

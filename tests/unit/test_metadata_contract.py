@@ -29,6 +29,7 @@ from dfsfuse.errors import (
     NotEmpty,
     NotFound,
     NotPermitted,
+    UserError,
 )
 from dfsfuse.metadata.base import (
     NAME_MAX,
@@ -53,6 +54,15 @@ from dfsfuse.metadata.base import (
     check_name,
 )
 from dfsfuse.metadata.cache import CachedMetadata
+from dfsfuse.metadata import dump as dump_format
+from dfsfuse.metadata.engines import (
+    ENGINE_NAMES,
+    MetadataSettings,
+    load_dump,
+    metadata_exists,
+    open_dump,
+    open_engine,
+)
 from dfsfuse.metadata.sqlite import SqliteMetadata
 
 FILE = stat.S_IFREG | 0o644
@@ -1090,22 +1100,23 @@ def test_a_schema_1_database_gains_the_node_registry_and_patches(tmp_path):
 
 def test_a_snapshot_opens_as_the_metadata_of_its_instant(harness, tmp_path):
     """The snapshot holds every change made before it and none made after,
-    and opens on its own as a complete metadata database."""
-    image_path = tmp_path / "restored" / "metadata.db"
+    and loads on its own as the complete metadata of a new data dir."""
+    settings = MetadataSettings(tmp_path / "restored" / "metadata.db")
 
     async def body(store: MetadataStore) -> None:
         kept = await mkfile(store, ROOT_INODE, b"kept")
         await store.commit_shards(kept.inode, {0: ref(7)}, 1000)
         await store.add_node("n1", "n1.example:7070")
-        image = await store.snapshot()
+        dump = await store.snapshot()
         await mkfile(store, ROOT_INODE, b"after")
-        image_path.parent.mkdir()
-        image_path.write_bytes(image)
+        settings.path.parent.mkdir()
+        async with load_dump(settings, dump):
+            pass
 
     run_with_store(harness, body)
 
     async def check() -> None:
-        restored = await SqliteMetadata.open(str(image_path))
+        restored = await open_engine(settings)
         try:
             assert await names_in(restored, ROOT_INODE) == {b"kept"}
             kept = await restored.lookup(ROOT_INODE, b"kept")
@@ -1116,3 +1127,105 @@ def test_a_snapshot_opens_as_the_metadata_of_its_instant(harness, tmp_path):
             await restored.close()
 
     trio.run(check)
+
+
+# -- dumps (dfsfuse.metadata.dump, loaded through dfsfuse.metadata.engines) ------
+
+
+def test_a_dump_is_an_envelope_naming_its_engine(harness):
+    async def body(store: MetadataStore) -> None:
+        await mkfile(store, ROOT_INODE, b"kept")
+        dump = await store.snapshot()
+        assert dump.startswith(dump_format.MAGIC)
+        decoded = dump_format.decode_dump(dump)
+        assert decoded.format_version == dump_format.FORMAT_VERSION
+        assert decoded.engine in ENGINE_NAMES
+        assert dump_format.encode_dump(decoded.engine, decoded.payload) == dump
+        async with open_dump(dump) as opened:
+            assert await names_in(opened, ROOT_INODE) == {b"kept"}
+
+    run_with_store(harness, body)
+
+
+def test_a_bare_sqlite_image_from_before_the_envelope_still_loads(tmp_path):
+    """Snapshots written before dumps had an envelope are SQLite images (format 0)."""
+
+    async def main() -> None:
+        async with SqliteHarness(tmp_path).store() as store:
+            await mkfile(store, ROOT_INODE, b"old")
+            image = dump_format.decode_dump(await store.snapshot()).payload
+        assert image.startswith(b"SQLite format 3\0")
+        assert dump_format.decode_dump(image) == dump_format.Dump("sqlite", image, format_version=0)
+        async with open_dump(image) as opened:
+            assert await names_in(opened, ROOT_INODE) == {b"old"}
+        settings = MetadataSettings(tmp_path / "restored.db")
+        async with load_dump(settings, image):
+            pass
+        restored = await open_engine(settings)
+        try:
+            assert await names_in(restored, ROOT_INODE) == {b"old"}
+        finally:
+            await restored.close()
+
+    trio.run(main)
+
+
+def test_a_dump_that_cannot_be_read_is_a_clear_error(tmp_path):
+    async def main() -> None:
+        async with SqliteHarness(tmp_path).store() as store:
+            dump = await store.snapshot()
+        decoded = dump_format.decode_dump(dump)
+        newer = bytearray(dump)
+        newer[8:12] = (dump_format.FORMAT_VERSION + 1).to_bytes(4, "little")
+        bad = {
+            b"": "not a dfsfuse metadata dump",
+            b"PK\3\4 a zip file": "not a dfsfuse metadata dump",
+            dump[:14]: "cut short",
+            dump[:-1]: "corrupt metadata dump",
+            dump + b"\0": "corrupt metadata dump",
+            bytes(newer): f"format {dump_format.FORMAT_VERSION + 1} is not one this dfsfuse reads",
+            dump_format.encode_dump("nosql", decoded.payload): "engine .nosql.",
+            dump_format.encode_dump("sqlite", b"not a database"): "holds no SQLite database",
+        }
+        settings = MetadataSettings(tmp_path / "restored.db")
+        for data, message in bad.items():
+            for use in (lambda: open_dump(data), lambda: load_dump(settings, data)):
+                with pytest.raises(UserError, match=message) as raised:
+                    async with use():
+                        pass
+                assert "\n" not in str(raised.value)
+            assert sorted(path.name for path in tmp_path.iterdir()) == ["metadata.db"]
+
+    trio.run(main)
+
+
+def test_loading_a_dump_is_all_or_nothing(tmp_path):
+    """Nothing is left behind by a load whose block fails; a dump never loads
+    over existing metadata."""
+
+    async def main() -> None:
+        async with SqliteHarness(tmp_path).store() as store:
+            await mkfile(store, ROOT_INODE, b"file")
+            dump = await store.snapshot()
+        settings = MetadataSettings(tmp_path / "new" / "metadata.db")
+        settings.path.parent.mkdir()
+        with pytest.raises(RuntimeError):
+            async with load_dump(settings, dump) as staged:
+                assert await names_in(staged, ROOT_INODE) == {b"file"}
+                assert not metadata_exists(settings)
+                raise RuntimeError("cut short")
+        assert list(settings.path.parent.iterdir()) == []
+        async with load_dump(settings, dump) as staged:
+            await staged.allocate_shard_ids(100)
+        assert metadata_exists(settings)
+        assert [path.name for path in settings.path.parent.iterdir()] == ["metadata.db"]
+        with pytest.raises(UserError, match="exists already"):
+            async with load_dump(settings, dump):
+                pass
+        restored = await open_engine(settings)
+        try:
+            assert (await restored.allocate_shard_ids(1)).start > 100  # what the block did was kept
+        finally:
+            await restored.close()
+
+    trio.run(main)
