@@ -140,12 +140,15 @@ class EntryChange:
     `attrs` is the inode named, after the change; `parent` the directory's
     attrs after (mtime, ctime, nlink); `offset` the readdir offset of the entry
     added or removed. An added entry always has the highest offset in its
-    directory, so it comes last in a listing.
+    directory, so it comes last in a listing. `xattrs`, for create, are every
+    xattr the new inode was given (an inherited REPLICAS_XATTR), so a cache
+    knows all of them and the caller its replica count; empty otherwise.
     """
 
     attrs: InodeAttrs
     parent: InodeAttrs
     offset: int
+    xattrs: Mapping[bytes, bytes] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,8 +240,12 @@ class MetadataStore(abc.ABC):
 
         A directory starts with nlink 2 and adds one to its parent's nlink; a
         symlink stores `target` and its size is len(target). The parent's
-        mtime and ctime become now_ns. Exists if the name is taken, NotFound
-        or NotADirectory if `parent` is not a live directory.
+        mtime and ctime become now_ns. A new regular file or directory gets
+        the parent's REPLICAS_XATTR, if it has one, in the same transaction
+        (other types get no xattr); EntryChange.xattrs says what it got.
+        Exists if the name is taken, NotFound or NotADirectory if `parent` is
+        not a live directory, InvalidArgument or NameTooLong for a name
+        check_name refuses.
         """
 
     @abc.abstractmethod

@@ -4,8 +4,9 @@ Served from memory once seen: getattr; lookup, both found and not found;
 whole directory listings, resumable at any offset; getxattr and listxattr,
 including "no such attribute" (the kernel asks for security.capability before
 every write, `ls -l` for security.selinux of every entry): an inode's names,
-once listed, answer for every name it does not have, and an inode created
-through the cache is known to have none; and shard maps. Every change goes to
+once listed, answer for every name it does not have, and of an inode created
+through the cache every xattr is known (none, or the replica count it
+inherited: EntryChange.xattrs); and shard maps. Every change goes to
 the engine first; then the cache updates exactly what the change touched,
 from what the engine returns (the attrs after of the inodes and parent
 directories, the offsets of the entries). So creating a name costs one engine
@@ -243,7 +244,9 @@ class CachedMetadata(MetadataStore):
     ) -> EntryChange:
         """A directory made here starts with a complete, empty listing, so that
         lookups of the names about to be created in it need no engine call; a
-        regular file starts with an empty shard map, so opening it needs none."""
+        regular file starts with an empty shard map, so opening it needs none;
+        and the new inode's xattrs are all known (EntryChange.xattrs), so
+        asking for its replica count or any other xattr needs none either."""
         async with self._changing():
             change = await self._engine.create(parent, name, mode, uid, gid, now_ns, rdev, target)
             self._name_added(parent, name, change.attrs, change.offset)
@@ -255,7 +258,9 @@ class CachedMetadata(MetadataStore):
             elif stat.S_ISREG(mode):
                 self._shard_maps[inode] = {}
                 self._account((_SHARD_MAP, inode), 1)
-            self._set_xattr_names(inode, [])
+            self._set_xattr_names(inode, list(change.xattrs))
+            for name, value in change.xattrs.items():
+                self._remember_xattr(inode, name, value)
             return change
 
     async def link(self, inode: int, new_parent: int, new_name: bytes, now_ns: int) -> EntryChange:
@@ -665,7 +670,7 @@ class CachedMetadata(MetadataStore):
         self._account((_LISTING, parent), 1 + len(listing.entries))
 
     def _set_xattr_names(self, inode: int, names: list[bytes]) -> None:
-        """Record every xattr name `inode` has (none, for an inode just created)."""
+        """Record every xattr name `inode` has."""
         xattrs = self._xattrs.setdefault(inode, _Xattrs())
         xattrs.names = dict.fromkeys(names)
         self._account((_XATTRS, inode), xattrs.weight())

@@ -53,6 +53,7 @@ from dfsfuse.metadata.base import (
     NODE_STATES,
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
+    REPLICAS_XATTR,
     ROOT_INODE,
     XATTR_CREATE,
     XATTR_REPLACE,
@@ -793,7 +794,18 @@ def _create(
     assert inode is not None
     offset = _add_entry(db, parent, name, inode)
     attrs = InodeAttrs(inode, mode, nlink, uid, gid, rdev, size, 0, now_ns, now_ns, now_ns, target)
-    return EntryChange(attrs, parent_attrs, offset)
+    xattrs = _inherit_replicas(db, parent, inode) if is_directory or stat.S_ISREG(mode) else {}
+    return EntryChange(attrs, parent_attrs, offset, xattrs)
+
+
+def _inherit_replicas(db: sqlite3.Connection, parent: int, inode: int) -> dict[bytes, bytes]:
+    """Give a new inode the REPLICAS_XATTR of its directory, if it has one; the xattrs given."""
+    row = db.execute(
+        "INSERT INTO xattrs (inode, name, value) SELECT ?, name, value FROM xattrs"
+        " WHERE inode = ? AND name = ? RETURNING value",
+        (inode, parent, REPLICAS_XATTR),
+    ).fetchone()
+    return {} if row is None else {REPLICAS_XATTR: row[0]}
 
 
 def _link(db: sqlite3.Connection, inode: int, new_parent: int, new_name: bytes, now_ns: int) -> EntryChange:

@@ -21,6 +21,7 @@ from dfsfuse.errors import DfsError, NoData, NotFound, StoreUnavailable
 from dfsfuse.metadata.base import (
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
+    REPLICAS_XATTR,
     ROOT_INODE,
     XATTR_CREATE,
     XATTR_REPLACE,
@@ -176,6 +177,26 @@ def test_repeated_reads_come_from_memory(tmp_path):
             # "file" had no xattrs and no shards when it was made, and the
             # cache saw it get user.k and its shard.
             assert engine.calls == {"lookup": 1}  # ".."
+
+    trio.run(main)
+
+
+def test_the_xattrs_of_a_new_inode_come_from_memory(tmp_path):
+    """What create gave the new inode (an inherited replica count) is every
+    xattr it has: the cache answers for all of them without the engine."""
+
+    async def main() -> None:
+        async with cached(tmp_path) as (cache, engine):
+            directory = (await cache.create(ROOT_INODE, b"dir", DIRECTORY, 0, 0, 1)).attrs
+            await cache.setxattr(directory.inode, REPLICAS_XATTR, b"1", 0, 2)
+            engine.calls.clear()
+            for kind in (FILE, DIRECTORY):
+                inode = (await cache.create(directory.inode, b"%o" % kind, kind, 0, 0, 3)).attrs.inode
+                assert await cache.getxattr(inode, REPLICAS_XATTR) == b"1"
+                assert await cache.listxattr(inode) == [REPLICAS_XATTR]
+                with pytest.raises(NoData):
+                    await cache.getxattr(inode, b"security.capability")
+            assert engine.calls == {"create": 2}
 
     trio.run(main)
 
@@ -415,7 +436,7 @@ def test_a_change_with_unknown_outcome_empties_the_cache(tmp_path):
 # -- a random workload, checked against the engine ---------------------------------
 
 NAMES = [b"a", b"b", b"c", b"d", b"e"]
-XATTR_NAMES = [b"user.x", b"user.y", b"security.capability"]
+XATTR_NAMES = [b"user.x", b"user.y", b"security.capability", REPLICAS_XATTR]  # the last one is inherited
 
 
 class Workload:

@@ -39,6 +39,7 @@ from dfsfuse.metadata.base import (
     PAGE_SIZE,
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
+    REPLICAS_XATTR,
     ROOT_INODE,
     XATTR_CREATE,
     XATTR_REPLACE,
@@ -226,6 +227,42 @@ def test_create_every_kind(harness):
         assert await names_in(store, directory.inode) == {b"link", b"dev", b"fifo"}
         assert (await store.getattr(directory.inode)).nlink == 2
         await check_nlinks(store)
+
+    run_with_store(harness, body)
+
+
+def test_a_new_file_or_directory_inherits_the_replica_count(harness):
+    """In the create call itself, and only REPLICAS_XATTR, and only for regular
+    files and directories."""
+
+    async def body(store: MetadataStore) -> None:
+        plain = await mkdir(store, ROOT_INODE, b"plain")
+        three = await mkdir(store, ROOT_INODE, b"three")
+        await store.setxattr(three.inode, REPLICAS_XATTR, b"3", 0, now())
+        await store.setxattr(three.inode, b"user.other", b"not inherited", 0, now())
+        for kind in (FILE, DIRECTORY):
+            change = await store.create(plain.inode, b"%o" % kind, kind, 0, 0, now())
+            assert change.xattrs == {}
+            assert await store.listxattr(change.attrs.inode) == []
+            change = await store.create(three.inode, b"%o" % kind, kind, 0, 0, now())
+            assert change.xattrs == {REPLICAS_XATTR: b"3"}
+            assert await store.listxattr(change.attrs.inode) == [REPLICAS_XATTR]
+            assert await store.getxattr(change.attrs.inode, REPLICAS_XATTR) == b"3"
+        subdirectory = await store.lookup(three.inode, b"%o" % DIRECTORY)
+        assert (await store.create(subdirectory.inode, b"deeper", FILE, 0, 0, now())).xattrs == {REPLICAS_XATTR: b"3"}
+        others = {
+            b"link": dict(mode=SYMLINK, target=b"x"),
+            b"fifo": dict(mode=stat.S_IFIFO | 0o600),
+            b"device": dict(mode=stat.S_IFCHR | 0o600, rdev=0x0501),
+        }
+        for name, arguments in others.items():
+            mode = arguments.pop("mode")
+            change = await store.create(three.inode, name, mode, 0, 0, now(), **arguments)
+            assert change.xattrs == {}
+            assert await store.listxattr(change.attrs.inode) == []
+        with pytest.raises(Exists):  # a refused create gives nothing to anybody
+            await store.create(three.inode, b"link", FILE, 0, 0, now())
+        assert await store.listxattr((await store.lookup(three.inode, b"link")).inode) == []
 
     run_with_store(harness, body)
 
