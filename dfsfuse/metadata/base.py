@@ -81,7 +81,8 @@ class AttrChanges:
     """The fields a setattr call changes; None means unchanged.
 
     ctime is always set to `now_ns` by setattr. The size of a file is not
-    changed here but through `commit_shards` (it goes with the shard map).
+    changed here but through `commit_shards` (it goes with the shard map),
+    which takes AttrChanges too, for a setattr that changes both.
     """
 
     mode: int | None = None  # permission bits and setuid/setgid/sticky (mode & 0o7777)
@@ -326,6 +327,8 @@ class MetadataStore(abc.ABC):
         drop_from: int | None = None,
         mtime_ns: int | None = None,
         ctime_ns: int | None = None,
+        *,
+        changes: AttrChanges | None = None,
     ) -> InodeAttrs:
         """Atomically point shard indexes at new objects and set the file size.
 
@@ -335,6 +338,12 @@ class MetadataStore(abc.ABC):
         are no longer referenced move to the garbage list. `blocks` is
         recomputed; mtime/ctime are set when given. Call only after every
         replica of every object in `shards` is stored.
+
+        `changes`, if given, are applied in the same transaction, after the
+        times, as setattr(inode, changes, ctime_ns) would apply them (so a
+        time in `changes` wins over `mtime_ns`); ctime_ns is then required
+        (InvalidArgument without it). A setattr that also sets the size
+        (truncate with a mode, owner or times) is so one call.
         """
 
     @abc.abstractmethod

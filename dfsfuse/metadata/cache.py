@@ -372,9 +372,11 @@ class CachedMetadata(MetadataStore):
         drop_from: int | None = None,
         mtime_ns: int | None = None,
         ctime_ns: int | None = None,
+        *,
+        changes: AttrChanges | None = None,
     ) -> InodeAttrs:
         async with self._changing():
-            attrs = await self._engine.commit_shards(inode, shards, size, drop_from, mtime_ns, ctime_ns)
+            attrs = await self._engine.commit_shards(inode, shards, size, drop_from, mtime_ns, ctime_ns, changes=changes)
             self._store_attrs(attrs)
             shard_map = self._shard_maps.get(inode)
             if shard_map is not None:

@@ -488,8 +488,10 @@ class SqliteMetadata(MetadataStore):
         drop_from: int | None = None,
         mtime_ns: int | None = None,
         ctime_ns: int | None = None,
+        *,
+        changes: AttrChanges | None = None,
     ) -> InodeAttrs:
-        return await self._write(_commit_shards, inode, dict(shards), size, drop_from, mtime_ns, ctime_ns)
+        return await self._write(_commit_shards, inode, dict(shards), size, drop_from, mtime_ns, ctime_ns, changes)
 
     async def allocate_shard_ids(self, count: int) -> range:
         if count < 0:
@@ -927,8 +929,16 @@ def _remove_rename_target(
 
 
 def _setattr(db: sqlite3.Connection, inode: int, changes: AttrChanges, now_ns: int) -> InodeAttrs:
-    assignments = ["ctime_ns = ?"]
-    params: list[Any] = [now_ns]
+    assignments: list[str] = []
+    params: list[Any] = []
+    _add_attr_changes(assignments, params, changes, now_ns)
+    return _update_inode(db, inode, ", ".join(assignments), params)
+
+
+def _add_attr_changes(assignments: list[str], params: list[Any], changes: AttrChanges, now_ns: int) -> None:
+    """Add what setattr(changes, now_ns) assigns to an UPDATE's assignments."""
+    assignments.append("ctime_ns = ?")
+    params.append(now_ns)
     if changes.mode is not None:
         assignments.append("mode = (mode & ?) | ?")
         params += [FILE_TYPE_BITS, changes.mode & 0o7777]
@@ -937,7 +947,6 @@ def _setattr(db: sqlite3.Connection, inode: int, changes: AttrChanges, now_ns: i
         if value is not None:
             assignments.append(f"{column} = ?")
             params.append(value)
-    return _update_inode(db, inode, ", ".join(assignments), params)
 
 
 def _readdir(db: sqlite3.Connection, parent: int, after: int, limit: int) -> list[DirEntry]:
@@ -1002,7 +1011,10 @@ def _commit_shards(
     drop_from: int | None,
     mtime_ns: int | None,
     ctime_ns: int | None,
+    changes: AttrChanges | None,
 ) -> InodeAttrs:
+    if changes is not None and ctime_ns is None:
+        raise InvalidArgument("commit_shards with attr changes needs ctime_ns (the setattr's now_ns)")
     row = db.execute("SELECT mode FROM inodes WHERE id = ?", (inode,)).fetchone()
     if row is None:
         raise NotFound(f"no inode {inode}")
@@ -1042,8 +1054,7 @@ def _commit_shards(
         assignments.append("mtime_ns = ?")
         params.append(mtime_ns)
     if ctime_ns is not None:
-        assignments.append("ctime_ns = ?")
-        params.append(ctime_ns)
+        _add_attr_changes(assignments, params, changes or AttrChanges(), ctime_ns)
     return _update_inode(db, inode, ", ".join(assignments), params)
 
 

@@ -522,7 +522,10 @@ class Workload:
         shards = {index: ref(shard_id, self.rng.randrange(1, 5000)) for index, shard_id in zip(indexes, ids)}
         drop_from = self.rng.choice([None, None, 0, 3])
         mtime = self.rng.choice([None, self.now()])
-        await self.cache.commit_shards(inode, shards, self.rng.randrange(0, 30000), drop_from, mtime, mtime)
+        changes = None if mtime is None else self.rng.choice([None, AttrChanges(mode=self.rng.randrange(0o1000))])
+        await self.cache.commit_shards(
+            inode, shards, self.rng.randrange(0, 30000), drop_from, mtime, mtime, changes=changes
+        )
 
     async def set_shard_nodes(self) -> None:
         records = await self.engine.shards(0, 1000)

@@ -845,6 +845,44 @@ def test_patches_stack_on_a_shard_until_a_whole_shard_replaces_them(harness):
     run_with_store(harness, body)
 
 
+def test_commit_shards_with_attr_changes_is_a_truncate_and_a_setattr_in_one(harness):
+    async def body(store: MetadataStore) -> None:
+        file = await mkfile(store, ROOT_INODE, b"file")
+        await store.commit_shards(file.inode, {0: ref(1, 4096), 1: ref(2, 4096)}, 8192)
+        t = now()
+        changes = AttrChanges(mode=0o4600, uid=7, gid=8, atime_ns=t - 5, mtime_ns=t - 3)
+        attrs = await store.commit_shards(
+            file.inode, {0: ref(3, 100)}, 100, drop_from=1, mtime_ns=t, ctime_ns=t, changes=changes
+        )
+        expected = InodeAttrs(file.inode, stat.S_IFREG | 0o4600, 1, 7, 8, 0, 100, 1, t - 5, t - 3, t, b"")
+        assert attrs == expected == await store.getattr(file.inode)
+        assert await store.shard_map(file.inode) == {0: (ref(3, 100),)}
+        assert sorted(shard_id for shard_id, _ in await store.garbage(10)) == [1, 2]
+        t = now()
+        attrs = await store.commit_shards(file.inode, {}, 50, mtime_ns=t, ctime_ns=t, changes=AttrChanges(uid=9))
+        assert (attrs.size, attrs.uid, attrs.mtime_ns, attrs.ctime_ns, attrs.mode) == (50, 9, t, t, expected.mode)
+
+        # All or nothing: a refused commit changes no attr either.
+        other = await mkfile(store, ROOT_INODE, b"other")
+        await store.commit_shards(other.inode, {0: ref(20)}, 1000)
+        before = await store.getattr(file.inode)
+        refusals = [
+            (InvalidArgument, dict(shards={0: ref(20)}, changes=AttrChanges(mode=0o600), ctime_ns=now())),  # id in use
+            (InvalidArgument, dict(shards={}, changes=AttrChanges(mode=0o600))),  # no ctime for the changes
+        ]
+        for error, arguments in refusals:
+            with pytest.raises(error):
+                await store.commit_shards(file.inode, size=0, drop_from=0, **arguments)
+        assert await store.getattr(file.inode) == before
+        assert await store.shard_map(file.inode) == {0: (ref(3, 100),)}
+        directory = await mkdir(store, ROOT_INODE, b"dir")
+        with pytest.raises(IsADirectory):
+            await store.commit_shards(directory.inode, {}, 0, ctime_ns=now(), changes=AttrChanges(mode=0o700))
+        assert await store.getattr(directory.inode) == directory
+
+    run_with_store(harness, body)
+
+
 def test_commit_shards_errors(harness):
     async def body(store: MetadataStore) -> None:
         directory = await mkdir(store, ROOT_INODE, b"dir")
