@@ -316,7 +316,13 @@ class MetadataStore(abc.ABC):
     # -- file contents ----------------------------------------------------
     @abc.abstractmethod
     async def shard_map(self, inode: int) -> dict[int, ShardLayers]:
-        """The file's objects by shard index (holes are absent)."""
+        """The file's objects by shard index (holes are absent).
+
+        Read-only: the caller must not change the mapping returned. A cache
+        returns its own (CachedMetadata: the same mapping until the file's
+        shards change, then a new one), so that the POSIX layer can read an
+        open file's shard map from it on every read instead of keeping a copy.
+        """
 
     @abc.abstractmethod
     async def commit_shards(

@@ -349,15 +349,22 @@ class CachedMetadata(MetadataStore):
 
     # -- file contents ----------------------------------------------------
     async def shard_map(self, inode: int) -> dict[int, ShardLayers]:
-        """A copy, so the caller may change it without changing the cache."""
+        """The cache's own mapping, not a copy, so a hit costs nothing: the
+        caller must not change it (see MetadataStore.shard_map).
+
+        Nor does the cache change a mapping once handed out: a change of the
+        file's shards (commit_shards, set_shard_nodes) puts a new one in its
+        place. So a mapping stays as it was while its holder awaits, and a
+        holder that wants the current one asks again (a hit has no await).
+        """
         shard_map = self._shard_maps.get(inode)
         if shard_map is not None:
             self._touch((_SHARD_MAP, inode))
-            return dict(shard_map)
+            return shard_map
         async with self._lock:
             shard_map = await self._engine.shard_map(inode)
             self._remove((_SHARD_MAP, inode))
-            self._shard_maps[inode] = dict(shard_map)
+            self._shard_maps[inode] = shard_map
             for index, layers in shard_map.items():
                 for ref in layers:
                     self._shard_places[ref.shard_id] = (inode, index)
@@ -378,8 +385,9 @@ class CachedMetadata(MetadataStore):
         async with self._changing():
             attrs = await self._engine.commit_shards(inode, shards, size, drop_from, mtime_ns, ctime_ns, changes=changes)
             self._store_attrs(attrs)
-            shard_map = self._shard_maps.get(inode)
-            if shard_map is not None:
+            held = self._shard_maps.get(inode)
+            if held is not None:
+                shard_map = self._shard_maps[inode] = dict(held)  # a new mapping: see shard_map
                 dropped = [index for index in shard_map if drop_from is not None and index >= drop_from]
                 dropped += [index for index, ref in shards.items() if not ref.is_patch and index in shard_map]
                 for index in dropped:
@@ -412,7 +420,7 @@ class CachedMetadata(MetadataStore):
             place = self._shard_places.get(shard_id)
             if place is not None:
                 inode, index = place
-                shard_map = self._shard_maps[inode]
+                shard_map = self._shard_maps[inode] = dict(self._shard_maps[inode])  # see shard_map
                 shard_map[index] = tuple(
                     dataclasses.replace(ref, nodes=tuple(nodes)) if ref.shard_id == shard_id else ref
                     for ref in shard_map[index]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import random
 import stat
 from collections.abc import AsyncIterator
@@ -197,6 +198,32 @@ def test_the_xattrs_of_a_new_inode_come_from_memory(tmp_path):
                 with pytest.raises(NoData):
                     await cache.getxattr(inode, b"security.capability")
             assert engine.calls == {"create": 2}
+
+    trio.run(main)
+
+
+def test_a_shard_map_is_the_cache_s_own_and_never_changes_once_handed_out(tmp_path):
+    """No copy per call (the POSIX layer reads it on every read); a change of
+    the file's shards puts a new mapping in place instead of changing the one
+    a caller may be holding across an await."""
+
+    async def main() -> None:
+        async with cached(tmp_path) as (cache, engine):
+            file = (await cache.create(ROOT_INODE, b"file", FILE, 0, 0, 1)).attrs
+            await cache.commit_shards(file.inode, {0: ref(1)}, 1000)
+            held = await cache.shard_map(file.inode)
+            assert await cache.shard_map(file.inode) is held
+            await cache.commit_shards(file.inode, {1: ref(2)}, 2000)
+            await cache.set_shard_nodes(1, ("c",))
+            assert held == {0: (ref(1),)}
+            current = await cache.shard_map(file.inode)
+            assert current == {0: (dataclasses.replace(ref(1), nodes=("c",)),), 1: (ref(2),)}
+            assert await cache.shard_map(file.inode) is current
+            assert engine.calls["shard_map"] == 0
+        async with cached(tmp_path) as (cache, engine):  # a miss: the engine's answer is kept and returned
+            first = await cache.shard_map(file.inode)
+            assert await cache.shard_map(file.inode) is first
+            assert engine.calls["shard_map"] == 1
 
     trio.run(main)
 
