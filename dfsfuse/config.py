@@ -14,6 +14,8 @@ local node stores inside it. A config file may set:
     shard_cache = "256MiB"        # verified shard data kept for reads
     write_buffer = "128MiB"       # dirty data held before writers wait
     metadata_entries = 200000     # inodes/entries kept by the metadata cache
+    [metadata]
+    engine = "sqlite"             # the metadata engine; sqlite (DATA_DIR/metadata.db) is the only one yet
     [[nodes]]                     # node stores; default: three under the data dir
     name = "disk1"
     path = "/srv/dfs1"            # a local directory
@@ -35,6 +37,7 @@ import tomllib
 from pathlib import Path
 
 from .errors import UserError
+from .metadata.engines import DEFAULT_ENGINE, ENGINE_NAMES, MetadataSettings
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -65,6 +68,7 @@ class Config:
     secret_file: Path | None = None  # None: DATA_DIR/secret, if it exists
     tls_ca_file: Path | None = None  # None: plain TCP to node servers
     snapshot_interval: int = 300  # seconds between metadata snapshots (dfsfuse.cluster.snapshots); 0: only at unmount
+    metadata_engine: str = DEFAULT_ENGINE  # one of dfsfuse.metadata.engines.ENGINE_NAMES
 
     @property
     def cluster_secret_path(self) -> Path:
@@ -73,6 +77,11 @@ class Config:
     @property
     def metadata_path(self) -> Path:
         return self.data_dir / "metadata.db"
+
+    @property
+    def metadata(self) -> MetadataSettings:
+        """What the metadata engine factory (dfsfuse.metadata.engines) needs."""
+        return MetadataSettings(self.metadata_path, self.metadata_engine)
 
     @property
     def log_path(self) -> Path:
@@ -122,7 +131,7 @@ def load(data_dir: str | None = None, config_file: str | None = None) -> Config:
 
     known = {
         "data_dir", "replicas", "write_quorum", "secret_file", "tls_ca_file", "shard_size", "block_size", "cache", "nodes",
-        "snapshot_interval",
+        "snapshot_interval", "metadata",
     }
     _reject_unknown(settings, known, "")
     cache = settings.get("cache", {})
@@ -163,7 +172,19 @@ def load(data_dir: str | None = None, config_file: str | None = None) -> Config:
         secret_file=Path(_expect(settings, "secret_file", str)).expanduser() if "secret_file" in settings else None,
         tls_ca_file=_tls_ca_file(settings, root),
         snapshot_interval=_snapshot_interval(settings),
+        metadata_engine=_metadata_engine(settings),
     )
+
+
+def _metadata_engine(settings: dict) -> str:
+    metadata = settings.get("metadata", {})
+    if not isinstance(metadata, dict):
+        raise UserError("config: [metadata] must be a table")
+    _reject_unknown(metadata, {"engine"}, "metadata.")
+    engine = _expect(metadata, "engine", str, default=DEFAULT_ENGINE)
+    if engine not in ENGINE_NAMES:
+        raise UserError(f"config: metadata.engine = {engine!r} is not an engine dfsfuse knows ({', '.join(ENGINE_NAMES)})")
+    return engine
 
 
 def _snapshot_interval(settings: dict) -> int:

@@ -11,8 +11,9 @@ with it); dfsfuse.cluster.snapshots describes the snapshots. In order:
    that answered, since shards written after the snapshot are there (as
    orphans to the restored metadata) and their ids must not be handed out
    again;
-5. DATA_DIR/metadata.db appears only now, renamed from a temporary name, so
-   a restore cut short leaves no file system behind;
+5. the metadata is made from the snapshot only now, all or nothing
+   (dfsfuse.metadata.engines.load_dump), so a restore cut short leaves no
+   file system behind;
 6. without a secret_file in the config, the cluster secret is copied to
    DATA_DIR/secret, where a mount looks for it.
 The restored registry names the cluster's nodes, so a mount of the data dir
@@ -46,29 +47,26 @@ from .cluster.snapshots import (
 )
 from .config import Config
 from .datadir import DataDirLock, prepare_data_dir
-from .durable import fsync_dir, fsync_file
 from .errors import DfsError, ShardMissing, UserError
-from .metadata.base import NODE_ACTIVE, NodeRecord
-from .metadata.sqlite import SqliteMetadata
+from .metadata.base import NODE_ACTIVE, MetadataStore, NodeRecord
+from .metadata.engines import load_dump, metadata_exists, open_dump
 from .node.secret import load_secret
 from .shards.replica import ReplicaCorrupt
 from .storage.base import NodeStore
 from .storage.local import LocalStore
 
-RESTORING_SUFFIX = ".restoring"
-
 
 @dataclasses.dataclass
 class _Snapshot:
     snapshot_id: int
-    image: bytes
+    dump: bytes  # MetadataStore.snapshot
     source: str  # the node it was read from, as a person writes its address
 
 
 def restore(config: Config, node: str, secret_file: str | None) -> int:
-    if config.metadata_path.exists():
+    if metadata_exists(config.metadata):
         raise UserError(
-            f"data dir {config.data_dir} already holds a file system ({config.metadata_path});"
+            f"data dir {config.data_dir} already holds a file system ({config.metadata.where});"
             " restore into a new data dir"
         )
     secret_in_config = config.secret_file is not None
@@ -86,14 +84,13 @@ def restore(config: Config, node: str, secret_file: str | None) -> int:
     taken = datetime.datetime.fromtimestamp(snapshot_time_ns(snapshot.snapshot_id) / 1e9, datetime.timezone.utc)
     print(
         f"restored the metadata snapshot of {taken:%Y-%m-%d %H:%M:%S} UTC from {snapshot.source}"
-        f" ({inodes} inodes) into {config.metadata_path}"
+        f" ({inodes} inodes) into {config.metadata.where}"
     )
     return 0
 
 
 async def _restore(config: Config, node: str) -> tuple[_Snapshot, int]:
     stores: list[NodeStore] = []
-    temporary = config.metadata_path.with_name(config.metadata_path.name + RESTORING_SUFFIX)
     try:
         source = await _open_source(node, config)
         stores.append(source)
@@ -103,9 +100,7 @@ async def _restore(config: Config, node: str) -> tuple[_Snapshot, int]:
             raise UserError(f"cannot read the snapshots on {node}: {error}") from None
         if snapshot is None:
             raise UserError(f"node {node} holds no metadata snapshot that verifies; nothing restored")
-        temporary.write_bytes(snapshot.image)
-        first = snapshot
-        for peer in await _registered_peers(temporary, source, config):
+        for peer in await _registered_peers(snapshot.dump, source, config):
             stores.append(peer)
             try:
                 newer = await _newest_verified(peer, f"node {peer.name}", newer_than=snapshot.snapshot_id)
@@ -114,18 +109,14 @@ async def _restore(config: Config, node: str) -> tuple[_Snapshot, int]:
                 continue
             if newer is not None:
                 snapshot = newer
-        if snapshot is not first:
-            temporary.write_bytes(snapshot.image)
-        inodes = await _finish_metadata(temporary, await _highest_shard_id(stores))
-        fsync_file(temporary)
-        os.rename(temporary, config.metadata_path)
-        fsync_dir(config.data_dir)
+        highest_shard_id = await _highest_shard_id(stores)
+        async with load_dump(config.metadata, snapshot.dump) as meta:
+            inodes = await _finish_metadata(meta, highest_shard_id)
         return snapshot, inodes
     finally:
         with trio.CancelScope(shield=True):
             for store in stores:
                 await store.close()
-        temporary.unlink(missing_ok=True)
 
 
 async def _open_source(node: str, config: Config) -> NodeStore:
@@ -168,18 +159,15 @@ async def _newest_verified(store: NodeStore, where: str, newer_than: int) -> _Sn
     return None
 
 
-async def _registered_peers(image: Path, source: NodeStore, config: Config) -> list[NodeStore]:
+async def _registered_peers(dump: bytes, source: NodeStore, config: Config) -> list[NodeStore]:
     """The other nodes the snapshot's registry names that can be reached now.
 
     A local node is used only if its directory is already a node store: the
     snapshot may come from another machine, and opening a missing one would
     create it empty.
     """
-    meta = await SqliteMetadata.open(str(image))
-    try:
+    async with open_dump(dump) as meta:
         registered = await meta.nodes()
-    finally:
-        await meta.close()
     peers: list[NodeStore] = []
     for record in registered:
         where = parse_address(record.address)
@@ -208,18 +196,13 @@ async def _highest_shard_id(stores: list[NodeStore]) -> int:
     return highest
 
 
-async def _finish_metadata(path: Path, highest_shard_id: int) -> int:
-    """Move the restored metadata's shard id counter past `highest_shard_id`
-    and make it durable; the number of inodes it holds."""
-    meta = await SqliteMetadata.open(str(path))
-    try:
-        unused = await meta.allocate_shard_ids(0)
-        if highest_shard_id >= unused.start:
-            await meta.allocate_shard_ids(highest_shard_id + 1 - unused.start)
-        await meta.sync()
-        return (await meta.usage()).inodes
-    finally:
-        await meta.close()
+async def _finish_metadata(meta: MetadataStore, highest_shard_id: int) -> int:
+    """Move the restored metadata's shard id counter past `highest_shard_id`;
+    the number of inodes it holds."""
+    unused = await meta.allocate_shard_ids(0)
+    if highest_shard_id >= unused.start:
+        await meta.allocate_shard_ids(highest_shard_id + 1 - unused.start)
+    return (await meta.usage()).inodes
 
 
 def _keep_secret(config: Config) -> None:

@@ -34,7 +34,7 @@ from .datadir import DataDirLock, mountpoint_of, prepare_data_dir, require_file_
 from .errors import UserError
 from .metadata.base import NODE_ACTIVE, MetadataStore, NodeRecord
 from .metadata.cache import CachedMetadata
-from .metadata.sqlite import SqliteMetadata
+from .metadata.engines import open_engine
 from .shards.cache import ShardCache
 from .shards.garbage import GarbageCollector
 from .shards.replicator import Replicator
@@ -68,10 +68,7 @@ async def open_components(config: Config, cached: bool) -> AsyncIterator[Compone
 
     An empty registry is seeded with the config's [[nodes]] first.
     """
-    try:
-        engine = await SqliteMetadata.open(str(config.metadata_path))
-    except OSError as error:
-        raise UserError(f"cannot open metadata {config.metadata_path}: {error.strerror or error}") from None
+    engine = await open_engine(config.metadata)
     meta: MetadataStore = CachedMetadata(engine, config.metadata_entries) if cached else engine
     stores: list[NodeStore] = []
     try:

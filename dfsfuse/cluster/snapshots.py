@@ -2,8 +2,8 @@
 the machine that mounts it.
 
 Until the metadata lives in a shared engine it lives with the mount. The
-mount therefore stores an image of the whole metadata (MetadataStore.snapshot)
-on the node stores, every `snapshot_interval` seconds and at unmount, and
+mount therefore stores a dump of the whole metadata (MetadataStore.snapshot,
+engine-neutral: dfsfuse.metadata.dump) on the node stores, every `snapshot_interval` seconds and at unmount, and
 `dfsfuse restore` (dfsfuse.restore) rebuilds a data dir from the newest one.
 
 A snapshot is stored like a shard, through the Replicator, in the replica
@@ -13,8 +13,8 @@ of them, because `dfsfuse restore` is given one node, whichever survived,
 and metadata is small next to the data it describes. The write succeeds
 once W nodes hold it.
 
-Snapshots take shard ids from the range no shard can have: the metadata
-keeps shard ids in SQLite integers, signed 64-bit, so shard ids stay below
+Snapshots take shard ids from the range no shard can have: every metadata
+engine keeps shard ids as signed 64-bit integers, so shard ids stay below
 2**63, while node stores take any unsigned 64-bit id. A snapshot's id is
 SNAPSHOT_ID_BASE (2**63) plus the snapshot's time in milliseconds, so the
 newest snapshot has the highest id. The newest KEEP_SNAPSHOTS are kept;
@@ -43,7 +43,7 @@ from dfsfuse.storage.base import NodeStore
 
 log = logging.getLogger("dfsfuse.snapshots")
 
-SNAPSHOT_ID_BASE = 2**63  # ids at or above are snapshots; shard ids (signed 64-bit in SQLite) stay below
+SNAPSHOT_ID_BASE = 2**63  # ids at or above are snapshots; shard ids (signed 64-bit in the metadata) stay below
 KEEP_SNAPSHOTS = 3
 SNAPSHOT_TIMEOUT = 120.0  # seconds the snapshot at unmount may take before the unmount gives up on it
 
@@ -63,7 +63,7 @@ async def snapshot_ids(store: NodeStore) -> list[int]:
 
 
 async def read_snapshot(store: NodeStore, snapshot_id: int) -> bytes:
-    """The metadata image in the store's replica of the snapshot, verified
+    """The metadata dump in the store's replica of the snapshot, verified
     against the replica's own header and block checksums.
 
     Raises replica.ReplicaCorrupt if it does not verify, ShardMissing if the
@@ -89,12 +89,12 @@ class SnapshotWriter:
         """Store a snapshot of the metadata now, then delete all but the
         newest KEEP_SNAPSHOTS; the new snapshot's id. DfsError if the
         snapshot could not be stored on W nodes."""
-        image = await self._meta.snapshot()
+        dump = await self._meta.snapshot()
         snapshot_id = max(SNAPSHOT_ID_BASE + time.time_ns() // 1_000_000, self._last_id + 1)
         everywhere = len(self._replicator.writable)
-        ref = await self._replicator.write(snapshot_id, image, sync=True, replicas=everywhere)
+        ref = await self._replicator.write(snapshot_id, dump, sync=True, replicas=everywhere)
         self._last_id = snapshot_id
-        log.info("metadata snapshot %d (%d bytes) stored on %s", snapshot_id, len(image), ", ".join(ref.nodes))
+        log.info("metadata snapshot %d (%d bytes) stored on %s", snapshot_id, len(dump), ", ".join(ref.nodes))
         await self._prune()
         return snapshot_id
 

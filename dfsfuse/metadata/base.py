@@ -22,7 +22,10 @@ import abc
 import dataclasses
 from collections.abc import Mapping, Sequence
 
+from dfsfuse.errors import InvalidArgument, NameTooLong
+
 ROOT_INODE = 1
+NAME_MAX = 255  # the longest name in bytes, as on Linux file systems
 
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
@@ -34,6 +37,20 @@ XATTR_REPLACE = 2
 # inherited by the files and subdirectories created in it. Absent: the
 # configured R.
 REPLICAS_XATTR = b"user.dfs.replicas"
+
+
+def check_name(name: bytes) -> None:
+    """Refuse a name no directory entry can have: InvalidArgument (EINVAL) if it
+    is empty, holds b"/" or NUL, or is b"." or b".."; NameTooLong past NAME_MAX.
+
+    The one rule for names, kept by every engine for the names it stores and
+    by the POSIX layer before it asks (lookup resolves b"." and b".." itself,
+    so it checks only other names).
+    """
+    if name in (b"", b".", b"..") or b"/" in name or b"\0" in name:
+        raise InvalidArgument(f"invalid file name {name!r}")
+    if len(name) > NAME_MAX:
+        raise NameTooLong(f"file name of {len(name)} bytes (at most {NAME_MAX})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +81,8 @@ class AttrChanges:
     """The fields a setattr call changes; None means unchanged.
 
     ctime is always set to `now_ns` by setattr. The size of a file is not
-    changed here but through `commit_shards` (it goes with the shard map).
+    changed here but through `commit_shards` (it goes with the shard map),
+    which takes AttrChanges too, for a setattr that changes both.
     """
 
     mode: int | None = None  # permission bits and setuid/setgid/sticky (mode & 0o7777)
@@ -123,12 +141,15 @@ class EntryChange:
     `attrs` is the inode named, after the change; `parent` the directory's
     attrs after (mtime, ctime, nlink); `offset` the readdir offset of the entry
     added or removed. An added entry always has the highest offset in its
-    directory, so it comes last in a listing.
+    directory, so it comes last in a listing. `xattrs`, for create, are every
+    xattr the new inode was given (an inherited REPLICAS_XATTR), so a cache
+    knows all of them and the caller its replica count; empty otherwise.
     """
 
     attrs: InodeAttrs
     parent: InodeAttrs
     offset: int
+    xattrs: Mapping[bytes, bytes] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,8 +241,12 @@ class MetadataStore(abc.ABC):
 
         A directory starts with nlink 2 and adds one to its parent's nlink; a
         symlink stores `target` and its size is len(target). The parent's
-        mtime and ctime become now_ns. Exists if the name is taken, NotFound
-        or NotADirectory if `parent` is not a live directory.
+        mtime and ctime become now_ns. A new regular file or directory gets
+        the parent's REPLICAS_XATTR, if it has one, in the same transaction
+        (other types get no xattr); EntryChange.xattrs says what it got.
+        Exists if the name is taken, NotFound or NotADirectory if `parent` is
+        not a live directory, InvalidArgument or NameTooLong for a name
+        check_name refuses.
         """
 
     @abc.abstractmethod
@@ -291,7 +316,13 @@ class MetadataStore(abc.ABC):
     # -- file contents ----------------------------------------------------
     @abc.abstractmethod
     async def shard_map(self, inode: int) -> dict[int, ShardLayers]:
-        """The file's objects by shard index (holes are absent)."""
+        """The file's objects by shard index (holes are absent).
+
+        Read-only: the caller must not change the mapping returned. A cache
+        returns its own (CachedMetadata: the same mapping until the file's
+        shards change, then a new one), so that the POSIX layer can read an
+        open file's shard map from it on every read instead of keeping a copy.
+        """
 
     @abc.abstractmethod
     async def commit_shards(
@@ -302,6 +333,8 @@ class MetadataStore(abc.ABC):
         drop_from: int | None = None,
         mtime_ns: int | None = None,
         ctime_ns: int | None = None,
+        *,
+        changes: AttrChanges | None = None,
     ) -> InodeAttrs:
         """Atomically point shard indexes at new objects and set the file size.
 
@@ -311,11 +344,21 @@ class MetadataStore(abc.ABC):
         are no longer referenced move to the garbage list. `blocks` is
         recomputed; mtime/ctime are set when given. Call only after every
         replica of every object in `shards` is stored.
+
+        `changes`, if given, are applied in the same transaction, after the
+        times, as setattr(inode, changes, ctime_ns) would apply them (so a
+        time in `changes` wins over `mtime_ns`); ctime_ns is then required
+        (InvalidArgument without it). A setattr that also sets the size
+        (truncate with a mode, owner or times) is so one call.
         """
 
     @abc.abstractmethod
     async def allocate_shard_ids(self, count: int) -> range:
-        """`count` fresh shard ids, never handed out before (even after a crash)."""
+        """`count` fresh shard ids, never handed out before (even after a crash).
+
+        Shard ids stay below 2**63 (signed 64-bit); dfsfuse.cluster.snapshots
+        names snapshots with the ids above.
+        """
 
     @abc.abstractmethod
     async def garbage(self, limit: int) -> list[tuple[int, tuple[str, ...]]]:
@@ -389,9 +432,10 @@ class MetadataStore(abc.ABC):
     # -- lifecycle --------------------------------------------------------
     @abc.abstractmethod
     async def snapshot(self) -> bytes:
-        """The whole metadata as of one instant, as a self-contained SQLite
-        database image: written to a file, it opens as this file system's
-        metadata (dfsfuse.cluster.snapshots keeps such images on the nodes)."""
+        """The whole metadata as of one instant, as a dump (dfsfuse.metadata.dump:
+        a versioned envelope naming this engine around the engine's own image)
+        from which dfsfuse.metadata.engines.load_dump makes the metadata of a
+        new data dir. dfsfuse.cluster.snapshots keeps such dumps on the nodes."""
 
     @abc.abstractmethod
     async def sync(self) -> None:

@@ -4,8 +4,9 @@ Served from memory once seen: getattr; lookup, both found and not found;
 whole directory listings, resumable at any offset; getxattr and listxattr,
 including "no such attribute" (the kernel asks for security.capability before
 every write, `ls -l` for security.selinux of every entry): an inode's names,
-once listed, answer for every name it does not have, and an inode created
-through the cache is known to have none; and shard maps. Every change goes to
+once listed, answer for every name it does not have, and of an inode created
+through the cache every xattr is known (none, or the replica count it
+inherited: EntryChange.xattrs); and shard maps. Every change goes to
 the engine first; then the cache updates exactly what the change touched,
 from what the engine returns (the attrs after of the inodes and parent
 directories, the offsets of the entries). So creating a name costs one engine
@@ -243,7 +244,9 @@ class CachedMetadata(MetadataStore):
     ) -> EntryChange:
         """A directory made here starts with a complete, empty listing, so that
         lookups of the names about to be created in it need no engine call; a
-        regular file starts with an empty shard map, so opening it needs none."""
+        regular file starts with an empty shard map, so opening it needs none;
+        and the new inode's xattrs are all known (EntryChange.xattrs), so
+        asking for its replica count or any other xattr needs none either."""
         async with self._changing():
             change = await self._engine.create(parent, name, mode, uid, gid, now_ns, rdev, target)
             self._name_added(parent, name, change.attrs, change.offset)
@@ -255,7 +258,9 @@ class CachedMetadata(MetadataStore):
             elif stat.S_ISREG(mode):
                 self._shard_maps[inode] = {}
                 self._account((_SHARD_MAP, inode), 1)
-            self._set_xattr_names(inode, [])
+            self._set_xattr_names(inode, list(change.xattrs))
+            for name, value in change.xattrs.items():
+                self._remember_xattr(inode, name, value)
             return change
 
     async def link(self, inode: int, new_parent: int, new_name: bytes, now_ns: int) -> EntryChange:
@@ -344,15 +349,22 @@ class CachedMetadata(MetadataStore):
 
     # -- file contents ----------------------------------------------------
     async def shard_map(self, inode: int) -> dict[int, ShardLayers]:
-        """A copy, so the caller may change it without changing the cache."""
+        """The cache's own mapping, not a copy, so a hit costs nothing: the
+        caller must not change it (see MetadataStore.shard_map).
+
+        Nor does the cache change a mapping once handed out: a change of the
+        file's shards (commit_shards, set_shard_nodes) puts a new one in its
+        place. So a mapping stays as it was while its holder awaits, and a
+        holder that wants the current one asks again (a hit has no await).
+        """
         shard_map = self._shard_maps.get(inode)
         if shard_map is not None:
             self._touch((_SHARD_MAP, inode))
-            return dict(shard_map)
+            return shard_map
         async with self._lock:
             shard_map = await self._engine.shard_map(inode)
             self._remove((_SHARD_MAP, inode))
-            self._shard_maps[inode] = dict(shard_map)
+            self._shard_maps[inode] = shard_map
             for index, layers in shard_map.items():
                 for ref in layers:
                     self._shard_places[ref.shard_id] = (inode, index)
@@ -367,12 +379,15 @@ class CachedMetadata(MetadataStore):
         drop_from: int | None = None,
         mtime_ns: int | None = None,
         ctime_ns: int | None = None,
+        *,
+        changes: AttrChanges | None = None,
     ) -> InodeAttrs:
         async with self._changing():
-            attrs = await self._engine.commit_shards(inode, shards, size, drop_from, mtime_ns, ctime_ns)
+            attrs = await self._engine.commit_shards(inode, shards, size, drop_from, mtime_ns, ctime_ns, changes=changes)
             self._store_attrs(attrs)
-            shard_map = self._shard_maps.get(inode)
-            if shard_map is not None:
+            held = self._shard_maps.get(inode)
+            if held is not None:
+                shard_map = self._shard_maps[inode] = dict(held)  # a new mapping: see shard_map
                 dropped = [index for index in shard_map if drop_from is not None and index >= drop_from]
                 dropped += [index for index, ref in shards.items() if not ref.is_patch and index in shard_map]
                 for index in dropped:
@@ -405,7 +420,7 @@ class CachedMetadata(MetadataStore):
             place = self._shard_places.get(shard_id)
             if place is not None:
                 inode, index = place
-                shard_map = self._shard_maps[inode]
+                shard_map = self._shard_maps[inode] = dict(self._shard_maps[inode])  # see shard_map
                 shard_map[index] = tuple(
                     dataclasses.replace(ref, nodes=tuple(nodes)) if ref.shard_id == shard_id else ref
                     for ref in shard_map[index]
@@ -665,7 +680,7 @@ class CachedMetadata(MetadataStore):
         self._account((_LISTING, parent), 1 + len(listing.entries))
 
     def _set_xattr_names(self, inode: int, names: list[bytes]) -> None:
-        """Record every xattr name `inode` has (none, for an inode just created)."""
+        """Record every xattr name `inode` has."""
         xattrs = self._xattrs.setdefault(inode, _Xattrs())
         xattrs.names = dict.fromkeys(names)
         self._account((_XATTRS, inode), xattrs.weight())

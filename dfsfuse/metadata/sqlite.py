@@ -29,18 +29,19 @@ import stat
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import outcome
 import trio
 
+from dfsfuse.durable import fsync_dir, fsync_file
 from dfsfuse.errors import (
     DataError,
     Exists,
     InvalidArgument,
     IsADirectory,
-    NameTooLong,
     NoData,
     NotADirectory,
     NotEmpty,
@@ -53,6 +54,7 @@ from dfsfuse.metadata.base import (
     NODE_STATES,
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
+    REPLICAS_XATTR,
     ROOT_INODE,
     XATTR_CREATE,
     XATTR_REPLACE,
@@ -67,9 +69,12 @@ from dfsfuse.metadata.base import (
     ShardRecord,
     ShardRef,
     UsageCounts,
+    check_name,
 )
+from dfsfuse.metadata.dump import Dump, encode_dump
 
-NAME_MAX = 255  # the longest name in bytes, as on Linux file systems
+ENGINE_NAME = "sqlite"  # config [metadata] engine, and the engine named in its dumps
+STAGED_SUFFIX = ".restoring"  # load_dump builds the database under this name
 FILE_TYPE_BITS = 0o170000  # the S_IFMT part of a mode
 PAGE_CACHE_KIB = 65536  # SQLite's page cache: keeps the hot index pages in memory
 
@@ -326,14 +331,34 @@ def _migrate(db: sqlite3.Connection, path: str) -> None:
 
 
 def _connect(path: str) -> sqlite3.Connection:
-    if sqlite3.sqlite_version_info < (3, 35, 0):
-        raise UserError(f"SQLite {sqlite3.sqlite_version} is too old: dfsfuse needs 3.35 or newer")
-    db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    return _prepared(sqlite3.connect(path, check_same_thread=False, isolation_level=None), path)
+
+
+def _connect_image(image: bytes) -> sqlite3.Connection:
+    """A database in memory holding `image` (a dump's payload), migrated as a file would be."""
+    # A database in memory cannot be in WAL mode, and SQLite refuses one whose
+    # header says so: set the header's write and read versions (bytes 18 and
+    # 19) from 2, WAL, to 1, rollback journal.
+    legacy = bytearray(image)
+    legacy[18:20] = b"\x01\x01"
+    db = sqlite3.connect(":memory:", check_same_thread=False, isolation_level=None)
     try:
+        db.deserialize(legacy)
+    except BaseException:
+        db.close()
+        raise
+    return _prepared(db, "the metadata dump")
+
+
+def _prepared(db: sqlite3.Connection, name: str) -> sqlite3.Connection:
+    """`db` set up and migrated to SCHEMA_VERSION; closed if that fails."""
+    try:
+        if sqlite3.sqlite_version_info < (3, 35, 0):
+            raise UserError(f"SQLite {sqlite3.sqlite_version} is too old: dfsfuse needs 3.35 or newer")
         db.execute("PRAGMA journal_mode = WAL")
         db.execute("PRAGMA synchronous = NORMAL")
         db.execute(f"PRAGMA cache_size = -{PAGE_CACHE_KIB}")
-        _migrate(db, path)
+        _migrate(db, name)
     except BaseException:
         db.close()
         raise
@@ -464,8 +489,10 @@ class SqliteMetadata(MetadataStore):
         drop_from: int | None = None,
         mtime_ns: int | None = None,
         ctime_ns: int | None = None,
+        *,
+        changes: AttrChanges | None = None,
     ) -> InodeAttrs:
-        return await self._write(_commit_shards, inode, dict(shards), size, drop_from, mtime_ns, ctime_ns)
+        return await self._write(_commit_shards, inode, dict(shards), size, drop_from, mtime_ns, ctime_ns, changes)
 
     async def allocate_shard_ids(self, count: int) -> range:
         if count < 0:
@@ -526,7 +553,8 @@ class SqliteMetadata(MetadataStore):
 
     # -- lifecycle --------------------------------------------------------
     async def snapshot(self) -> bytes:
-        return await self._thread.run(_database_image, self._db)
+        """A dump whose payload is a database image (see _database_image)."""
+        return await self._thread.run(_dump, self._db)
 
     async def sync(self) -> None:
         await self._thread.run(_checkpoint, self._db)
@@ -535,6 +563,83 @@ class SqliteMetadata(MetadataStore):
         if self._thread.running:
             await self._thread.run(self._db.close)
             self._thread.stop()
+
+
+# -- dumps ------------------------------------------------------------------
+# dfsfuse.metadata.engines reaches these through the engine name ENGINE_NAME.
+
+
+@contextlib.asynccontextmanager
+async def load_dump(path: Path, dump: Dump) -> AsyncIterator[SqliteMetadata]:
+    """Create the database at `path` from `dump`, all or nothing.
+
+    The database is written under a temporary name (`path` + STAGED_SUFFIX)
+    and opened for the caller's block to finish it (restore moves the shard
+    id counter on); only when the block ends without an error is it made
+    durable and renamed to `path`. So until then, and if anything fails or
+    the process dies, there is nothing at `path`. UserError if `path` exists
+    (a dump only ever makes new metadata) or the dump is not a SQLite one.
+    """
+    _check_loadable(dump)
+    if path.exists():
+        raise UserError(f"{path} exists already: a metadata dump is loaded only into new metadata")
+    staged = path.with_name(path.name + STAGED_SUFFIX)
+    try:
+        await trio.to_thread.run_sync(_write_staged, staged, dump.payload)
+        meta = SqliteMetadata(await _dump_database(trio.to_thread.run_sync(_connect, str(staged))))
+        try:
+            yield meta
+            await meta.sync()
+        finally:
+            with trio.CancelScope(shield=True):
+                await meta.close()
+        await trio.to_thread.run_sync(_install, staged, path)
+    finally:
+        _remove_staged(staged)
+
+
+@contextlib.asynccontextmanager
+async def open_dump(dump: Dump) -> AsyncIterator[SqliteMetadata]:
+    """The metadata in `dump`, in memory: changes go nowhere, and it is gone at the end."""
+    _check_loadable(dump)
+    meta = SqliteMetadata(await _dump_database(trio.to_thread.run_sync(_connect_image, dump.payload)))
+    try:
+        yield meta
+    finally:
+        with trio.CancelScope(shield=True):
+            await meta.close()
+
+
+def _check_loadable(dump: Dump) -> None:
+    if dump.engine != ENGINE_NAME:
+        raise UserError(f"a dump of metadata engine {dump.engine!r} cannot be loaded into {ENGINE_NAME}")
+
+
+async def _dump_database(connecting: Awaitable[sqlite3.Connection]) -> sqlite3.Connection:
+    """The connection to a dump's database; a UserError if it is no database."""
+    try:
+        return await connecting
+    except sqlite3.DatabaseError as error:
+        raise UserError(f"the metadata dump holds no SQLite database that opens: {error}") from None
+
+
+def _write_staged(staged: Path, payload: bytes) -> None:
+    _remove_staged(staged)  # a WAL left by a load cut short must not be applied to this one
+    staged.write_bytes(payload)
+
+
+def _remove_staged(staged: Path) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        staged.with_name(staged.name + suffix).unlink(missing_ok=True)
+
+
+def _install(staged: Path, path: Path) -> None:
+    """Rename the finished database into place, durably."""
+    fsync_file(staged)
+    if path.exists():
+        raise UserError(f"{path} appeared while a metadata dump was loaded; nothing loaded")
+    os.rename(staged, path)
+    fsync_dir(path.parent)
 
 
 # -- transaction bodies ---------------------------------------------------
@@ -557,13 +662,6 @@ def _encode_nodes(nodes: Sequence[str]) -> str:
 
 def _decode_nodes(text: str) -> tuple[str, ...]:
     return tuple(json.loads(text))
-
-
-def _check_new_name(name: bytes) -> None:
-    if name in (b"", b".", b"..") or b"/" in name or b"\0" in name:
-        raise InvalidArgument(f"invalid file name {name!r}")
-    if len(name) > NAME_MAX:
-        raise NameTooLong(f"file name of {len(name)} bytes")
 
 
 def _inode_exists(db: sqlite3.Connection, inode: int) -> bool:
@@ -675,7 +773,7 @@ def _create(
     rdev: int,
     target: bytes,
 ) -> EntryChange:
-    _check_new_name(name)
+    check_name(name)
     is_directory = stat.S_ISDIR(mode)
     if not stat.S_ISLNK(mode):
         target = b""
@@ -690,11 +788,22 @@ def _create(
     assert inode is not None
     offset = _add_entry(db, parent, name, inode)
     attrs = InodeAttrs(inode, mode, nlink, uid, gid, rdev, size, 0, now_ns, now_ns, now_ns, target)
-    return EntryChange(attrs, parent_attrs, offset)
+    xattrs = _inherit_replicas(db, parent, inode) if is_directory or stat.S_ISREG(mode) else {}
+    return EntryChange(attrs, parent_attrs, offset, xattrs)
+
+
+def _inherit_replicas(db: sqlite3.Connection, parent: int, inode: int) -> dict[bytes, bytes]:
+    """Give a new inode the REPLICAS_XATTR of its directory, if it has one; the xattrs given."""
+    row = db.execute(
+        "INSERT INTO xattrs (inode, name, value) SELECT ?, name, value FROM xattrs"
+        " WHERE inode = ? AND name = ? RETURNING value",
+        (inode, parent, REPLICAS_XATTR),
+    ).fetchone()
+    return {} if row is None else {REPLICAS_XATTR: row[0]}
 
 
 def _link(db: sqlite3.Connection, inode: int, new_parent: int, new_name: bytes, now_ns: int) -> EntryChange:
-    _check_new_name(new_name)
+    check_name(new_name)
     attrs = _inode_attrs(db, inode)
     if stat.S_ISDIR(attrs.mode):
         raise NotPermitted(f"inode {inode} is a directory and cannot be hard-linked")
@@ -739,7 +848,7 @@ def _rename(
 ) -> RenameChange | None:
     if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
         raise InvalidArgument(f"invalid rename flags {flags:#x}")
-    _check_new_name(new_name)
+    check_name(new_name)
     source_entry, source = _existing_entry(db, old_parent, old_name)
     target = _entry(db, new_parent, new_name)
     if target is None:
@@ -812,8 +921,16 @@ def _remove_rename_target(
 
 
 def _setattr(db: sqlite3.Connection, inode: int, changes: AttrChanges, now_ns: int) -> InodeAttrs:
-    assignments = ["ctime_ns = ?"]
-    params: list[Any] = [now_ns]
+    assignments: list[str] = []
+    params: list[Any] = []
+    _add_attr_changes(assignments, params, changes, now_ns)
+    return _update_inode(db, inode, ", ".join(assignments), params)
+
+
+def _add_attr_changes(assignments: list[str], params: list[Any], changes: AttrChanges, now_ns: int) -> None:
+    """Add what setattr(changes, now_ns) assigns to an UPDATE's assignments."""
+    assignments.append("ctime_ns = ?")
+    params.append(now_ns)
     if changes.mode is not None:
         assignments.append("mode = (mode & ?) | ?")
         params += [FILE_TYPE_BITS, changes.mode & 0o7777]
@@ -822,7 +939,6 @@ def _setattr(db: sqlite3.Connection, inode: int, changes: AttrChanges, now_ns: i
         if value is not None:
             assignments.append(f"{column} = ?")
             params.append(value)
-    return _update_inode(db, inode, ", ".join(assignments), params)
 
 
 def _readdir(db: sqlite3.Connection, parent: int, after: int, limit: int) -> list[DirEntry]:
@@ -887,7 +1003,10 @@ def _commit_shards(
     drop_from: int | None,
     mtime_ns: int | None,
     ctime_ns: int | None,
+    changes: AttrChanges | None,
 ) -> InodeAttrs:
+    if changes is not None and ctime_ns is None:
+        raise InvalidArgument("commit_shards with attr changes needs ctime_ns (the setattr's now_ns)")
     row = db.execute("SELECT mode FROM inodes WHERE id = ?", (inode,)).fetchone()
     if row is None:
         raise NotFound(f"no inode {inode}")
@@ -927,8 +1046,7 @@ def _commit_shards(
         assignments.append("mtime_ns = ?")
         params.append(mtime_ns)
     if ctime_ns is not None:
-        assignments.append("ctime_ns = ?")
-        params.append(ctime_ns)
+        _add_attr_changes(assignments, params, changes or AttrChanges(), ctime_ns)
     return _update_inode(db, inode, ", ".join(assignments), params)
 
 
@@ -1056,13 +1174,20 @@ def _remove_node(db: sqlite3.Connection, name: str) -> None:
         raise NotFound(f"no node {name!r}")
 
 
+def _dump(db: sqlite3.Connection) -> bytes:
+    """The dump MetadataStore.snapshot returns: a database image in an envelope,
+    both made here so the trio loop copies nothing."""
+    return encode_dump(ENGINE_NAME, _database_image(db))
+
+
 def _database_image(db: sqlite3.Connection) -> bytes:
-    """The database as of one instant, in rollback-journal mode.
+    """The database as of one instant, as one self-contained file image.
 
     The backup API copies every page in one step under one read transaction,
     so the image is consistent; it runs on the engine's thread, between two
     calls, so no transaction of ours is half done. Copied into a connection
-    in memory, the image carries no WAL and serializes as a plain file.
+    in memory, the image carries no WAL, but its header still says WAL mode
+    (_connect_image minds that).
     """
     image = sqlite3.connect(":memory:")
     try:

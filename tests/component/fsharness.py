@@ -178,8 +178,8 @@ class ObservedSqlite(SqliteMetadata):
 
     events: list[tuple[str, int]]
 
-    async def commit_shards(self, inode, shards, size, drop_from=None, mtime_ns=None, ctime_ns=None):
-        attrs = await super().commit_shards(inode, shards, size, drop_from, mtime_ns, ctime_ns)
+    async def commit_shards(self, inode, shards, size, drop_from=None, mtime_ns=None, ctime_ns=None, *, changes=None):
+        attrs = await super().commit_shards(inode, shards, size, drop_from, mtime_ns, ctime_ns, changes=changes)
         self.events.append(("commit", inode))
         return attrs
 

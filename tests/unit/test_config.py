@@ -6,6 +6,7 @@ import pytest
 
 from dfsfuse import config
 from dfsfuse.errors import UserError
+from dfsfuse.metadata.engines import MetadataSettings
 
 
 def test_defaults_need_no_file(tmp_path):
@@ -51,6 +52,10 @@ def test_file_settings_and_sizes(tmp_path):
         ('[[nodes]]\nname = "a"', "needs either path (a directory) or address"),
         ('[[nodes]]\nname = "a"\npath = "x"\naddress = "h:1"', "needs either path (a directory) or address"),
         ('tls_ca_file = "no-such-ca.pem"', "tls_ca_file"),
+        ('[metadata]\nengine = "mysql"', "metadata.engine = 'mysql' is not an engine dfsfuse knows (sqlite)"),
+        ('[metadata]\nengine = 1', "engine must be a string"),
+        ('[metadata]\ndsn = "x"', "unknown setting metadata.dsn"),
+        ('metadata = "sqlite"', "[metadata] must be a table"),
     ],
 )
 def test_mistakes_are_one_line_user_errors(tmp_path, text, message):
@@ -101,3 +106,12 @@ def test_snapshot_interval(tmp_path):
     path.write_text("snapshot_interval = -5\n")
     with pytest.raises(UserError, match="snapshot_interval"):
         config.load(str(tmp_path / "data"), str(path))
+
+
+def test_metadata_engine(tmp_path):
+    settings = config.load(str(tmp_path / "data"))
+    assert settings.metadata_engine == "sqlite"
+    assert settings.metadata == MetadataSettings(tmp_path / "data" / "metadata.db", "sqlite")
+    path = tmp_path / "c.toml"
+    path.write_text('[metadata]\nengine = "sqlite"\n')
+    assert config.load(str(tmp_path / "data"), str(path)).metadata.engine == "sqlite"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import random
 import stat
 from collections.abc import AsyncIterator
@@ -21,6 +22,7 @@ from dfsfuse.errors import DfsError, NoData, NotFound, StoreUnavailable
 from dfsfuse.metadata.base import (
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
+    REPLICAS_XATTR,
     ROOT_INODE,
     XATTR_CREATE,
     XATTR_REPLACE,
@@ -176,6 +178,52 @@ def test_repeated_reads_come_from_memory(tmp_path):
             # "file" had no xattrs and no shards when it was made, and the
             # cache saw it get user.k and its shard.
             assert engine.calls == {"lookup": 1}  # ".."
+
+    trio.run(main)
+
+
+def test_the_xattrs_of_a_new_inode_come_from_memory(tmp_path):
+    """What create gave the new inode (an inherited replica count) is every
+    xattr it has: the cache answers for all of them without the engine."""
+
+    async def main() -> None:
+        async with cached(tmp_path) as (cache, engine):
+            directory = (await cache.create(ROOT_INODE, b"dir", DIRECTORY, 0, 0, 1)).attrs
+            await cache.setxattr(directory.inode, REPLICAS_XATTR, b"1", 0, 2)
+            engine.calls.clear()
+            for kind in (FILE, DIRECTORY):
+                inode = (await cache.create(directory.inode, b"%o" % kind, kind, 0, 0, 3)).attrs.inode
+                assert await cache.getxattr(inode, REPLICAS_XATTR) == b"1"
+                assert await cache.listxattr(inode) == [REPLICAS_XATTR]
+                with pytest.raises(NoData):
+                    await cache.getxattr(inode, b"security.capability")
+            assert engine.calls == {"create": 2}
+
+    trio.run(main)
+
+
+def test_a_shard_map_is_the_cache_s_own_and_never_changes_once_handed_out(tmp_path):
+    """No copy per call (the POSIX layer reads it on every read); a change of
+    the file's shards puts a new mapping in place instead of changing the one
+    a caller may be holding across an await."""
+
+    async def main() -> None:
+        async with cached(tmp_path) as (cache, engine):
+            file = (await cache.create(ROOT_INODE, b"file", FILE, 0, 0, 1)).attrs
+            await cache.commit_shards(file.inode, {0: ref(1)}, 1000)
+            held = await cache.shard_map(file.inode)
+            assert await cache.shard_map(file.inode) is held
+            await cache.commit_shards(file.inode, {1: ref(2)}, 2000)
+            await cache.set_shard_nodes(1, ("c",))
+            assert held == {0: (ref(1),)}
+            current = await cache.shard_map(file.inode)
+            assert current == {0: (dataclasses.replace(ref(1), nodes=("c",)),), 1: (ref(2),)}
+            assert await cache.shard_map(file.inode) is current
+            assert engine.calls["shard_map"] == 0
+        async with cached(tmp_path) as (cache, engine):  # a miss: the engine's answer is kept and returned
+            first = await cache.shard_map(file.inode)
+            assert await cache.shard_map(file.inode) is first
+            assert engine.calls["shard_map"] == 1
 
     trio.run(main)
 
@@ -415,7 +463,7 @@ def test_a_change_with_unknown_outcome_empties_the_cache(tmp_path):
 # -- a random workload, checked against the engine ---------------------------------
 
 NAMES = [b"a", b"b", b"c", b"d", b"e"]
-XATTR_NAMES = [b"user.x", b"user.y", b"security.capability"]
+XATTR_NAMES = [b"user.x", b"user.y", b"security.capability", REPLICAS_XATTR]  # the last one is inherited
 
 
 class Workload:
@@ -501,7 +549,10 @@ class Workload:
         shards = {index: ref(shard_id, self.rng.randrange(1, 5000)) for index, shard_id in zip(indexes, ids)}
         drop_from = self.rng.choice([None, None, 0, 3])
         mtime = self.rng.choice([None, self.now()])
-        await self.cache.commit_shards(inode, shards, self.rng.randrange(0, 30000), drop_from, mtime, mtime)
+        changes = None if mtime is None else self.rng.choice([None, AttrChanges(mode=self.rng.randrange(0o1000))])
+        await self.cache.commit_shards(
+            inode, shards, self.rng.randrange(0, 30000), drop_from, mtime, mtime, changes=changes
+        )
 
     async def set_shard_nodes(self) -> None:
         records = await self.engine.shards(0, 1000)

@@ -29,14 +29,17 @@ from dfsfuse.errors import (
     NotEmpty,
     NotFound,
     NotPermitted,
+    UserError,
 )
 from dfsfuse.metadata.base import (
+    NAME_MAX,
     NODE_ACTIVE,
     NODE_DRAINED,
     NODE_DRAINING,
     PAGE_SIZE,
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
+    REPLICAS_XATTR,
     ROOT_INODE,
     XATTR_CREATE,
     XATTR_REPLACE,
@@ -49,8 +52,18 @@ from dfsfuse.metadata.base import (
     ShardRecord,
     ShardRef,
     UsageCounts,
+    check_name,
 )
 from dfsfuse.metadata.cache import CachedMetadata
+from dfsfuse.metadata import dump as dump_format
+from dfsfuse.metadata.engines import (
+    ENGINE_NAMES,
+    MetadataSettings,
+    load_dump,
+    metadata_exists,
+    open_dump,
+    open_engine,
+)
 from dfsfuse.metadata.sqlite import SqliteMetadata
 
 FILE = stat.S_IFREG | 0o644
@@ -218,6 +231,42 @@ def test_create_every_kind(harness):
     run_with_store(harness, body)
 
 
+def test_a_new_file_or_directory_inherits_the_replica_count(harness):
+    """In the create call itself, and only REPLICAS_XATTR, and only for regular
+    files and directories."""
+
+    async def body(store: MetadataStore) -> None:
+        plain = await mkdir(store, ROOT_INODE, b"plain")
+        three = await mkdir(store, ROOT_INODE, b"three")
+        await store.setxattr(three.inode, REPLICAS_XATTR, b"3", 0, now())
+        await store.setxattr(three.inode, b"user.other", b"not inherited", 0, now())
+        for kind in (FILE, DIRECTORY):
+            change = await store.create(plain.inode, b"%o" % kind, kind, 0, 0, now())
+            assert change.xattrs == {}
+            assert await store.listxattr(change.attrs.inode) == []
+            change = await store.create(three.inode, b"%o" % kind, kind, 0, 0, now())
+            assert change.xattrs == {REPLICAS_XATTR: b"3"}
+            assert await store.listxattr(change.attrs.inode) == [REPLICAS_XATTR]
+            assert await store.getxattr(change.attrs.inode, REPLICAS_XATTR) == b"3"
+        subdirectory = await store.lookup(three.inode, b"%o" % DIRECTORY)
+        assert (await store.create(subdirectory.inode, b"deeper", FILE, 0, 0, now())).xattrs == {REPLICAS_XATTR: b"3"}
+        others = {
+            b"link": dict(mode=SYMLINK, target=b"x"),
+            b"fifo": dict(mode=stat.S_IFIFO | 0o600),
+            b"device": dict(mode=stat.S_IFCHR | 0o600, rdev=0x0501),
+        }
+        for name, arguments in others.items():
+            mode = arguments.pop("mode")
+            change = await store.create(three.inode, name, mode, 0, 0, now(), **arguments)
+            assert change.xattrs == {}
+            assert await store.listxattr(change.attrs.inode) == []
+        with pytest.raises(Exists):  # a refused create gives nothing to anybody
+            await store.create(three.inode, b"link", FILE, 0, 0, now())
+        assert await store.listxattr((await store.lookup(three.inode, b"link")).inode) == []
+
+    run_with_store(harness, body)
+
+
 def test_inode_numbers_are_not_reused(harness):
     async def body(store: MetadataStore) -> None:
         first = await mkfile(store, ROOT_INODE, b"a")
@@ -247,6 +296,23 @@ def test_create_errors(harness):
             await mkfile(store, ROOT_INODE, b"n" * 256)
         await mkfile(store, ROOT_INODE, b"n" * 255)
         assert await names_in(store, ROOT_INODE) == {b"file", b"n" * 255}
+
+    run_with_store(harness, body)
+
+
+def test_check_name_is_the_rule_the_engine_keeps(harness):
+    """The POSIX layer checks names with check_name before it asks; the engine
+    refuses exactly those names with the same errors."""
+
+    async def body(store: MetadataStore) -> None:
+        for bad_name in (b"", b".", b"..", b"a/b", b"a\0b", b"n" * (NAME_MAX + 1)):
+            with pytest.raises((InvalidArgument, NameTooLong)) as by_check:
+                check_name(bad_name)
+            with pytest.raises(type(by_check.value)):
+                await mkfile(store, ROOT_INODE, bad_name)
+        for good_name in (b"n" * NAME_MAX, b"...", b".hidden", "caf\u00e9".encode()):
+            check_name(good_name)
+            await mkfile(store, ROOT_INODE, good_name)
 
     run_with_store(harness, body)
 
@@ -779,6 +845,44 @@ def test_patches_stack_on_a_shard_until_a_whole_shard_replaces_them(harness):
     run_with_store(harness, body)
 
 
+def test_commit_shards_with_attr_changes_is_a_truncate_and_a_setattr_in_one(harness):
+    async def body(store: MetadataStore) -> None:
+        file = await mkfile(store, ROOT_INODE, b"file")
+        await store.commit_shards(file.inode, {0: ref(1, 4096), 1: ref(2, 4096)}, 8192)
+        t = now()
+        changes = AttrChanges(mode=0o4600, uid=7, gid=8, atime_ns=t - 5, mtime_ns=t - 3)
+        attrs = await store.commit_shards(
+            file.inode, {0: ref(3, 100)}, 100, drop_from=1, mtime_ns=t, ctime_ns=t, changes=changes
+        )
+        expected = InodeAttrs(file.inode, stat.S_IFREG | 0o4600, 1, 7, 8, 0, 100, 1, t - 5, t - 3, t, b"")
+        assert attrs == expected == await store.getattr(file.inode)
+        assert await store.shard_map(file.inode) == {0: (ref(3, 100),)}
+        assert sorted(shard_id for shard_id, _ in await store.garbage(10)) == [1, 2]
+        t = now()
+        attrs = await store.commit_shards(file.inode, {}, 50, mtime_ns=t, ctime_ns=t, changes=AttrChanges(uid=9))
+        assert (attrs.size, attrs.uid, attrs.mtime_ns, attrs.ctime_ns, attrs.mode) == (50, 9, t, t, expected.mode)
+
+        # All or nothing: a refused commit changes no attr either.
+        other = await mkfile(store, ROOT_INODE, b"other")
+        await store.commit_shards(other.inode, {0: ref(20)}, 1000)
+        before = await store.getattr(file.inode)
+        refusals = [
+            (InvalidArgument, dict(shards={0: ref(20)}, changes=AttrChanges(mode=0o600), ctime_ns=now())),  # id in use
+            (InvalidArgument, dict(shards={}, changes=AttrChanges(mode=0o600))),  # no ctime for the changes
+        ]
+        for error, arguments in refusals:
+            with pytest.raises(error):
+                await store.commit_shards(file.inode, size=0, drop_from=0, **arguments)
+        assert await store.getattr(file.inode) == before
+        assert await store.shard_map(file.inode) == {0: (ref(3, 100),)}
+        directory = await mkdir(store, ROOT_INODE, b"dir")
+        with pytest.raises(IsADirectory):
+            await store.commit_shards(directory.inode, {}, 0, ctime_ns=now(), changes=AttrChanges(mode=0o700))
+        assert await store.getattr(directory.inode) == directory
+
+    run_with_store(harness, body)
+
+
 def test_commit_shards_errors(harness):
     async def body(store: MetadataStore) -> None:
         directory = await mkdir(store, ROOT_INODE, b"dir")
@@ -1071,22 +1175,23 @@ def test_a_schema_1_database_gains_the_node_registry_and_patches(tmp_path):
 
 def test_a_snapshot_opens_as_the_metadata_of_its_instant(harness, tmp_path):
     """The snapshot holds every change made before it and none made after,
-    and opens on its own as a complete metadata database."""
-    image_path = tmp_path / "restored" / "metadata.db"
+    and loads on its own as the complete metadata of a new data dir."""
+    settings = MetadataSettings(tmp_path / "restored" / "metadata.db")
 
     async def body(store: MetadataStore) -> None:
         kept = await mkfile(store, ROOT_INODE, b"kept")
         await store.commit_shards(kept.inode, {0: ref(7)}, 1000)
         await store.add_node("n1", "n1.example:7070")
-        image = await store.snapshot()
+        dump = await store.snapshot()
         await mkfile(store, ROOT_INODE, b"after")
-        image_path.parent.mkdir()
-        image_path.write_bytes(image)
+        settings.path.parent.mkdir()
+        async with load_dump(settings, dump):
+            pass
 
     run_with_store(harness, body)
 
     async def check() -> None:
-        restored = await SqliteMetadata.open(str(image_path))
+        restored = await open_engine(settings)
         try:
             assert await names_in(restored, ROOT_INODE) == {b"kept"}
             kept = await restored.lookup(ROOT_INODE, b"kept")
@@ -1097,3 +1202,105 @@ def test_a_snapshot_opens_as_the_metadata_of_its_instant(harness, tmp_path):
             await restored.close()
 
     trio.run(check)
+
+
+# -- dumps (dfsfuse.metadata.dump, loaded through dfsfuse.metadata.engines) ------
+
+
+def test_a_dump_is_an_envelope_naming_its_engine(harness):
+    async def body(store: MetadataStore) -> None:
+        await mkfile(store, ROOT_INODE, b"kept")
+        dump = await store.snapshot()
+        assert dump.startswith(dump_format.MAGIC)
+        decoded = dump_format.decode_dump(dump)
+        assert decoded.format_version == dump_format.FORMAT_VERSION
+        assert decoded.engine in ENGINE_NAMES
+        assert dump_format.encode_dump(decoded.engine, decoded.payload) == dump
+        async with open_dump(dump) as opened:
+            assert await names_in(opened, ROOT_INODE) == {b"kept"}
+
+    run_with_store(harness, body)
+
+
+def test_a_bare_sqlite_image_from_before_the_envelope_still_loads(tmp_path):
+    """Snapshots written before dumps had an envelope are SQLite images (format 0)."""
+
+    async def main() -> None:
+        async with SqliteHarness(tmp_path).store() as store:
+            await mkfile(store, ROOT_INODE, b"old")
+            image = dump_format.decode_dump(await store.snapshot()).payload
+        assert image.startswith(b"SQLite format 3\0")
+        assert dump_format.decode_dump(image) == dump_format.Dump("sqlite", image, format_version=0)
+        async with open_dump(image) as opened:
+            assert await names_in(opened, ROOT_INODE) == {b"old"}
+        settings = MetadataSettings(tmp_path / "restored.db")
+        async with load_dump(settings, image):
+            pass
+        restored = await open_engine(settings)
+        try:
+            assert await names_in(restored, ROOT_INODE) == {b"old"}
+        finally:
+            await restored.close()
+
+    trio.run(main)
+
+
+def test_a_dump_that_cannot_be_read_is_a_clear_error(tmp_path):
+    async def main() -> None:
+        async with SqliteHarness(tmp_path).store() as store:
+            dump = await store.snapshot()
+        decoded = dump_format.decode_dump(dump)
+        newer = bytearray(dump)
+        newer[8:12] = (dump_format.FORMAT_VERSION + 1).to_bytes(4, "little")
+        bad = {
+            b"": "not a dfsfuse metadata dump",
+            b"PK\3\4 a zip file": "not a dfsfuse metadata dump",
+            dump[:14]: "cut short",
+            dump[:-1]: "corrupt metadata dump",
+            dump + b"\0": "corrupt metadata dump",
+            bytes(newer): f"format {dump_format.FORMAT_VERSION + 1} is not one this dfsfuse reads",
+            dump_format.encode_dump("nosql", decoded.payload): "engine .nosql.",
+            dump_format.encode_dump("sqlite", b"not a database"): "holds no SQLite database",
+        }
+        settings = MetadataSettings(tmp_path / "restored.db")
+        for data, message in bad.items():
+            for use in (lambda: open_dump(data), lambda: load_dump(settings, data)):
+                with pytest.raises(UserError, match=message) as raised:
+                    async with use():
+                        pass
+                assert "\n" not in str(raised.value)
+            assert sorted(path.name for path in tmp_path.iterdir()) == ["metadata.db"]
+
+    trio.run(main)
+
+
+def test_loading_a_dump_is_all_or_nothing(tmp_path):
+    """Nothing is left behind by a load whose block fails; a dump never loads
+    over existing metadata."""
+
+    async def main() -> None:
+        async with SqliteHarness(tmp_path).store() as store:
+            await mkfile(store, ROOT_INODE, b"file")
+            dump = await store.snapshot()
+        settings = MetadataSettings(tmp_path / "new" / "metadata.db")
+        settings.path.parent.mkdir()
+        with pytest.raises(RuntimeError):
+            async with load_dump(settings, dump) as staged:
+                assert await names_in(staged, ROOT_INODE) == {b"file"}
+                assert not metadata_exists(settings)
+                raise RuntimeError("cut short")
+        assert list(settings.path.parent.iterdir()) == []
+        async with load_dump(settings, dump) as staged:
+            await staged.allocate_shard_ids(100)
+        assert metadata_exists(settings)
+        assert [path.name for path in settings.path.parent.iterdir()] == ["metadata.db"]
+        with pytest.raises(UserError, match="exists already"):
+            async with load_dump(settings, dump):
+                pass
+        restored = await open_engine(settings)
+        try:
+            assert (await restored.allocate_shard_ids(1)).start > 100  # what the block did was kept
+        finally:
+            await restored.close()
+
+    trio.run(main)

@@ -16,6 +16,7 @@ from dfsfuse.cluster.snapshots import (
     snapshot_ids,
 )
 from dfsfuse.metadata.base import ROOT_INODE
+from dfsfuse.metadata.engines import open_dump
 from dfsfuse.metadata.sqlite import SqliteMetadata
 from dfsfuse.shards.replica import ReplicaCorrupt
 from dfsfuse.shards.replicator import Replicator
@@ -46,14 +47,9 @@ def test_snapshots_are_replicated_pruned_and_verified(tmp_path):
         holders = [store for store in stores if newest in held[store.name]]
         assert len(holders) == 3
 
-        image_path = tmp_path / "restored.db"
-        image_path.write_bytes(await read_snapshot(holders[0], newest))
-        restored = await SqliteMetadata.open(str(image_path))
-        try:
+        async with open_dump(await read_snapshot(holders[0], newest)) as restored:
             names = {entry.name for entry in await restored.readdir(ROOT_INODE, 0, 100)}
             assert names == {f"file{number}".encode() for number in range(KEEP_SNAPSHOTS + 2)}
-        finally:
-            await restored.close()
 
         path = pathlib.Path(holders[1].root) / replica_name(newest)
         data = bytearray(path.read_bytes())

@@ -1,0 +1,107 @@
+"""The metadata engines dfsfuse has, and the one way to open one.
+
+Everything that opens a file system's metadata (runtime.open_components for
+the mount and the commands, dfsfuse.restore) goes through this module with
+the MetadataSettings the config gives, never through an engine's own class;
+so do metadata dumps (dfsfuse.metadata.dump), which name the engine that
+made them. So another engine is one more entry in _ENGINES (and its
+settings in MetadataSettings and config.py); nothing above this changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+
+from dfsfuse.errors import UserError
+from dfsfuse.metadata import sqlite
+from dfsfuse.metadata.base import MetadataStore
+from dfsfuse.metadata.dump import Dump, decode_dump
+
+DEFAULT_ENGINE = "sqlite"
+
+
+@dataclasses.dataclass(frozen=True)
+class MetadataSettings:
+    """What it takes to reach a file system's metadata (config [metadata])."""
+
+    path: Path  # sqlite: the database file, DATA_DIR/metadata.db
+    engine: str = DEFAULT_ENGINE  # one of ENGINE_NAMES
+
+    @property
+    def where(self) -> str:
+        """Where the metadata lives, as messages name it."""
+        return str(self.path)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Engine:
+    """How the factory reaches one kind of engine."""
+
+    # Open the metadata, creating it (a root directory) if there is none;
+    # OSError if its storage cannot be reached.
+    open: Callable[[MetadataSettings], Awaitable[MetadataStore]]
+    # Whether the settings' storage holds metadata already.
+    exists: Callable[[MetadataSettings], bool]
+    # The engine's load_dump (below), for a dump already decoded.
+    load_dump: Callable[[MetadataSettings, Dump], AbstractAsyncContextManager[MetadataStore]]
+    # The metadata of a dump this engine made, open in scratch storage that
+    # is gone at the end of the block.
+    open_dump: Callable[[Dump], AbstractAsyncContextManager[MetadataStore]]
+
+
+_ENGINES = {
+    sqlite.ENGINE_NAME: _Engine(
+        open=lambda settings: sqlite.SqliteMetadata.open(str(settings.path)),
+        exists=lambda settings: settings.path.exists(),
+        load_dump=lambda settings, dump: sqlite.load_dump(settings.path, dump),
+        open_dump=sqlite.open_dump,
+    ),
+}
+ENGINE_NAMES = tuple(_ENGINES)
+
+
+def _engine(name: str) -> _Engine:
+    try:
+        return _ENGINES[name]
+    except KeyError:
+        raise UserError(f"unknown metadata engine {name!r} (known: {', '.join(ENGINE_NAMES)})") from None
+
+
+async def open_engine(settings: MetadataSettings) -> MetadataStore:
+    """The engine the settings name, open; created empty if it was not there.
+
+    A one-line UserError if its storage cannot be reached.
+    """
+    try:
+        return await _engine(settings.engine).open(settings)
+    except OSError as error:
+        raise UserError(f"cannot open metadata {settings.where}: {error.strerror or error}") from None
+
+
+def metadata_exists(settings: MetadataSettings) -> bool:
+    """Whether the settings' storage already holds a file system's metadata."""
+    return _engine(settings.engine).exists(settings)
+
+
+def load_dump(settings: MetadataSettings, dump: bytes) -> AbstractAsyncContextManager[MetadataStore]:
+    """Create the settings' metadata from `dump` (MetadataStore.snapshot), all
+    or nothing: `async with load_dump(settings, dump) as meta:` gives the new
+    metadata open, for the block to finish (restore moves the shard id counter
+    on); it becomes the file system's metadata, durably, only when the block
+    ends without an error, and if anything fails nothing is left behind.
+
+    A one-line UserError if metadata exists there already, or if the dump is
+    not one this dfsfuse reads (dfsfuse.metadata.dump) or the engine can load.
+    """
+    return _engine(settings.engine).load_dump(settings, decode_dump(dump))
+
+
+def open_dump(dump: bytes) -> AbstractAsyncContextManager[MetadataStore]:
+    """The metadata in `dump`, open apart from any file system's storage and
+    gone at the end of the block: `async with open_dump(dump) as meta:`.
+    Restore reads a snapshot's node registry with it before it loads one."""
+    decoded = decode_dump(dump)
+    return _engine(decoded.engine).open_dump(decoded)
