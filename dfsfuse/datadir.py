@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .config import Config
 from .errors import UserError
+from .metadata.engines import metadata_exists
 
 
 def prepare_data_dir(config: Config) -> None:
@@ -50,7 +51,7 @@ class DataDirLock:
 
 
 def require_file_system(config: Config) -> None:
-    if not config.metadata_path.exists():
+    if not metadata_exists(config.metadata):
         raise UserError(f"no dfsfuse file system in {config.data_dir} (mount it once to create one)")
 
 

@@ -14,7 +14,11 @@ import logging
 import trio
 
 from dfsfuse.cluster.heartbeat import record_probe
-from dfsfuse.cluster.registry import NodeAccess, UnreachableStore, open_store_or_stand_in
+from dfsfuse.cluster.registry import (
+    NodeAccess,
+    UnreachableStore,
+    open_store_or_stand_in,
+)
 from dfsfuse.metadata.base import NODE_ACTIVE, MetadataStore
 from dfsfuse.shards.replicator import Replicator
 from dfsfuse.storage.base import NodeStore

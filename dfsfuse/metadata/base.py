@@ -101,7 +101,7 @@ class ShardRef:
     (16 bytes) of the object's `length` bytes. Shard ids are never reused.
 
     A whole shard (`pages` empty) holds the bytes [0, length) of its shard
-    index. A patch holds PAGE_SIZE bytes for each page number in `pages`
+    index. A patch holds PAGE_SIZE (layout.py) bytes for each page number in `pages`
     (pages of the shard index, ascending), one after another, so
     length == len(pages) * PAGE_SIZE. Patches let a small overwrite store
     only the pages it changed instead of the whole shard.
@@ -122,8 +122,6 @@ class ShardRef:
 # first (if there is one), then its patches, oldest first. A later object's
 # pages win; bytes no object holds read as zeros.
 ShardLayers = tuple[ShardRef, ...]
-
-PAGE_SIZE = 4096  # the unit a patch stores
 
 
 @dataclasses.dataclass(frozen=True)
@@ -315,7 +313,7 @@ class MetadataStore(abc.ABC):
 
     # -- file contents ----------------------------------------------------
     @abc.abstractmethod
-    async def shard_map(self, inode: int) -> dict[int, ShardLayers]:
+    async def shard_map(self, inode: int) -> Mapping[int, ShardLayers]:
         """The file's objects by shard index (holes are absent).
 
         Read-only: the caller must not change the mapping returned. A cache

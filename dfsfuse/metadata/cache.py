@@ -173,7 +173,7 @@ class CachedMetadata(MetadataStore):
         self._lookups: dict[_RecordKey, int | None] = {}  # lookup key -> inode, None: absent
         self._listings: dict[int, _Listing] = {}
         self._xattrs: dict[int, _Xattrs] = {}
-        self._shard_maps: dict[int, dict[int, ShardLayers]] = {}
+        self._shard_maps: dict[int, Mapping[int, ShardLayers]] = {}
         self._shard_places: dict[int, tuple[int, int]] = {}  # shard id -> (inode, index) in _shard_maps
 
     @property
@@ -348,7 +348,7 @@ class CachedMetadata(MetadataStore):
         return await self._engine.orphan_inodes()
 
     # -- file contents ----------------------------------------------------
-    async def shard_map(self, inode: int) -> dict[int, ShardLayers]:
+    async def shard_map(self, inode: int) -> Mapping[int, ShardLayers]:
         """The cache's own mapping, not a copy, so a hit costs nothing: the
         caller must not change it (see MetadataStore.shard_map).
 

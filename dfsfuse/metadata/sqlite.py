@@ -29,7 +29,14 @@ import stat
 import struct
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -478,7 +485,7 @@ class SqliteMetadata(MetadataStore):
         return await self._read(_orphan_inodes)
 
     # -- file contents ----------------------------------------------------
-    async def shard_map(self, inode: int) -> dict[int, ShardLayers]:
+    async def shard_map(self, inode: int) -> Mapping[int, ShardLayers]:
         return await self._read(_shard_map, inode)
 
     async def commit_shards(

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import struct
 
+from dfsfuse.layout import block_span
 from dfsfuse.shards.checksum import (
     DIGEST_SIZE,
     block_checksum,
@@ -37,7 +38,6 @@ from dfsfuse.shards.checksum import (
     shard_checksum,
 )
 from dfsfuse.storage.base import Buffer
-from dfsfuse.layout import block_span
 
 MAGIC = b"DFSR"
 FORMAT_VERSION = 1

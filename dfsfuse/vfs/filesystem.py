@@ -24,20 +24,21 @@ import time
 
 import trio
 
-from ..errors import DfsError, InvalidArgument, IsADirectory, NameTooLong, NotFound
+from ..errors import DfsError, InvalidArgument, IsADirectory
 from ..metadata.base import (
+    NAME_MAX,
     REPLICAS_XATTR,
     AttrChanges,
     DirEntry,
+    EntryChange,
     InodeAttrs,
+    check_name,
 )
 from ..write.file_writer import WriteServices
 from .contents import FileContents
 from .reader import ReadServices
 
 log = logging.getLogger("dfsfuse.vfs")
-
-NAME_MAX = 255
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,7 +132,8 @@ class FileSystem:
 
     # -- names -----------------------------------------------------------------
     async def lookup(self, parent: int, name: bytes) -> InodeAttrs:
-        _check_name(name)
+        if name not in (b".", b".."):  # the engine resolves those
+            check_name(name)
         attrs = self._overlay(await self._meta.lookup(parent, name))
         self.add_ref(attrs.inode)
         return attrs
@@ -157,23 +159,21 @@ class FileSystem:
         self, parent: int, name: bytes, mode: int, caller: Caller, rdev: int = 0, target: bytes = b""
     ) -> InodeAttrs:
         """mknod, mkdir and symlink: a new inode owned by the caller."""
-        _check_name(name)
+        return (await self._create(parent, name, mode, caller, rdev, target)).attrs
+
+    async def _create(
+        self, parent: int, name: bytes, mode: int, caller: Caller, rdev: int = 0, target: bytes = b""
+    ) -> EntryChange:
+        """One engine call, which also gives a new file or directory the
+        parent's replica count (REPLICAS_XATTR)."""
+        check_name(name)
         parent_attrs = await self._meta.getattr(parent)
         mode, gid = _new_mode_and_group(parent_attrs, mode, caller)
         created = await self._meta.create(
             parent, name, mode, caller.uid, gid, time.time_ns(), rdev=rdev, target=target
         )
-        attrs = created.attrs
-        self.add_ref(attrs.inode)
-        if stat.S_ISDIR(mode) or stat.S_ISREG(mode):
-            await self._inherit_replicas(parent, attrs.inode)
-        return attrs
-
-    async def _inherit_replicas(self, parent: int, inode: int) -> None:
-        """Copy the directory's replica count to a new file or subdirectory."""
-        if REPLICAS_XATTR in await self._meta.listxattr(parent):
-            value = await self._meta.getxattr(parent, REPLICAS_XATTR)
-            await self._meta.setxattr(inode, REPLICAS_XATTR, value, 0, time.time_ns())
+        self.add_ref(created.attrs.inode)
+        return created
 
     async def _replicas_of(self, inode: int) -> int | None:
         """The file's own replica count, or None for the configured R."""
@@ -182,29 +182,27 @@ class FileSystem:
         return int(await self._meta.getxattr(inode, REPLICAS_XATTR))
 
     async def link(self, inode: int, new_parent: int, new_name: bytes) -> InodeAttrs:
-        _check_name(new_name)
+        check_name(new_name)
         attrs = self._overlay((await self._meta.link(inode, new_parent, new_name, time.time_ns())).attrs)
         self._unlinked.discard(inode)
         self.add_ref(inode)
         return attrs
 
     async def unlink(self, parent: int, name: bytes) -> None:
-        _check_name(name)
+        check_name(name)
         attrs = (await self._meta.unlink(parent, name, time.time_ns())).attrs
         self._note_links(attrs)
         self._delete_if_unreferenced(attrs.inode)
 
     async def rmdir(self, parent: int, name: bytes) -> None:
-        _check_name(name)
-        if name == b".":
-            raise InvalidArgument("cannot remove '.'")
+        check_name(name)  # also refuses '.' and '..' (EINVAL)
         attrs = (await self._meta.rmdir(parent, name, time.time_ns())).attrs
         self._note_links(attrs)
         self._delete_if_unreferenced(attrs.inode)
 
     async def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, flags: int) -> None:
-        _check_name(old_name)
-        _check_name(new_name)
+        check_name(old_name)
+        check_name(new_name)
         change = await self._meta.rename(old_parent, old_name, new_parent, new_name, flags, time.time_ns())
         if change is not None and change.replaced is not None:
             self._note_links(change.replaced)
@@ -222,21 +220,22 @@ class FileSystem:
 
     # -- attributes ------------------------------------------------------------
     async def setattr(self, inode: int, changes: AttrChanges, size: int | None) -> InodeAttrs:
+        """One engine call: with a size, the truncate commits the other changes too."""
         if size is not None:
-            await self._truncate(inode, size)
-        if changes != AttrChanges() or size is None:
+            await self._truncate(inode, size, None if changes == AttrChanges() else changes)
+        else:
             attrs = await self._meta.setattr(inode, changes, time.time_ns())
             contents = self._files.get(inode)
             if contents is not None:
                 contents.writer.times_set(attrs.mtime_ns, attrs.ctime_ns)
         return await self.getattr(inode)
 
-    async def _truncate(self, inode: int, size: int) -> None:
+    async def _truncate(self, inode: int, size: int, changes: AttrChanges | None) -> None:
         if size < 0:
             raise InvalidArgument("negative size")
         contents = self._files.get(inode)
         if contents is not None:
-            await contents.truncate(size)
+            await contents.truncate(size, changes)
             return
         attrs = await self._meta.getattr(inode)
         if stat.S_ISDIR(attrs.mode):
@@ -249,7 +248,7 @@ class FileSystem:
             # Registered while it works, so an open in the meantime shares it.
             contents = self._contents(attrs, replicas)
         try:
-            await contents.truncate(size)
+            await contents.truncate(size, changes)
         finally:
             self._drop_if_closed(contents)
 
@@ -311,10 +310,10 @@ class FileSystem:
         return handle
 
     async def create(self, parent: int, name: bytes, mode: int, flags: int, caller: Caller) -> tuple[int, InodeAttrs]:
-        attrs = await self.create_node(parent, name, stat.S_IFREG | stat.S_IMODE(mode), caller)
-        replicas = await self._replicas_of(parent)  # inherited; the parent's xattrs are cached now
-        contents = self._contents(attrs, replicas)
-        return await self._open_contents(contents, flags & ~os.O_TRUNC), attrs
+        created = await self._create(parent, name, stat.S_IFREG | stat.S_IMODE(mode), caller)
+        replicas = created.xattrs.get(REPLICAS_XATTR)
+        contents = self._contents(created.attrs, None if replicas is None else int(replicas))
+        return await self._open_contents(contents, flags & ~os.O_TRUNC), created.attrs
 
     def _handle(self, handle: int) -> Handle:
         try:
@@ -368,13 +367,6 @@ class FileSystem:
         if not contents.open_count and contents.is_clean and self._files.get(contents.inode) is contents:
             del self._files[contents.inode]
             self._delete_if_unreferenced(contents.inode)
-
-
-def _check_name(name: bytes) -> None:
-    if len(name) > NAME_MAX:
-        raise NameTooLong(f"name longer than {NAME_MAX} bytes")
-    if not name or b"/" in name:
-        raise NotFound("invalid name")
 
 
 def _check_replicas_value(value: bytes, writable_nodes: int) -> bytes:

@@ -41,7 +41,13 @@ import trio
 
 from ..errors import DataError, DfsError, NotFound
 from ..layout import PAGE_SIZE, shard_count, shard_length, shard_span
-from ..metadata.base import AttrChanges, InodeAttrs, MetadataStore, ShardLayers, ShardRef
+from ..metadata.base import (
+    AttrChanges,
+    InodeAttrs,
+    MetadataStore,
+    ShardLayers,
+    ShardRef,
+)
 from ..shards.cache import ShardCache
 from ..shards.garbage import GarbageCollector
 from ..shards.layers import patch_count, stored_length
@@ -371,7 +377,7 @@ class FileWriter:
                     if tail is not None:
                         gone.append(shard_map.get(tail_index, ()))
                     attrs = await self._services.meta.commit_shards(
-                        self.inode, replacement, new_size, drop_from=keep, mtime_ns=now, ctime_ns=now
+                        self.inode, replacement, new_size, drop_from=keep, mtime_ns=now, ctime_ns=now, changes=changes
                     )
                     self._committed_size = new_size
             except DfsError:
@@ -385,7 +391,7 @@ class FileWriter:
             if tail is not None:
                 self._services.unsynced.remember(self.inode, tail)
             self.size = new_size
-            self.mtime_ns = self.ctime_ns = now
+            self.mtime_ns, self.ctime_ns = attrs.mtime_ns, attrs.ctime_ns
             for index in dropped:
                 await self._drop_dirty(index)
             return attrs

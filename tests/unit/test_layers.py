@@ -6,7 +6,15 @@ import random
 
 from dfsfuse.layout import PAGE_SIZE
 from dfsfuse.metadata.base import ShardRef
-from dfsfuse.shards.layers import base_of, merge, page_sources, patch_count, reach, source_runs, stored_length
+from dfsfuse.shards.layers import (
+    base_of,
+    merge,
+    page_sources,
+    patch_count,
+    reach,
+    source_runs,
+    stored_length,
+)
 
 
 def whole(shard_id: int, length: int) -> ShardRef:

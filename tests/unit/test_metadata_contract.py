@@ -31,12 +31,13 @@ from dfsfuse.errors import (
     NotPermitted,
     UserError,
 )
+from dfsfuse.layout import PAGE_SIZE
+from dfsfuse.metadata import dump as dump_format
 from dfsfuse.metadata.base import (
     NAME_MAX,
     NODE_ACTIVE,
     NODE_DRAINED,
     NODE_DRAINING,
-    PAGE_SIZE,
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
     REPLICAS_XATTR,
@@ -55,7 +56,6 @@ from dfsfuse.metadata.base import (
     check_name,
 )
 from dfsfuse.metadata.cache import CachedMetadata
-from dfsfuse.metadata import dump as dump_format
 from dfsfuse.metadata.engines import (
     ENGINE_NAMES,
     MetadataSettings,
