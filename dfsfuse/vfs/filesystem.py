@@ -224,10 +224,11 @@ class FileSystem:
         if size is not None:
             await self._truncate(inode, size, None if changes == AttrChanges() else changes)
         else:
-            attrs = await self._meta.setattr(inode, changes, time.time_ns())
             contents = self._files.get(inode)
-            if contents is not None:
-                contents.writer.times_set(attrs.mtime_ns, attrs.ctime_ns)
+            if contents is None:
+                await self._meta.setattr(inode, changes, time.time_ns())
+            else:
+                await contents.writer.setattr(changes, time.time_ns())
         return await self.getattr(inode)
 
     async def _truncate(self, inode: int, size: int, changes: AttrChanges | None) -> None:

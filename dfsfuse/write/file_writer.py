@@ -20,8 +20,9 @@ Concurrency (all on the trio loop, where tasks interleave at every await):
 - A taken buffer sits in `_flushing` (still readable) until its shard is
   stored and committed; a writer or truncate that needs that shard index
   waits for it first. Storing happens outside the lock.
-- `_commit_lock` orders the metadata commits of the file, so the committed
-  size never goes backwards.
+- `_commit_lock` orders the metadata commits of the file (shards, size,
+  times, and a setattr of the open file), so the committed size never goes
+  backwards and a commit never puts back times a setattr replaced.
 
 Errors: a buffer whose store failed goes back to the dirty set and is tried
 again by the next flush. `flush` raises whenever data is still unstored when
@@ -170,9 +171,15 @@ class FileWriter:
         self.mtime_ns = self.ctime_ns = time.time_ns()
         self._times_dirty = True
 
-    def times_set(self, mtime_ns: int, ctime_ns: int) -> None:
-        """A setattr committed these times: unstored data keeps them."""
-        self.mtime_ns, self.ctime_ns = mtime_ns, ctime_ns
+    async def setattr(self, changes: AttrChanges, now_ns: int) -> InodeAttrs:
+        """A chmod, chown or utimens of the open file, committed in order with
+        the file's other commits: a shard commit must not take the times from
+        before the setattr and land after it (tar sets times on the open file
+        while a full shard is still being stored)."""
+        async with self._commit_lock:
+            attrs = await self._services.meta.setattr(self.inode, changes, now_ns)
+            self.mtime_ns, self.ctime_ns = attrs.mtime_ns, attrs.ctime_ns
+        return attrs
 
     # -- storing -------------------------------------------------------------
     async def flush_in_background(self, index: int) -> None:

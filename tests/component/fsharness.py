@@ -107,6 +107,17 @@ def _leaves(group: BaseExceptionGroup):
             yield exc
 
 
+async def wait_at_gate(owner: object, gate: trio.Event | None, counter: str) -> None:
+    """Wait for `gate`, if one is set, counting the waiters in owner.<counter>."""
+    if gate is None:
+        return
+    setattr(owner, counter, getattr(owner, counter) + 1)
+    try:
+        await gate.wait()
+    finally:
+        setattr(owner, counter, getattr(owner, counter) - 1)
+
+
 class FaultyStore(LocalStore):
     """A LocalStore whose puts can be made to fail or to wait, on demand.
 
@@ -130,13 +141,7 @@ class FaultyStore(LocalStore):
         self.events: list[tuple[str, int]] | None = None  # shared with ObservedSqlite, if set
 
     async def put(self, shard_id: int, parts: Sequence[Buffer], sync: bool) -> None:
-        gate = self.put_gate
-        if gate is not None:
-            self.puts_waiting += 1
-            try:
-                await gate.wait()
-            finally:
-                self.puts_waiting -= 1
+        await wait_at_gate(self, self.put_gate, "puts_waiting")
         if self.put_error is not None:
             self.failed_puts += 1
             raise self.put_error
@@ -147,13 +152,7 @@ class FaultyStore(LocalStore):
             self.durable.discard(shard_id)
 
     async def sync(self, shard_ids: Sequence[int]) -> None:
-        gate = self.sync_gate
-        if gate is not None:
-            self.syncs_waiting += 1
-            try:
-                await gate.wait()
-            finally:
-                self.syncs_waiting -= 1
+        await wait_at_gate(self, self.sync_gate, "syncs_waiting")
         await super().sync(shard_ids)
         held = set(replica_files(self))
         self.durable.update(shard_id for shard_id in shard_ids if shard_id in held)
@@ -174,9 +173,21 @@ class FaultyStore(LocalStore):
 
 class ObservedSqlite(SqliteMetadata):
     """The real SQLite engine, noting in `events` (in order) each transaction
-    that makes shards garbage and each sync that makes transactions durable."""
+    that makes shards garbage and each sync that makes transactions durable.
+
+    `setattr_gate`: while set, a setattr waits for the event after its
+    transaction committed, as a caller that has not yet heard back;
+    `setattrs_waiting` counts those waiting.
+    """
 
     events: list[tuple[str, int]]
+    setattr_gate: trio.Event | None = None
+    setattrs_waiting = 0
+
+    async def setattr(self, inode, changes, now_ns):
+        attrs = await super().setattr(inode, changes, now_ns)
+        await wait_at_gate(self, self.setattr_gate, "setattrs_waiting")
+        return attrs
 
     async def commit_shards(self, inode, shards, size, drop_from=None, mtime_ns=None, ctime_ns=None, *, changes=None):
         attrs = await super().commit_shards(inode, shards, size, drop_from, mtime_ns, ctime_ns, changes=changes)
@@ -254,6 +265,7 @@ class Env:
     budget: WriteBudget
     cache: ShardCache
     garbage: GarbageCollector
+    engine: ObservedSqlite  # under `meta`, the cache
 
     @property
     def store(self) -> dict[str, FaultyStore]:
@@ -365,7 +377,9 @@ class Harness:
                 await nursery.start(replicator.run)
                 async with running_file_system(meta, replicator, config) as parts:
                     fs = parts.fs
-                    yield Env(fs, meta, stores, replicator, config, events, parts.budget, parts.cache, parts.garbage)
+                    yield Env(
+                        fs, meta, stores, replicator, config, events, parts.budget, parts.cache, parts.garbage, engine
+                    )
                     if shutdown:
                         for store in stores:  # faults are for the test body, not the shutdown
                             store.put_error = store.put_gate = store.sync_gate = None

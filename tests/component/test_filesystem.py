@@ -265,6 +265,40 @@ def test_bug_truncate_right_after_a_write_that_fills_a_shard(harness):
     run(main)
 
 
+def test_bug_setattr_of_an_open_file_is_not_undone_by_a_shard_commit(harness):
+    """Deterministic (found by the tar round trip on remote nodes): tar sets
+    the mtime of a file while it is open and a full shard is still being
+    stored, then its owner and mode. The shard's commit must not take the
+    times from before the mtime was set and land after it; the next setattr
+    would then hand the old mtime back to the open file, and close commit it."""
+
+    async def main():
+        async with harness.running() as env:
+            fs = env.fs
+            handle, inode = await env.create(b"f")
+            stored = trio.Event()
+            for store in env.stores:
+                store.put_gate = stored
+            await fs.write(handle, 0, os.urandom(SHARD))  # a full shard: stored in the background
+            await wait_until(lambda: sum(s.puts_waiting for s in env.stores) == 2)
+            answered = env.engine.setattr_gate = trio.Event()
+            wanted = 1_000_000_000 * 10**9
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(fs.setattr, inode, AttrChanges(mtime_ns=wanted), None)
+                await wait_until(lambda: env.engine.setattrs_waiting == 1)  # committed, not yet answered
+                stored.set()
+                await wait_until(lambda: env.replica_count() == 2)
+                await trio.testing.wait_all_tasks_blocked(cushion=0.05)  # the shard's commit waits its turn
+                answered.set()
+            env.engine.setattr_gate = None
+            await fs.setattr(inode, AttrChanges(mode=0o600), None)
+            await fs.flush(handle)
+            await fs.release(handle)
+            assert (await env.engine.getattr(inode)).mtime_ns == wanted
+
+    run(main)
+
+
 def test_bug_truncate_while_a_flush_takes_the_tail_buffer(harness):
     """Deterministic: truncate is storing the cut tail of a dirty shard when a
     flush (close of another handle) takes that same dirty buffer."""
