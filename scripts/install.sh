@@ -3,7 +3,8 @@
 #   system packages (apt-get, only those missing; sudo when not root),
 #   a virtual environment in .venv with dfsfuse installed in editable mode.
 # Usage: scripts/install.sh [--test]
-#   --test  also install what the test suite needs (pytest, attr, sqlite3, rsync, git).
+#   --test  also install what the test suite needs (pytest, attr, sqlite3, rsync, git,
+#           and the PostgreSQL server the tests start themselves: tests/pgserver.py).
 set -euo pipefail
 
 with_tests=0
@@ -19,9 +20,12 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
 
 # --- system packages ------------------------------------------------------
-packages=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv)
+# libpq5: the PostgreSQL client library that psycopg (pure Python) loads.
+packages=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv libpq5)
 if [ "$with_tests" = 1 ]; then
-    packages+=(attr sqlite3 rsync git)
+    # postgresql: server binaries in /usr/lib/postgresql/<major>/bin and the system
+    # user postgres that the tests run them as (tests/pgserver.py).
+    packages+=(attr sqlite3 rsync git postgresql)
 fi
 
 missing=()
