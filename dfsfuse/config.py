@@ -15,7 +15,9 @@ local node stores inside it. A config file may set:
     write_buffer = "128MiB"       # dirty data held before writers wait
     metadata_entries = 200000     # inodes/entries kept by the metadata cache
     [metadata]
-    engine = "sqlite"             # the metadata engine; sqlite (DATA_DIR/metadata.db) is the only one yet
+    engine = "sqlite"             # sqlite (DATA_DIR/metadata.db, the default) or postgresql
+    url = "postgresql://dfs@db.example/dfs?sslmode=verify-full"  # postgresql: the database (or --meta)
+    password_file = "/etc/dfs/pgpass"  # postgresql: its password (or libpq's PGPASSFILE/.pgpass)
     [[nodes]]                     # node stores; default: three under the data dir
     name = "disk1"
     path = "/srv/dfs1"            # a local directory
@@ -38,6 +40,9 @@ from pathlib import Path
 
 from .errors import UserError
 from .metadata.engines import DEFAULT_ENGINE, ENGINE_NAMES, MetadataSettings
+from .metadata.postgres import ENGINE_NAME as POSTGRES_ENGINE
+from .metadata.postgres import URL_SCHEMES as POSTGRES_URL_SCHEMES
+from .metadata.postgres import redacted
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -69,6 +74,8 @@ class Config:
     tls_ca_file: Path | None = None  # None: plain TCP to node servers
     snapshot_interval: int = 300  # seconds between metadata snapshots (dfsfuse.cluster.snapshots); 0: only at unmount
     metadata_engine: str = DEFAULT_ENGINE  # one of dfsfuse.metadata.engines.ENGINE_NAMES
+    metadata_url: str | None = None  # postgresql: the database (--meta, DFSFUSE_META, [metadata] url)
+    metadata_password_file: Path | None = None  # postgresql: --meta-password-file, [metadata] password_file
 
     @property
     def cluster_secret_path(self) -> Path:
@@ -81,7 +88,9 @@ class Config:
     @property
     def metadata(self) -> MetadataSettings:
         """What the metadata engine factory (dfsfuse.metadata.engines) needs."""
-        return MetadataSettings(self.metadata_path, self.metadata_engine)
+        return MetadataSettings(
+            self.metadata_path, self.metadata_engine, self.metadata_url, self.metadata_password_file
+        )
 
     @property
     def log_path(self) -> Path:
@@ -119,11 +128,24 @@ def parse_size(value: object, what: str) -> int:
     return number * _SIZE_UNITS[unit]
 
 
-def load(data_dir: str | None = None, config_file: str | None = None) -> Config:
-    """Build the configuration; every mistake is a one-line UserError."""
+def load(
+    data_dir: str | None = None,
+    config_file: str | None = None,
+    *,
+    meta_url: str | None = None,
+    meta_password_file: str | None = None,
+    overrides: dict | None = None,
+) -> Config:
+    """Build the configuration; every mistake is a one-line UserError.
+
+    `meta_url` and `meta_password_file` (the command line's --meta and
+    --meta-password-file) win over the config's [metadata] url and
+    password_file; `overrides` win over the config's top-level settings.
+    """
     settings: dict = {}
     if config_file is not None:
         settings = _read_toml(Path(config_file))
+    settings.update(overrides or {})
     root = Path(data_dir).expanduser() if data_dir else None
     if root is None and "data_dir" in settings:
         root = Path(_expect(settings, "data_dir", str)).expanduser()
@@ -172,19 +194,33 @@ def load(data_dir: str | None = None, config_file: str | None = None) -> Config:
         secret_file=Path(_expect(settings, "secret_file", str)).expanduser() if "secret_file" in settings else None,
         tls_ca_file=_tls_ca_file(settings, root),
         snapshot_interval=_snapshot_interval(settings),
-        metadata_engine=_metadata_engine(settings),
+        **_metadata_settings(settings, meta_url, meta_password_file),
     )
 
 
-def _metadata_engine(settings: dict) -> str:
+def _metadata_settings(settings: dict, meta_url: str | None, meta_password_file: str | None) -> dict:
+    """The Config fields of [metadata]: the engine, and a database's URL and password file."""
     metadata = settings.get("metadata", {})
     if not isinstance(metadata, dict):
         raise UserError("config: [metadata] must be a table")
-    _reject_unknown(metadata, {"engine"}, "metadata.")
-    engine = _expect(metadata, "engine", str, default=DEFAULT_ENGINE)
+    _reject_unknown(metadata, {"engine", "url", "password_file"}, "metadata.")
+    url = meta_url or _expect(metadata, "url", str, default="") or None
+    password_file = meta_password_file or _expect(metadata, "password_file", str, default="") or None
+    default = DEFAULT_ENGINE if url is None else POSTGRES_ENGINE
+    engine = _expect(metadata, "engine", str, default=default)
     if engine not in ENGINE_NAMES:
         raise UserError(f"config: metadata.engine = {engine!r} is not an engine dfsfuse knows ({', '.join(ENGINE_NAMES)})")
-    return engine
+    if url is not None and not url.startswith(POSTGRES_URL_SCHEMES):
+        raise UserError(f"metadata URL {redacted(url)} must start with postgresql:// (the only networked engine)")
+    if url is not None and engine != POSTGRES_ENGINE:
+        raise UserError(f"config: metadata.engine = {engine!r} takes no URL; --meta postgresql://... means postgresql")
+    if engine == POSTGRES_ENGINE and url is None:
+        raise UserError("config: metadata.engine = 'postgresql' needs a URL: [metadata] url, --meta or DFSFUSE_META")
+    return {
+        "metadata_engine": engine,
+        "metadata_url": url,
+        "metadata_password_file": None if password_file is None else Path(password_file).expanduser().absolute(),
+    }
 
 
 def _snapshot_interval(settings: dict) -> int:

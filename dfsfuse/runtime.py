@@ -34,7 +34,7 @@ from .datadir import DataDirLock, mountpoint_of, prepare_data_dir, require_file_
 from .errors import UserError
 from .metadata.base import NODE_ACTIVE, MetadataStore, NodeRecord
 from .metadata.cache import CachedMetadata
-from .metadata.engines import open_engine
+from .metadata.engines import mount_creates, open_engine
 from .shards.cache import ShardCache
 from .shards.garbage import GarbageCollector
 from .shards.replicator import Replicator
@@ -62,13 +62,14 @@ class Components:
 
 
 @contextlib.asynccontextmanager
-async def open_components(config: Config, cached: bool) -> AsyncIterator[Components]:
+async def open_components(config: Config, cached: bool, create: bool = False) -> AsyncIterator[Components]:
     """Open the metadata engine and the node stores its registry lists (a
-    store that cannot be opened is stood in for by an UnreachableStore).
+    store that cannot be opened is stood in for by an UnreachableStore);
+    with `create`, a file system is made if the metadata holds none.
 
     An empty registry is seeded with the config's [[nodes]] first.
     """
-    engine = await open_engine(config.metadata)
+    engine = await open_engine(config.metadata, create=create)
     meta: MetadataStore = CachedMetadata(engine, config.metadata_entries) if cached else engine
     stores: list[NodeStore] = []
     try:
@@ -278,7 +279,7 @@ def _log_to(stream) -> None:
 
 def _run_mount(config: Config, mountpoint: str, options: list[str], ready: Callable[[], None]) -> int:
     async def main() -> int:
-        async with open_components(config, cached=True) as parts:
+        async with open_components(config, cached=True, create=mount_creates(config.metadata)) as parts:
             async with trio.open_nursery() as nursery:
                 await nursery.start(parts.replicator.run)
                 snapshots = await _start_cluster_services(nursery, parts, config)

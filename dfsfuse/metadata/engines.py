@@ -16,7 +16,7 @@ from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 from dfsfuse.errors import UserError
-from dfsfuse.metadata import sqlite
+from dfsfuse.metadata import postgres, sqlite
 from dfsfuse.metadata.base import MetadataStore
 from dfsfuse.metadata.dump import Dump, decode_dump
 
@@ -25,26 +25,48 @@ DEFAULT_ENGINE = "sqlite"
 
 @dataclasses.dataclass(frozen=True)
 class MetadataSettings:
-    """What it takes to reach a file system's metadata (config [metadata])."""
+    """What it takes to reach a file system's metadata (config [metadata], --meta)."""
 
     path: Path  # sqlite: the database file, DATA_DIR/metadata.db
     engine: str = DEFAULT_ENGINE  # one of ENGINE_NAMES
+    url: str | None = None  # postgresql: the libpq URL of the database
+    password_file: Path | None = None  # postgresql: a file holding the password (else libpq's own ways)
 
     @property
     def where(self) -> str:
-        """Where the metadata lives, as messages name it."""
-        return str(self.path)
+        """Where the metadata lives, as messages name it (no password)."""
+        return str(self.path) if self.url is None else postgres.redacted(self.url)
+
+    def password(self) -> str | None:
+        """The password in `password_file`, if one is set; a UserError if it
+        cannot be read or others may read it."""
+        if self.password_file is None:
+            return None
+        try:
+            if self.password_file.stat().st_mode & 0o077:
+                raise UserError(f"password file {self.password_file} must not be readable by others (chmod 600 it)")
+            return self.password_file.read_text().rstrip("\r\n")
+        except OSError as error:
+            raise UserError(f"cannot read password file {self.password_file}: {error.strerror}") from None
+
+    def postgres_url(self) -> str:
+        if self.url is None:
+            raise UserError("the postgresql metadata engine needs a URL: --meta postgresql://HOST/DB or [metadata] url")
+        return self.url
 
 
 @dataclasses.dataclass(frozen=True)
 class _Engine:
     """How the factory reaches one kind of engine."""
 
-    # Open the metadata, creating it (a root directory) if there is none;
-    # OSError if its storage cannot be reached.
-    open: Callable[[MetadataSettings], Awaitable[MetadataStore]]
+    # Open the metadata; with `create`, make new metadata (a root directory)
+    # if there is none. OSError or UserError if its storage cannot be reached.
+    open: Callable[[MetadataSettings, bool], Awaitable[MetadataStore]]
     # Whether the settings' storage holds metadata already.
     exists: Callable[[MetadataSettings], bool]
+    # Whether a mount of a file system that does not exist yet creates it
+    # (the embedded engine), or refuses (a shared database: `dfsfuse format`).
+    mount_creates: bool
     # The engine's load_dump (below), for a dump already decoded.
     load_dump: Callable[[MetadataSettings, Dump], AbstractAsyncContextManager[MetadataStore]]
     # The metadata of a dump this engine made, open in scratch storage that
@@ -52,11 +74,29 @@ class _Engine:
     open_dump: Callable[[Dump], AbstractAsyncContextManager[MetadataStore]]
 
 
+async def _open_sqlite(settings: MetadataSettings, create: bool) -> MetadataStore:
+    if not create and not settings.path.exists():
+        raise UserError(f"no dfsfuse file system in {settings.path.parent} (mount it once, or dfsfuse format)")
+    return await sqlite.SqliteMetadata.open(str(settings.path))
+
+
+async def _open_postgres(settings: MetadataSettings, create: bool) -> MetadataStore:
+    return await postgres.PostgresMetadata.open(settings.postgres_url(), settings.password(), create=create)
+
+
 _ENGINES = {
     sqlite.ENGINE_NAME: _Engine(
-        open=lambda settings: sqlite.SqliteMetadata.open(str(settings.path)),
+        open=_open_sqlite,
         exists=lambda settings: settings.path.exists(),
+        mount_creates=True,
         load_dump=lambda settings, dump: sqlite.load_dump(settings.path, dump),
+        open_dump=sqlite.open_dump,
+    ),
+    postgres.ENGINE_NAME: _Engine(
+        open=_open_postgres,
+        exists=lambda settings: postgres.holds_file_system(settings.postgres_url(), settings.password()),
+        mount_creates=False,
+        load_dump=lambda settings, dump: postgres.load_dump(settings.postgres_url(), settings.password(), dump),
         open_dump=sqlite.open_dump,
     ),
 }
@@ -70,15 +110,22 @@ def _engine(name: str) -> _Engine:
         raise UserError(f"unknown metadata engine {name!r} (known: {', '.join(ENGINE_NAMES)})") from None
 
 
-async def open_engine(settings: MetadataSettings) -> MetadataStore:
-    """The engine the settings name, open; created empty if it was not there.
+async def open_engine(settings: MetadataSettings, *, create: bool) -> MetadataStore:
+    """The engine the settings name, open; with `create`, new metadata (an
+    empty file system) is made if there is none.
 
-    A one-line UserError if its storage cannot be reached.
+    A one-line UserError if its storage cannot be reached or, without
+    `create`, holds no file system.
     """
     try:
-        return await _engine(settings.engine).open(settings)
+        return await _engine(settings.engine).open(settings, create)
     except OSError as error:
         raise UserError(f"cannot open metadata {settings.where}: {error.strerror or error}") from None
+
+
+def mount_creates(settings: MetadataSettings) -> bool:
+    """Whether mounting a file system that does not exist makes it (else: dfsfuse format)."""
+    return _engine(settings.engine).mount_creates
 
 
 def metadata_exists(settings: MetadataSettings) -> bool:

@@ -52,7 +52,7 @@ def test_file_settings_and_sizes(tmp_path):
         ('[[nodes]]\nname = "a"', "needs either path (a directory) or address"),
         ('[[nodes]]\nname = "a"\npath = "x"\naddress = "h:1"', "needs either path (a directory) or address"),
         ('tls_ca_file = "no-such-ca.pem"', "tls_ca_file"),
-        ('[metadata]\nengine = "mysql"', "metadata.engine = 'mysql' is not an engine dfsfuse knows (sqlite)"),
+        ('[metadata]\nengine = "mysql"', "metadata.engine = 'mysql' is not an engine dfsfuse knows (sqlite, postgresql)"),
         ('[metadata]\nengine = 1', "engine must be a string"),
         ('[metadata]\ndsn = "x"', "unknown setting metadata.dsn"),
         ('metadata = "sqlite"', "[metadata] must be a table"),

@@ -64,6 +64,7 @@ from dfsfuse.metadata.engines import (
     open_dump,
     open_engine,
 )
+from dfsfuse.metadata.postgres import PostgresMetadata
 from dfsfuse.metadata.sqlite import SqliteMetadata
 
 FILE = stat.S_IFREG | 0o644
@@ -71,35 +72,43 @@ DIRECTORY = stat.S_IFDIR | 0o755
 SYMLINK = stat.S_IFLNK | 0o777
 
 
-class SqliteHarness:
-    def __init__(self, root: pathlib.Path):
-        self.path = str(root / "metadata.db")
+class Harness:
+    """One engine's metadata, each `store()` opening it anew (persistence);
+    `cached` puts the metadata cache over the engine."""
+
+    def __init__(self, open_engine: Callable[[], Awaitable[MetadataStore]], cached: bool = False):
+        self._open = open_engine
+        self._cached = cached
 
     @contextlib.asynccontextmanager
     async def store(self) -> AsyncIterator[MetadataStore]:
-        store = await SqliteMetadata.open(self.path)
+        store = await self._open()
+        if self._cached:
+            store = CachedMetadata(store)
         try:
             yield store
         finally:
             await store.close()
 
 
-class CachedSqliteHarness(SqliteHarness):
-    @contextlib.asynccontextmanager
-    async def store(self) -> AsyncIterator[MetadataStore]:
-        store = CachedMetadata(await SqliteMetadata.open(self.path))
-        try:
-            yield store
-        finally:
-            await store.close()
+def sqlite_harness(root: pathlib.Path, cached: bool = False) -> Harness:
+    return Harness(lambda: SqliteMetadata.open(str(root / "metadata.db")), cached)
 
 
-HARNESSES = {"sqlite": SqliteHarness, "cached-sqlite": CachedSqliteHarness}
+def postgres_harness(url: str, cached: bool = False) -> Harness:
+    """A database of its own on the test run's PostgreSQL server (tests/conftest.py)."""
+    return Harness(lambda: PostgresMetadata.open(url), cached)
 
 
-@pytest.fixture(params=sorted(HARNESSES))
+HARNESSES = ("sqlite", "cached-sqlite", "postgresql", "cached-postgresql")
+
+
+@pytest.fixture(params=HARNESSES)
 def harness(request, tmp_path):
-    return HARNESSES[request.param](tmp_path)
+    cached = request.param.startswith("cached-")
+    if request.param.endswith("postgresql"):
+        return postgres_harness(request.getfixturevalue("postgres_url"), cached)
+    return sqlite_harness(tmp_path, cached)
 
 
 def run_with_store(harness, body: Callable[[MetadataStore], Awaitable[None]]) -> None:
@@ -1191,7 +1200,7 @@ def test_a_snapshot_opens_as_the_metadata_of_its_instant(harness, tmp_path):
     run_with_store(harness, body)
 
     async def check() -> None:
-        restored = await open_engine(settings)
+        restored = await open_engine(settings, create=False)
         try:
             assert await names_in(restored, ROOT_INODE) == {b"kept"}
             kept = await restored.lookup(ROOT_INODE, b"kept")
@@ -1226,7 +1235,7 @@ def test_a_bare_sqlite_image_from_before_the_envelope_still_loads(tmp_path):
     """Snapshots written before dumps had an envelope are SQLite images (format 0)."""
 
     async def main() -> None:
-        async with SqliteHarness(tmp_path).store() as store:
+        async with sqlite_harness(tmp_path).store() as store:
             await mkfile(store, ROOT_INODE, b"old")
             image = dump_format.decode_dump(await store.snapshot()).payload
         assert image.startswith(b"SQLite format 3\0")
@@ -1236,7 +1245,7 @@ def test_a_bare_sqlite_image_from_before_the_envelope_still_loads(tmp_path):
         settings = MetadataSettings(tmp_path / "restored.db")
         async with load_dump(settings, image):
             pass
-        restored = await open_engine(settings)
+        restored = await open_engine(settings, create=False)
         try:
             assert await names_in(restored, ROOT_INODE) == {b"old"}
         finally:
@@ -1247,7 +1256,7 @@ def test_a_bare_sqlite_image_from_before_the_envelope_still_loads(tmp_path):
 
 def test_a_dump_that_cannot_be_read_is_a_clear_error(tmp_path):
     async def main() -> None:
-        async with SqliteHarness(tmp_path).store() as store:
+        async with sqlite_harness(tmp_path).store() as store:
             dump = await store.snapshot()
         decoded = dump_format.decode_dump(dump)
         newer = bytearray(dump)
@@ -1279,7 +1288,7 @@ def test_loading_a_dump_is_all_or_nothing(tmp_path):
     over existing metadata."""
 
     async def main() -> None:
-        async with SqliteHarness(tmp_path).store() as store:
+        async with sqlite_harness(tmp_path).store() as store:
             await mkfile(store, ROOT_INODE, b"file")
             dump = await store.snapshot()
         settings = MetadataSettings(tmp_path / "new" / "metadata.db")
@@ -1297,10 +1306,57 @@ def test_loading_a_dump_is_all_or_nothing(tmp_path):
         with pytest.raises(UserError, match="exists already"):
             async with load_dump(settings, dump):
                 pass
-        restored = await open_engine(settings)
+        restored = await open_engine(settings, create=False)
         try:
             assert (await restored.allocate_shard_ids(1)).start > 100  # what the block did was kept
         finally:
             await restored.close()
 
     trio.run(main)
+
+
+@pytest.fixture
+def second_postgres_url(postgres_server):
+    """Another fresh database, beside the one a PostgreSQL harness uses."""
+    postgres_server.create_database("dump_target")
+    yield postgres_server.url("dump_target", password=True)
+    postgres_server.drop_database("dump_target")
+
+
+def test_a_dump_of_any_engine_loads_into_postgresql(harness, second_postgres_url):
+    """Dumps are engine-neutral: one loads into a new PostgreSQL file system
+    whole (ids, shards, the registry), and new ids there come after its own;
+    a database that holds a file system already is refused."""
+    settings = MetadataSettings(pathlib.Path("/nonexistent"), "postgresql", second_postgres_url)
+    dumped: list[bytes] = []
+
+    async def body(store: MetadataStore) -> None:
+        directory = await mkdir(store, ROOT_INODE, b"dir")
+        kept = await mkfile(store, directory.inode, b"kept")
+        await store.commit_shards(kept.inode, {0: ref(7)}, 1000)
+        await store.add_node("n1", "n1.example:7070")
+        dumped.append(await store.snapshot())
+
+    run_with_store(harness, body)
+
+    async def check() -> None:
+        assert not metadata_exists(settings)
+        async with load_dump(settings, dumped[0]):
+            pass
+        assert metadata_exists(settings)
+        restored = await open_engine(settings, create=False)
+        try:
+            directory = await restored.lookup(ROOT_INODE, b"dir")
+            kept = await restored.lookup(directory.inode, b"kept")
+            assert (await restored.shard_map(kept.inode))[0][0].shard_id == 7
+            assert [node.name for node in await restored.nodes()] == ["n1"]
+            newer = await mkfile(restored, ROOT_INODE, b"new")
+            assert newer.inode > kept.inode
+            assert newer.inode not in (directory.inode, kept.inode)
+        finally:
+            await restored.close()
+        with pytest.raises(UserError, match="holds a file system already"):
+            async with load_dump(settings, dumped[0]):
+                pass
+
+    trio.run(check)

@@ -1,0 +1,820 @@
+"""What the SQL metadata engines share: every MetadataStore call as one
+transaction body, written once for SQLite and PostgreSQL.
+
+An engine subclasses SqlMetadata and says how a body runs: `_read(body, *args)`
+and `_write(body, *args)` run body(tx, *args) as one transaction and return
+its result, all of it committed or none. The bodies speak the SQL both
+engines understand (`?` placeholders, INSERT ... ON CONFLICT DO NOTHING
+RETURNING, no engine's own functions) through a Transaction, so the tables
+have the same names, columns and meaning in both (the SQLite schema's
+comments in dfsfuse/metadata/sqlite.py are their reference).
+
+Concurrency. A body reads, then locks every inode row it will change with
+`tx.lock_inodes`, in ascending id order, before it changes any: an engine
+with row locks (PostgreSQL) then never deadlocks two bodies on each other
+(say two renames in opposite directions). SQLite runs one write at a time, so
+there the lock is nothing. A body never relies on its reads staying true by
+any other means: PostgreSQL runs them SERIALIZABLE and retries on conflict.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import stat
+import struct
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Protocol, TypeVar
+
+from dfsfuse.errors import (
+    Exists,
+    InvalidArgument,
+    IsADirectory,
+    NoData,
+    NotADirectory,
+    NotEmpty,
+    NotFound,
+    NotPermitted,
+)
+from dfsfuse.metadata.base import (
+    NODE_ACTIVE,
+    NODE_STATES,
+    RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
+    REPLICAS_XATTR,
+    ROOT_INODE,
+    XATTR_CREATE,
+    XATTR_REPLACE,
+    AttrChanges,
+    DirEntry,
+    EntryChange,
+    InodeAttrs,
+    MetadataStore,
+    NodeRecord,
+    RenameChange,
+    ShardLayers,
+    ShardRecord,
+    ShardRef,
+    UsageCounts,
+    check_name,
+)
+
+FILE_TYPE_BITS = 0o170000  # the S_IFMT part of a mode
+SCHEMA_VERSION_KEY = "schema_version"  # the meta row each engine keeps its own schema's version in
+
+T = TypeVar("T")
+
+# The tables of a file system's metadata and their columns, the same in every
+# engine; dumps copy them table by table in this order.
+TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
+    "meta": ("key", "value"),
+    "inodes": (
+        "id", "mode", "nlink", "uid", "gid", "rdev", "size", "stored_bytes",
+        "atime_ns", "mtime_ns", "ctime_ns", "target", "parent",
+    ),
+    "entries": ("id", "parent", "name", "inode"),
+    "shards": ("id", "inode", "idx", "length", "checksum", "nodes", "pages"),
+    "garbage": ("shard_id", "nodes"),
+    "xattrs": ("inode", "name", "value"),
+    "nodes": ("name", "address", "state", "capacity", "used", "shard_count", "last_seen_ns"),
+}
+
+
+class Cursor(Protocol):
+    """What a body uses of a statement's result (DB-API, as both drivers give it)."""
+
+    @property
+    def rowcount(self) -> int: ...
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+    def __iter__(self) -> Any: ...
+
+
+class Transaction(Protocol):
+    """One open transaction, as a body sees it."""
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor: ...
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None: ...
+
+    def lock_inodes(self, inodes: Iterable[int]) -> None:
+        """Lock these inode rows for the rest of the transaction, in ascending id order."""
+
+
+class SqlMetadata(MetadataStore):
+    """A MetadataStore whose every call is one of the transaction bodies below."""
+
+    @abc.abstractmethod
+    async def _read(self, body: Callable[..., T], *args: Any) -> T:
+        """Run body(tx, *args) in a transaction that changes nothing."""
+
+    @abc.abstractmethod
+    async def _write(self, body: Callable[..., T], *args: Any) -> T:
+        """Run body(tx, *args) in a transaction that may change the metadata."""
+
+    async def _write_durably(self, body: Callable[..., T], *args: Any) -> T:
+        """`_write`, durable once it returns even if the machine dies (shard ids)."""
+        return await self._write(body, *args)
+
+    # -- inodes and names -------------------------------------------------
+    async def getattr(self, inode: int) -> InodeAttrs:
+        return await self._read(_inode_attrs, inode)
+
+    async def lookup(self, parent: int, name: bytes) -> InodeAttrs:
+        return await self._read(_lookup, parent, name)
+
+    async def create(
+        self,
+        parent: int,
+        name: bytes,
+        mode: int,
+        uid: int,
+        gid: int,
+        now_ns: int,
+        rdev: int = 0,
+        target: bytes = b"",
+    ) -> EntryChange:
+        return await self._write(_create, parent, name, mode, uid, gid, now_ns, rdev, target)
+
+    async def link(self, inode: int, new_parent: int, new_name: bytes, now_ns: int) -> EntryChange:
+        return await self._write(_link, inode, new_parent, new_name, now_ns)
+
+    async def unlink(self, parent: int, name: bytes, now_ns: int) -> EntryChange:
+        return await self._write(_unlink, parent, name, now_ns)
+
+    async def rmdir(self, parent: int, name: bytes, now_ns: int) -> EntryChange:
+        return await self._write(_rmdir, parent, name, now_ns)
+
+    async def rename(
+        self,
+        old_parent: int,
+        old_name: bytes,
+        new_parent: int,
+        new_name: bytes,
+        flags: int,
+        now_ns: int,
+    ) -> RenameChange | None:
+        return await self._write(_rename, old_parent, old_name, new_parent, new_name, flags, now_ns)
+
+    async def setattr(self, inode: int, changes: AttrChanges, now_ns: int) -> InodeAttrs:
+        return await self._write(_setattr, inode, changes, now_ns)
+
+    async def readdir(self, parent: int, after: int, limit: int) -> list[DirEntry]:
+        return await self._read(_readdir, parent, after, limit)
+
+    async def delete_inodes(self, inodes: Sequence[int]) -> None:
+        await self._write(_delete_inodes, sorted(inodes))
+
+    async def orphan_inodes(self) -> list[int]:
+        return await self._read(_orphan_inodes)
+
+    # -- file contents ----------------------------------------------------
+    async def shard_map(self, inode: int) -> Mapping[int, ShardLayers]:
+        return await self._read(_shard_map, inode)
+
+    async def commit_shards(
+        self,
+        inode: int,
+        shards: Mapping[int, ShardRef],
+        size: int,
+        drop_from: int | None = None,
+        mtime_ns: int | None = None,
+        ctime_ns: int | None = None,
+        *,
+        changes: AttrChanges | None = None,
+    ) -> InodeAttrs:
+        return await self._write(_commit_shards, inode, dict(shards), size, drop_from, mtime_ns, ctime_ns, changes)
+
+    async def allocate_shard_ids(self, count: int) -> range:
+        if count < 0:
+            raise InvalidArgument(f"cannot allocate {count} shard ids")
+        return await self._write_durably(_allocate_shard_ids, count)
+
+    async def layout(self, shard_size: int, block_size: int) -> tuple[int, int]:
+        return await self._write(_layout, shard_size, block_size)
+
+    async def garbage(self, limit: int) -> list[tuple[int, tuple[str, ...]]]:
+        return await self._read(_garbage, limit)
+
+    async def forget_garbage(self, shard_ids: Sequence[int]) -> None:
+        await self._write(_forget_garbage, list(shard_ids))
+
+    async def shards(self, after_shard_id: int, limit: int) -> list[ShardRecord]:
+        return await self._read(_shards, after_shard_id, limit)
+
+    async def set_shard_nodes(self, shard_id: int, nodes: tuple[str, ...]) -> None:
+        await self._write(_set_shard_nodes, shard_id, tuple(nodes))
+
+    async def usage(self) -> UsageCounts:
+        return await self._read(_usage)
+
+    # -- extended attributes ----------------------------------------------
+    async def setxattr(self, inode: int, name: bytes, value: bytes, flags: int, now_ns: int) -> InodeAttrs:
+        return await self._write(_setxattr, inode, name, value, flags, now_ns)
+
+    async def getxattr(self, inode: int, name: bytes) -> bytes:
+        return await self._read(_getxattr, inode, name)
+
+    async def listxattr(self, inode: int) -> list[bytes]:
+        return await self._read(_listxattr, inode)
+
+    async def removexattr(self, inode: int, name: bytes, now_ns: int) -> InodeAttrs:
+        return await self._write(_removexattr, inode, name, now_ns)
+
+    # -- the node registry -------------------------------------------------
+    async def nodes(self) -> list[NodeRecord]:
+        return await self._read(_nodes)
+
+    async def add_node(self, name: str, address: str) -> NodeRecord:
+        return await self._write(_add_node, name, address)
+
+    async def set_node_state(self, name: str, state: str) -> None:
+        if state not in NODE_STATES:
+            raise InvalidArgument(f"unknown node state {state!r}")
+        await self._write(_update_node, name, "state = ?", (state,))
+
+    async def record_node_stat(self, name: str, capacity: int, used: int, shards: int, seen_ns: int) -> None:
+        await self._write(
+            _update_node, name, "capacity = ?, used = ?, shard_count = ?, last_seen_ns = ?",
+            (capacity, used, shards, seen_ns),
+        )
+
+    async def remove_node(self, name: str) -> None:
+        await self._write(_remove_node, name)
+
+    # -- whole tables, for dumps -------------------------------------------
+    async def rows_of(self, table: str) -> list[tuple[Any, ...]]:
+        """Every row of one of TABLE_COLUMNS' tables, in its columns' order."""
+        if table not in TABLE_COLUMNS:
+            raise InvalidArgument(f"no metadata table {table!r}")
+        return await self._read(table_rows, table)
+
+
+
+def insert_statement(table: str) -> str:
+    """INSERT of one whole row of `table`, its columns in TABLE_COLUMNS order."""
+    columns = TABLE_COLUMNS[table]
+    return f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+
+
+def create_root(tx: Transaction, uid: int, gid: int, now_ns: int) -> None:
+    """A new file system's root directory, and the first shard id, 1."""
+    tx.execute(
+        insert_statement("inodes"),
+        (ROOT_INODE, stat.S_IFDIR | 0o755, 2, uid, gid, 0, 0, 0, now_ns, now_ns, now_ns, b"", ROOT_INODE),
+    )
+    tx.execute("INSERT INTO meta (key, value) VALUES ('next_shard_id', 1)")
+
+
+def replace_rows(tx: Transaction, tables: Mapping[str, Sequence[Sequence[Any]]]) -> None:
+    """Replace every row of every table by `tables`' (a body: loading a dump).
+
+    The meta row schema_version stays: it is the version of this engine's
+    schema, not a part of the file system (the rows mean the same in every
+    engine and version that TABLE_COLUMNS describes)."""
+    for table in reversed(TABLE_COLUMNS):
+        tx.execute(f"DELETE FROM {table}" + (f" WHERE key <> '{SCHEMA_VERSION_KEY}'" if table == "meta" else ""))
+    for table in TABLE_COLUMNS:
+        rows = tables[table]
+        if table == "meta":
+            rows = [row for row in rows if row[0] != SCHEMA_VERSION_KEY]
+        tx.executemany(insert_statement(table), rows)
+
+
+def table_rows(tx: Transaction, table: str) -> list[tuple[Any, ...]]:
+    """Every row of `table`, its columns in TABLE_COLUMNS order (a body: dumps read them)."""
+    columns = TABLE_COLUMNS[table]
+    return [tuple(row) for row in tx.execute(f"SELECT {', '.join(columns)} FROM {table} ORDER BY {columns[0]}")]
+
+
+# -- transaction bodies ---------------------------------------------------
+# Each function below runs inside one transaction; an exception rolls the
+# whole transaction back.
+
+# The columns of an inode row in InodeAttrs field order, so that
+# InodeAttrs(*row) builds the attributes; `blocks` is computed here.
+_ATTR_COLUMNS = (
+    "{t}id, {t}mode, {t}nlink, {t}uid, {t}gid, {t}rdev, {t}size, ({t}stored_bytes + 511) / 512,"
+    " {t}atime_ns, {t}mtime_ns, {t}ctime_ns, {t}target"
+)
+_ATTRS = _ATTR_COLUMNS.format(t="")
+_ATTRS_OF_I = _ATTR_COLUMNS.format(t="i.")
+
+
+def _encode_nodes(nodes: Sequence[str]) -> str:
+    return json.dumps(list(nodes))
+
+
+def _decode_nodes(text: str) -> tuple[str, ...]:
+    return tuple(json.loads(text))
+
+
+def _inode_exists(tx: Transaction, inode: int) -> bool:
+    return tx.execute("SELECT 1 FROM inodes WHERE id = ?", (inode,)).fetchone() is not None
+
+
+def _inode_attrs(tx: Transaction, inode: int) -> InodeAttrs:
+    row = tx.execute(f"SELECT {_ATTRS} FROM inodes WHERE id = ?", (inode,)).fetchone()
+    if row is None:
+        raise NotFound(f"no inode {inode}")
+    return InodeAttrs(*row)
+
+
+def _update_inode(tx: Transaction, inode: int, assignments: str, params: Sequence[Any]) -> InodeAttrs:
+    """Apply `assignments` (SQL "column = ?, ...") to the inode; its attrs after."""
+    row = tx.execute(
+        f"UPDATE inodes SET {assignments} WHERE id = ? RETURNING {_ATTRS}", (*params, inode)
+    ).fetchone()
+    if row is None:
+        raise NotFound(f"no inode {inode}")
+    return InodeAttrs(*row)
+
+
+def _require_directory(tx: Transaction, inode: int, *, live: bool = True) -> None:
+    """NotFound unless `inode` exists (and, if `live`, still has a name); NotADirectory
+    unless it is a directory."""
+    row = tx.execute("SELECT mode, nlink FROM inodes WHERE id = ?", (inode,)).fetchone()
+    if row is None or (live and row[1] == 0):
+        raise NotFound(f"no directory {inode}")
+    if not stat.S_ISDIR(row[0]):
+        raise NotADirectory(f"inode {inode} is not a directory")
+
+
+def _touch_directory(tx: Transaction, directory: int, now_ns: int, nlink_delta: int) -> InodeAttrs:
+    """A live directory's entries changed: set its mtime and ctime, adjust its
+    nlink; its attrs after."""
+    row = tx.execute(
+        "UPDATE inodes SET nlink = nlink + ?, mtime_ns = ?, ctime_ns = ?"
+        f" WHERE id = ? AND nlink > 0 AND mode & ? = ? RETURNING {_ATTRS}",
+        (nlink_delta, now_ns, now_ns, directory, FILE_TYPE_BITS, stat.S_IFDIR),
+    ).fetchone()
+    if row is None:
+        _require_directory(tx, directory)  # raises: only a missing, removed or non-directory misses
+    return InodeAttrs(*row)
+
+
+def _entry(tx: Transaction, parent: int, name: bytes) -> tuple[int, InodeAttrs] | None:
+    """(entry id, attrs of the inode named) for `name` in `parent`, or None."""
+    row = tx.execute(
+        f"SELECT e.id, {_ATTRS_OF_I} FROM entries e JOIN inodes i ON i.id = e.inode"
+        " WHERE e.parent = ? AND e.name = ?",
+        (parent, name),
+    ).fetchone()
+    return None if row is None else (row[0], InodeAttrs(*row[1:]))
+
+
+def _existing_entry(tx: Transaction, parent: int, name: bytes) -> tuple[int, InodeAttrs]:
+    found = _entry(tx, parent, name)
+    if found is None:
+        _require_directory(tx, parent)
+        raise NotFound(f"no {name!r} in directory {parent}")
+    return found
+
+
+def _add_entry(tx: Transaction, parent: int, name: bytes, inode: int) -> int:
+    """Name `inode` in `parent`; the new entry's id (its readdir offset)."""
+    row = tx.execute(
+        "INSERT INTO entries (parent, name, inode) VALUES (?, ?, ?)"
+        " ON CONFLICT (parent, name) DO NOTHING RETURNING id",
+        (parent, name, inode),
+    ).fetchone()
+    if row is None:
+        raise Exists(f"{name!r} exists in directory {parent}")
+    entry_id: int = row[0]
+    return entry_id
+
+
+def _has_entries(tx: Transaction, directory: int) -> bool:
+    return tx.execute("SELECT 1 FROM entries WHERE parent = ? LIMIT 1", (directory,)).fetchone() is not None
+
+
+def _directory_parent(tx: Transaction, directory: int) -> int:
+    return int(tx.execute("SELECT parent FROM inodes WHERE id = ?", (directory,)).fetchone()[0])
+
+
+def _is_within(tx: Transaction, directory: int, ancestor: int) -> bool:
+    """Whether `directory` is `ancestor` or lies somewhere below it."""
+    while directory != ancestor:
+        if directory == ROOT_INODE:
+            return False
+        directory = _directory_parent(tx, directory)
+    return True
+
+
+def _lookup(tx: Transaction, parent: int, name: bytes) -> InodeAttrs:
+    if name == b"." or name == b"..":
+        _require_directory(tx, parent)
+        return _inode_attrs(tx, parent if name == b"." else _directory_parent(tx, parent))
+    return _existing_entry(tx, parent, name)[1]
+
+
+def _create(
+    tx: Transaction,
+    parent: int,
+    name: bytes,
+    mode: int,
+    uid: int,
+    gid: int,
+    now_ns: int,
+    rdev: int,
+    target: bytes,
+) -> EntryChange:
+    check_name(name)
+    is_directory = stat.S_ISDIR(mode)
+    if not stat.S_ISLNK(mode):
+        target = b""
+    parent_attrs = _touch_directory(tx, parent, now_ns, 1 if is_directory else 0)
+    nlink = 2 if is_directory else 1
+    size = len(target)
+    inode: int = tx.execute(
+        "INSERT INTO inodes (mode, nlink, uid, gid, rdev, size, stored_bytes, atime_ns, mtime_ns, ctime_ns,"
+        " target, parent) VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?) RETURNING id",
+        (mode, nlink, uid, gid, rdev, size, now_ns, now_ns, now_ns, target, parent if is_directory else None),
+    ).fetchone()[0]
+    offset = _add_entry(tx, parent, name, inode)
+    attrs = InodeAttrs(inode, mode, nlink, uid, gid, rdev, size, 0, now_ns, now_ns, now_ns, target)
+    xattrs = _inherit_replicas(tx, parent, inode) if is_directory or stat.S_ISREG(mode) else {}
+    return EntryChange(attrs, parent_attrs, offset, xattrs)
+
+
+def _inherit_replicas(tx: Transaction, parent: int, inode: int) -> dict[bytes, bytes]:
+    """Give a new inode the REPLICAS_XATTR of its directory, if it has one; the xattrs given."""
+    row = tx.execute(
+        "INSERT INTO xattrs (inode, name, value) SELECT ?, name, value FROM xattrs"
+        " WHERE inode = ? AND name = ? RETURNING value",
+        (inode, parent, REPLICAS_XATTR),
+    ).fetchone()
+    return {} if row is None else {REPLICAS_XATTR: row[0]}
+
+
+def _link(tx: Transaction, inode: int, new_parent: int, new_name: bytes, now_ns: int) -> EntryChange:
+    check_name(new_name)
+    tx.lock_inodes((new_parent, inode))
+    attrs = _inode_attrs(tx, inode)
+    if stat.S_ISDIR(attrs.mode):
+        raise NotPermitted(f"inode {inode} is a directory and cannot be hard-linked")
+    if attrs.nlink == 0:
+        raise NotFound(f"inode {inode} has no name left to link to")  # as linkat(2) says
+    parent_attrs = _touch_directory(tx, new_parent, now_ns, 0)
+    offset = _add_entry(tx, new_parent, new_name, inode)
+    attrs = _update_inode(tx, inode, "nlink = nlink + 1, ctime_ns = ?", (now_ns,))
+    return EntryChange(attrs, parent_attrs, offset)
+
+
+def _unlink(tx: Transaction, parent: int, name: bytes, now_ns: int) -> EntryChange:
+    entry_id, attrs = _existing_entry(tx, parent, name)
+    tx.lock_inodes((parent, attrs.inode))
+    if stat.S_ISDIR(attrs.mode):
+        raise IsADirectory(f"{name!r} in directory {parent} is a directory")
+    tx.execute("DELETE FROM entries WHERE id = ?", (entry_id,))
+    parent_attrs = _touch_directory(tx, parent, now_ns, 0)
+    attrs = _update_inode(tx, attrs.inode, "nlink = nlink - 1, ctime_ns = ?", (now_ns,))
+    return EntryChange(attrs, parent_attrs, entry_id)
+
+
+def _rmdir(tx: Transaction, parent: int, name: bytes, now_ns: int) -> EntryChange:
+    entry_id, attrs = _existing_entry(tx, parent, name)
+    tx.lock_inodes((parent, attrs.inode))
+    if not stat.S_ISDIR(attrs.mode):
+        raise NotADirectory(f"{name!r} in directory {parent} is not a directory")
+    if _has_entries(tx, attrs.inode):
+        raise NotEmpty(f"directory {attrs.inode} is not empty")
+    tx.execute("DELETE FROM entries WHERE id = ?", (entry_id,))
+    parent_attrs = _touch_directory(tx, parent, now_ns, -1)
+    attrs = _update_inode(tx, attrs.inode, "nlink = 0, ctime_ns = ?", (now_ns,))
+    return EntryChange(attrs, parent_attrs, entry_id)
+
+
+def _rename(
+    tx: Transaction,
+    old_parent: int,
+    old_name: bytes,
+    new_parent: int,
+    new_name: bytes,
+    flags: int,
+    now_ns: int,
+) -> RenameChange | None:
+    if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
+        raise InvalidArgument(f"invalid rename flags {flags:#x}")
+    check_name(new_name)
+    source_entry, source = _existing_entry(tx, old_parent, old_name)
+    target = _entry(tx, new_parent, new_name)
+    tx.lock_inodes((old_parent, new_parent, source.inode) + (() if target is None else (target[1].inode,)))
+    if target is None:
+        _require_directory(tx, new_parent)
+        if flags & RENAME_EXCHANGE:
+            raise NotFound(f"no {new_name!r} in directory {new_parent} to exchange with")
+    elif flags & RENAME_NOREPLACE:
+        raise Exists(f"{new_name!r} exists in directory {new_parent}")
+    if target is not None and target[1].inode == source.inode:
+        return None
+    source_is_directory = stat.S_ISDIR(source.mode)
+    if source_is_directory and new_parent != old_parent and _is_within(tx, new_parent, source.inode):
+        raise InvalidArgument(f"cannot move directory {source.inode} into itself")
+
+    # The nlink change of each parent; one key when both are the same.
+    nlink_deltas = {old_parent: 0, new_parent: 0}
+
+    def move_directory(directory: int, origin: int, destination: int) -> None:
+        if origin != destination:
+            tx.execute("UPDATE inodes SET parent = ? WHERE id = ?", (destination, directory))
+            nlink_deltas[origin] -= 1
+            nlink_deltas[destination] += 1
+
+    exchanged = replaced = None
+    if flags & RENAME_EXCHANGE:
+        assert target is not None
+        target_entry, other = target
+        other_is_directory = stat.S_ISDIR(other.mode)
+        if other_is_directory and old_parent != new_parent and _is_within(tx, old_parent, other.inode):
+            raise InvalidArgument(f"cannot move directory {other.inode} into itself")
+        tx.execute("UPDATE entries SET inode = ? WHERE id = ?", (other.inode, source_entry))
+        tx.execute("UPDATE entries SET inode = ? WHERE id = ?", (source.inode, target_entry))
+        if other_is_directory:
+            move_directory(other.inode, new_parent, old_parent)
+        exchanged = _update_inode(tx, other.inode, "ctime_ns = ?", (now_ns,))
+        new_name_entry = target_entry
+    else:
+        if target is not None:
+            replaced = _remove_rename_target(tx, target, source_is_directory, now_ns)
+            if source_is_directory:
+                nlink_deltas[new_parent] -= 1
+        tx.execute("UPDATE entries SET parent = ?, name = ? WHERE id = ?", (new_parent, new_name, source_entry))
+        new_name_entry = source_entry
+    if source_is_directory:
+        move_directory(source.inode, old_parent, new_parent)
+    moved = _update_inode(tx, source.inode, "ctime_ns = ?", (now_ns,))
+    parents = tuple(
+        _touch_directory(tx, directory, now_ns, nlink_delta) for directory, nlink_delta in nlink_deltas.items()
+    )
+    return RenameChange(moved, exchanged, replaced, parents, new_name_entry)
+
+
+def _remove_rename_target(
+    tx: Transaction, target: tuple[int, InodeAttrs], source_is_directory: bool, now_ns: int
+) -> InodeAttrs:
+    """Remove the name a rename replaces; the replaced inode's attrs after."""
+    target_entry, victim = target
+    if source_is_directory:
+        if not stat.S_ISDIR(victim.mode):
+            raise NotADirectory(f"cannot replace non-directory {victim.inode} with a directory")
+        if _has_entries(tx, victim.inode):
+            raise NotEmpty(f"directory {victim.inode} is not empty")
+        nlink = 0
+    else:
+        if stat.S_ISDIR(victim.mode):
+            raise IsADirectory(f"cannot replace directory {victim.inode} with a non-directory")
+        nlink = victim.nlink - 1
+    tx.execute("DELETE FROM entries WHERE id = ?", (target_entry,))
+    return _update_inode(tx, victim.inode, "nlink = ?, ctime_ns = ?", (nlink, now_ns))
+
+
+def _setattr(tx: Transaction, inode: int, changes: AttrChanges, now_ns: int) -> InodeAttrs:
+    assignments: list[str] = []
+    params: list[Any] = []
+    _add_attr_changes(assignments, params, changes, now_ns)
+    return _update_inode(tx, inode, ", ".join(assignments), params)
+
+
+def _add_attr_changes(assignments: list[str], params: list[Any], changes: AttrChanges, now_ns: int) -> None:
+    """Add what setattr(changes, now_ns) assigns to an UPDATE's assignments."""
+    assignments.append("ctime_ns = ?")
+    params.append(now_ns)
+    if changes.mode is not None:
+        assignments.append("mode = (mode & ?) | ?")
+        params += [FILE_TYPE_BITS, changes.mode & 0o7777]
+    for column in ("uid", "gid", "atime_ns", "mtime_ns"):
+        value = getattr(changes, column)
+        if value is not None:
+            assignments.append(f"{column} = ?")
+            params.append(value)
+
+
+def _readdir(tx: Transaction, parent: int, after: int, limit: int) -> list[DirEntry]:
+    rows = tx.execute(
+        f"SELECT e.id, e.name, {_ATTRS_OF_I} FROM entries e JOIN inodes i ON i.id = e.inode"
+        " WHERE e.parent = ? AND e.id > ? ORDER BY e.id LIMIT ?",
+        (parent, after, max(limit, 0)),
+    ).fetchall()
+    if not rows:
+        _require_directory(tx, parent, live=False)  # a removed directory lists as empty
+    return [DirEntry(row[1], InodeAttrs(*row[2:]), row[0]) for row in rows]
+
+
+def _delete_inodes(tx: Transaction, inodes: list[int]) -> None:
+    tx.lock_inodes(inodes)
+    for inode in inodes:
+        row = tx.execute("SELECT nlink FROM inodes WHERE id = ?", (inode,)).fetchone()
+        if row is None or row[0] > 0:
+            continue
+        tx.execute("INSERT INTO garbage (shard_id, nodes) SELECT id, nodes FROM shards WHERE inode = ?", (inode,))
+        tx.execute("DELETE FROM shards WHERE inode = ?", (inode,))
+        tx.execute("DELETE FROM xattrs WHERE inode = ?", (inode,))
+        tx.execute("DELETE FROM inodes WHERE id = ?", (inode,))
+
+
+def _orphan_inodes(tx: Transaction) -> list[int]:
+    return [row[0] for row in tx.execute("SELECT id FROM inodes WHERE nlink = 0 ORDER BY id")]
+
+
+_SHARD_COLUMNS = "id, length, checksum, nodes, pages"
+
+
+def _shard_ref(row: Sequence[Any]) -> ShardRef:
+    """A ShardRef from the columns _SHARD_COLUMNS, in that order."""
+    return ShardRef(row[0], row[1], row[2], _decode_nodes(row[3]), _decode_pages(row[4]))
+
+
+def _encode_pages(pages: tuple[int, ...]) -> bytes | None:
+    return struct.pack(f"<{len(pages)}I", *pages) if pages else None
+
+
+def _decode_pages(blob: bytes | None) -> tuple[int, ...]:
+    return struct.unpack(f"<{len(blob) // 4}I", blob) if blob else ()
+
+
+def _shard_map(tx: Transaction, inode: int) -> dict[int, ShardLayers]:
+    rows = tx.execute(
+        f"SELECT idx, {_SHARD_COLUMNS} FROM shards WHERE inode = ? ORDER BY idx, pages IS NOT NULL, id", (inode,)
+    ).fetchall()
+    if not rows and not _inode_exists(tx, inode):
+        raise NotFound(f"no inode {inode}")
+    layers: dict[int, list[ShardRef]] = {}
+    for row in rows:
+        layers.setdefault(row[0], []).append(_shard_ref(row[1:]))
+    return {index: tuple(refs) for index, refs in layers.items()}
+
+
+def _commit_shards(
+    tx: Transaction,
+    inode: int,
+    shards: dict[int, ShardRef],
+    size: int,
+    drop_from: int | None,
+    mtime_ns: int | None,
+    ctime_ns: int | None,
+    changes: AttrChanges | None,
+) -> InodeAttrs:
+    if changes is not None and ctime_ns is None:
+        raise InvalidArgument("commit_shards with attr changes needs ctime_ns (the setattr's now_ns)")
+    row = tx.execute("SELECT mode FROM inodes WHERE id = ?", (inode,)).fetchone()
+    if row is None:
+        raise NotFound(f"no inode {inode}")
+    if stat.S_ISDIR(row[0]):
+        raise IsADirectory(f"inode {inode} is a directory")
+    if not stat.S_ISREG(row[0]):
+        raise InvalidArgument(f"inode {inode} is not a regular file")
+    removed: list[tuple[int, int, str]] = []  # (shard id, length, nodes)
+    if drop_from is not None:
+        removed += tx.execute(
+            "DELETE FROM shards WHERE inode = ? AND idx >= ? RETURNING id, length, nodes", (inode, drop_from)
+        ).fetchall()
+    for index, ref in shards.items():
+        if not ref.is_patch:
+            removed += tx.execute(
+                "DELETE FROM shards WHERE inode = ? AND idx = ? RETURNING id, length, nodes", (inode, index)
+            ).fetchall()
+    for index, ref in shards.items():
+        inserted = tx.execute(
+            "INSERT INTO shards (id, inode, idx, length, checksum, nodes, pages) VALUES (?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (id) DO NOTHING RETURNING id",
+            (ref.shard_id, inode, index, ref.length, ref.checksum, _encode_nodes(ref.nodes), _encode_pages(ref.pages)),
+        ).fetchone()
+        if inserted is None:
+            raise InvalidArgument(f"shard id {ref.shard_id} committed to inode {inode} is already in use")
+    kept = {ref.shard_id for ref in shards.values()}
+    tx.executemany(
+        "INSERT INTO garbage (shard_id, nodes) VALUES (?, ?)",
+        [(shard_id, nodes) for shard_id, _, nodes in removed if shard_id not in kept],
+    )
+    stored_delta = sum(ref.length for ref in shards.values()) - sum(length for _, length, _ in removed)
+    assignments = ["size = ?", "stored_bytes = stored_bytes + ?"]
+    params: list[Any] = [size, stored_delta]
+    if mtime_ns is not None and (changes is None or changes.mtime_ns is None):  # a time in changes wins
+        assignments.append("mtime_ns = ?")
+        params.append(mtime_ns)
+    if ctime_ns is not None:
+        _add_attr_changes(assignments, params, changes or AttrChanges(), ctime_ns)
+    return _update_inode(tx, inode, ", ".join(assignments), params)
+
+
+def _allocate_shard_ids(tx: Transaction, count: int) -> range:
+    end = tx.execute(
+        "UPDATE meta SET value = value + ? WHERE key = 'next_shard_id' RETURNING value", (count,)
+    ).fetchone()[0]
+    return range(end - count, end)
+
+
+def _layout(tx: Transaction, shard_size: int, block_size: int) -> tuple[int, int]:
+    for key, value in (("shard_size", shard_size), ("block_size", block_size)):
+        tx.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING", (key, value))
+    rows = dict(tx.execute("SELECT key, value FROM meta WHERE key IN ('shard_size', 'block_size')"))
+    return rows["shard_size"], rows["block_size"]
+
+
+def _garbage(tx: Transaction, limit: int) -> list[tuple[int, tuple[str, ...]]]:
+    rows = tx.execute("SELECT shard_id, nodes FROM garbage ORDER BY shard_id LIMIT ?", (max(limit, 0),))
+    return [(row[0], _decode_nodes(row[1])) for row in rows]
+
+
+def _forget_garbage(tx: Transaction, shard_ids: list[int]) -> None:
+    tx.executemany("DELETE FROM garbage WHERE shard_id = ?", [(shard_id,) for shard_id in shard_ids])
+
+
+def _shards(tx: Transaction, after_shard_id: int, limit: int) -> list[ShardRecord]:
+    rows = tx.execute(
+        f"SELECT inode, idx, {_SHARD_COLUMNS} FROM shards WHERE id > ? ORDER BY id LIMIT ?",
+        (after_shard_id, max(limit, 0)),
+    )
+    return [ShardRecord(row[0], row[1], _shard_ref(row[2:])) for row in rows]
+
+
+def _set_shard_nodes(tx: Transaction, shard_id: int, nodes: tuple[str, ...]) -> None:
+    cursor = tx.execute("UPDATE shards SET nodes = ? WHERE id = ?", (_encode_nodes(nodes), shard_id))
+    if cursor.rowcount == 0:
+        raise NotFound(f"no live shard {shard_id}")
+
+
+def _usage(tx: Transaction) -> UsageCounts:
+    inodes, logical_bytes, stored_bytes = tx.execute(
+        "SELECT COUNT(*), CAST(COALESCE(SUM(CASE WHEN mode & ? = ? THEN size ELSE 0 END), 0) AS BIGINT),"
+        " CAST(COALESCE(SUM(stored_bytes), 0) AS BIGINT) FROM inodes",
+        (FILE_TYPE_BITS, stat.S_IFREG),
+    ).fetchone()
+    (shards,) = tx.execute("SELECT COUNT(*) FROM shards").fetchone()
+    return UsageCounts(inodes, logical_bytes, stored_bytes, shards)
+
+
+def _setxattr(
+    tx: Transaction, inode: int, name: bytes, value: bytes, flags: int, now_ns: int
+) -> InodeAttrs:
+    attrs = _update_inode(tx, inode, "ctime_ns = ?", (now_ns,))
+    present = tx.execute("SELECT 1 FROM xattrs WHERE inode = ? AND name = ?", (inode, name)).fetchone()
+    if flags & XATTR_CREATE and present:
+        raise Exists(f"inode {inode} already has xattr {name!r}")
+    if flags & XATTR_REPLACE and not present:
+        raise NoData(f"inode {inode} has no xattr {name!r}")
+    tx.execute(
+        "INSERT INTO xattrs (inode, name, value) VALUES (?, ?, ?)"
+        " ON CONFLICT (inode, name) DO UPDATE SET value = excluded.value",
+        (inode, name, value),
+    )
+    return attrs
+
+
+def _getxattr(tx: Transaction, inode: int, name: bytes) -> bytes:
+    row = tx.execute("SELECT value FROM xattrs WHERE inode = ? AND name = ?", (inode, name)).fetchone()
+    if row is None:
+        if not _inode_exists(tx, inode):
+            raise NotFound(f"no inode {inode}")
+        raise NoData(f"inode {inode} has no xattr {name!r}")
+    value: bytes = row[0]
+    return value
+
+
+def _listxattr(tx: Transaction, inode: int) -> list[bytes]:
+    names = [row[0] for row in tx.execute("SELECT name FROM xattrs WHERE inode = ? ORDER BY name", (inode,))]
+    if not names and not _inode_exists(tx, inode):
+        raise NotFound(f"no inode {inode}")
+    return names
+
+
+def _removexattr(tx: Transaction, inode: int, name: bytes, now_ns: int) -> InodeAttrs:
+    attrs = _update_inode(tx, inode, "ctime_ns = ?", (now_ns,))
+    cursor = tx.execute("DELETE FROM xattrs WHERE inode = ? AND name = ?", (inode, name))
+    if cursor.rowcount == 0:
+        raise NoData(f"inode {inode} has no xattr {name!r}")
+    return attrs
+
+
+_NODE_COLUMNS = "name, address, state, capacity, used, shard_count, last_seen_ns"
+
+
+def _nodes(tx: Transaction) -> list[NodeRecord]:
+    return [NodeRecord(*row) for row in tx.execute(f"SELECT {_NODE_COLUMNS} FROM nodes ORDER BY name")]
+
+
+def _add_node(tx: Transaction, name: str, address: str) -> NodeRecord:
+    added = tx.execute(
+        "INSERT INTO nodes (name, address, state) VALUES (?, ?, ?) ON CONFLICT (name) DO NOTHING RETURNING name",
+        (name, address, NODE_ACTIVE),
+    ).fetchone()
+    if added is None:
+        raise Exists(f"node {name!r} is already registered")
+    return NodeRecord(name, address, NODE_ACTIVE)
+
+
+def _update_node(tx: Transaction, name: str, assignments: str, params: Sequence[Any]) -> None:
+    cursor = tx.execute(f"UPDATE nodes SET {assignments} WHERE name = ?", (*params, name))
+    if cursor.rowcount == 0:
+        raise NotFound(f"no node {name!r}")
+
+
+def _remove_node(tx: Transaction, name: str) -> None:
+    if tx.execute("DELETE FROM nodes WHERE name = ?", (name,)).rowcount == 0:
+        raise NotFound(f"no node {name!r}")
+
+
