@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Mount dfsfuse: `mount.py MOUNTPOINT [--data-dir DIR] [--config FILE] [--foreground] [-o OPTS]`."""
+"""Mount dfsfuse: `mount.py MOUNTPOINT [--data-dir DIR] [--config FILE] [--meta URL] [--foreground] [-o OPTS]`."""
 
 import sys
 

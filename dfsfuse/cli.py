@@ -1,4 +1,4 @@
-"""The dfsfuse command line: mount, status, fsck, repair, scrub, rebalance, restore, node.
+"""The dfsfuse command line: format, mount, status, fsck, repair, scrub, rebalance, restore, node.
 
 Mistakes a person can fix end as one line on stderr and a non-zero exit
 code, never a traceback.
@@ -7,21 +7,36 @@ code, never a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import config as config_module
 from .errors import UserError
 from .node.cli import add_node_commands, run_node_command
 
+META_ENVIRONMENT = "DFSFUSE_META"  # the default of --meta (for systemd units and fstab lines)
+
 
 def _add_data_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data-dir", metavar="DIR", help="all state: metadata and the default node stores")
+    parser.add_argument("--data-dir", metavar="DIR",
+                        help="this machine's state: the SQLite metadata (without --meta), log, control socket")
     parser.add_argument("--config", metavar="FILE", help="TOML file: replicas, shard size, node stores, caches")
+    parser.add_argument("--meta", metavar="URL", default=os.environ.get(META_ENVIRONMENT) or None,
+                        help=f"the shared metadata database, postgresql://HOST/DB (default: ${META_ENVIRONMENT};"
+                        " without either, SQLite in the data dir)")
+    parser.add_argument("--meta-password-file", metavar="FILE",
+                        help="a file (mode 600) holding the database password; else libpq's PGPASSFILE or ~/.pgpass")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dfsfuse", description="A sharded, replicated FUSE file system.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    format_command = commands.add_parser("format", help="make a new file system (SQLite in the data dir, or --meta)")
+    _add_data_options(format_command)
+    format_command.add_argument("--replicas", type=int, metavar="N", help="copies of every shard (default 2)")
+    format_command.add_argument("--shard-size", metavar="SIZE", help="bytes of file data per shard (default 4MiB)")
+    format_command.add_argument("--block-size", metavar="SIZE", help="checksum block of a replica (default 64KiB)")
 
     mount = commands.add_parser("mount", help="mount the file system")
     mount.add_argument("mountpoint", metavar="MOUNTPOINT")
@@ -70,7 +85,17 @@ def run(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "node" and args.node_command == "serve":
         return run_node_command(args)
-    config = config_module.load(args.data_dir, args.config)
+    overrides = {}
+    if args.command == "format":
+        names = {"replicas": args.replicas, "shard_size": args.shard_size, "block_size": args.block_size}
+        overrides = {name: value for name, value in names.items() if value is not None}
+    config = config_module.load(
+        args.data_dir, args.config, meta_url=args.meta, meta_password_file=args.meta_password_file, overrides=overrides
+    )
+    if args.command == "format":
+        from .format import format_file_system
+
+        return format_file_system(config, args.replicas)
     if args.command == "node":
         if args.node_command == "list":
             from .cluster.commands import print_node_list

@@ -52,7 +52,9 @@ class DataDirLock:
 
 def require_file_system(config: Config) -> None:
     if not metadata_exists(config.metadata):
-        raise UserError(f"no dfsfuse file system in {config.data_dir} (mount it once to create one)")
+        if config.metadata_url is None:
+            raise UserError(f"no dfsfuse file system in {config.data_dir} (mount it once, or dfsfuse format)")
+        raise UserError(f"no dfsfuse file system in {config.metadata.where} (dfsfuse format --meta URL makes one)")
 
 
 def mount_state(config: Config) -> str:

@@ -166,8 +166,23 @@ class MountFactory:
 
 
 def pytest_generate_tests(metafunc):
-    if "mount" in metafunc.fixturenames and getattr(metafunc.module, "ALSO_REMOTE", False):
-        metafunc.parametrize("mount", ["local", "remote"], indirect=True, scope="module")
+    if "mount" not in metafunc.fixturenames:
+        return
+    kinds = ["local"]
+    if getattr(metafunc.module, "ALSO_REMOTE", False):
+        kinds.append("remote")
+    if getattr(metafunc.module, "ALSO_POSTGRES", False):
+        kinds.append("postgresql")
+    if len(kinds) > 1:
+        metafunc.parametrize("mount", kinds, indirect=True, scope="module")
+
+
+def postgres_config(server, database: str, password_file: Path, config: str | None) -> str:
+    """`config` with its metadata in `database` on the test run's PostgreSQL
+    server, the password in a file of its own (never on a command line)."""
+    password_file.write_text(server.password + "\n")
+    password_file.chmod(0o600)
+    return (config or "") + f'\n[metadata]\nurl = "{server.url(database)}"\npassword_file = "{password_file}"\n'
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +190,9 @@ def mount(request, test_root):
     """The module's file system (MOUNT_CONFIG / MOUNT_OPTIONS of the module apply).
 
     With the "remote" parameter (ALSO_REMOTE modules) its nodes are three node
-    servers, stopped after the unmount and its fsck.
+    servers, stopped after the unmount and its fsck. With "postgresql"
+    (ALSO_POSTGRES modules) its metadata is a database of its own on the
+    session's PostgreSQL server, made by `dfsfuse format` and dropped after.
     """
     kind = getattr(request, "param", "local")
     base = test_root / _safe(request.module.__name__.rsplit(".", 1)[-1])
@@ -184,7 +201,14 @@ def mount(request, test_root):
     factory = MountFactory(base, request.node.nodeid)
     config = getattr(request.module, "MOUNT_CONFIG", None)
     servers: list[dfstest.NodeServer] = []
+    database = None
     try:
+        if kind == "postgresql":
+            server = request.getfixturevalue("postgres_server")
+            database = _safe(request.module.__name__.rsplit(".", 1)[-1]).lower()
+            server.create_database(database)
+            base.mkdir(parents=True, exist_ok=True)
+            config = postgres_config(server, database, base / "pgpassword", config)
         if kind == "remote":
             secret = dfstest.write_secret(base / "servers" / "secret")
             for name in ("server1", "server2", "server3"):
@@ -195,14 +219,18 @@ def mount(request, test_root):
                             start=False)
         if servers:
             mount.node_roots = [server.data for server in servers]
+        if database is not None:
+            dfstest.dfsfuse_cli("format", *mount._data_args())
         mount.start()
         yield mount
     finally:
         try:
             factory.finish()
         finally:
-            for server in servers:
-                server.stop()
+            for node_server in servers:
+                node_server.stop()
+            if database is not None:
+                request.getfixturevalue("postgres_server").drop_database(database)
 
 
 @pytest.fixture

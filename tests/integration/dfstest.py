@@ -244,6 +244,7 @@ class Mount:
         self.pid: int | None = None
         self.log_offset = 0  # where this run's part of the log starts
         self.node_roots: list[Path] | None = None  # the data dirs of node servers, if the nodes are remote
+        self.extra_args: list[str] = []  # for the mount and every command (--meta URL, ...)
 
     # paths -----------------------------------------------------------------
     @property
@@ -289,7 +290,7 @@ class Mount:
             cmd += ["--config", str(self.config_path)]
         if self.options:
             cmd += ["-o", ",".join(self.options)]
-        return cmd
+        return cmd + self.extra_args
 
     def start(self, entry: str = "mount.py") -> None:
         assert not is_mounted(self.mountpoint), f"{self.mountpoint} is already mounted"
@@ -370,7 +371,7 @@ class Mount:
         args = ["--data-dir", self.data_dir]
         if self.config_path is not None:
             args += ["--config", self.config_path]
-        return args
+        return args + self.extra_args
 
     def fsck(self, check: bool = True) -> subprocess.CompletedProcess:
         return dfsfuse_cli("fsck", *self._data_args(), check=check)

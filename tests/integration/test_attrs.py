@@ -10,6 +10,7 @@ import time
 from dfstest import drop_caches, expect_errno, read_file, run, write_file
 
 ALSO_REMOTE = True  # also on three node servers (conftest.py)
+ALSO_POSTGRES = True  # also with its metadata on PostgreSQL (conftest.py)
 
 PAST = 1_000_000_000 * 10**9  # 2001-09-09, in ns
 SLACK = 50_000_000  # 50 ms: a timestamp taken by the file system may lag the test's clock a little

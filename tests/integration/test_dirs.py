@@ -16,6 +16,7 @@ from dfstest import (
 )
 
 ALSO_REMOTE = True  # also on three node servers (conftest.py)
+ALSO_POSTGRES = True  # also with its metadata on PostgreSQL (conftest.py)
 
 
 def test_mkdir_rmdir(workdir):

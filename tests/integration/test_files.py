@@ -7,6 +7,7 @@ import os
 from dfstest import GiB, KiB, MiB, drop_caches, expect_errno, read_file, write_file
 
 ALSO_REMOTE = True  # also on three node servers (conftest.py)
+ALSO_POSTGRES = True  # also with its metadata on PostgreSQL (conftest.py)
 
 # small shards so that offsets cross shard boundaries in every test
 MOUNT_CONFIG = """

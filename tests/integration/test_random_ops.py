@@ -12,6 +12,7 @@ import pytest
 from dfstest import KiB, MiB, drop_caches, read_file
 
 ALSO_REMOTE = True  # also on three node servers (conftest.py)
+ALSO_POSTGRES = True  # also with its metadata on PostgreSQL (conftest.py)
 
 MOUNT_CONFIG = """
 shard_size = "64KiB"

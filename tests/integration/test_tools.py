@@ -12,6 +12,7 @@ from dfstest import MiB, command_env, drop_caches, run, tree_digest
 
 BIG = 200 * MiB
 ALSO_REMOTE = True  # also on three node servers (conftest.py)
+ALSO_POSTGRES = True  # also with its metadata on PostgreSQL (conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -56,6 +56,9 @@ def test_file_settings_and_sizes(tmp_path):
         ('[metadata]\nengine = 1', "engine must be a string"),
         ('[metadata]\ndsn = "x"', "unknown setting metadata.dsn"),
         ('metadata = "sqlite"', "[metadata] must be a table"),
+        ('[metadata]\nengine = "postgresql"', "'postgresql' needs a URL: [metadata] url, --meta or DFSFUSE_META"),
+        ('[metadata]\nengine = "sqlite"\nurl = "postgresql://h/db"', "'sqlite' takes no URL"),
+        ('[metadata]\nurl = "mysql://u:pw@h/db"', "metadata URL mysql://u:***@h/db must start with postgresql://"),
     ],
 )
 def test_mistakes_are_one_line_user_errors(tmp_path, text, message):
@@ -115,3 +118,15 @@ def test_metadata_engine(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text('[metadata]\nengine = "sqlite"\n')
     assert config.load(str(tmp_path / "data"), str(path)).metadata.engine == "sqlite"
+
+
+def test_a_metadata_url_means_postgresql_and_the_flag_wins(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[metadata]\nurl = "postgresql://db.example/fs"\npassword_file = "pw"\n')
+    from_file = config.load(str(tmp_path / "data"), str(path))
+    assert from_file.metadata.engine == "postgresql"
+    assert from_file.metadata.url == "postgresql://db.example/fs"
+    assert from_file.metadata.password_file == (Path.cwd() / "pw")
+    flagged = config.load(str(tmp_path / "data"), str(path), meta_url="postgres://other/fs", meta_password_file="/p")
+    assert (flagged.metadata.url, flagged.metadata.password_file) == ("postgres://other/fs", Path("/p"))
+    assert flagged.metadata.where == "postgres://other/fs"
