@@ -62,14 +62,17 @@ class Components:
 
 
 @contextlib.asynccontextmanager
-async def open_components(config: Config, cached: bool, create: bool = False) -> AsyncIterator[Components]:
+async def open_components(
+    config: Config, cached: bool, create: bool = False, exclusive: bool = True
+) -> AsyncIterator[Components]:
     """Open the metadata engine and the node stores its registry lists (a
     store that cannot be opened is stood in for by an UnreachableStore);
-    with `create`, a file system is made if the metadata holds none.
+    with `create`, a file system is made if the metadata holds none; with
+    `exclusive` (all but the read-only commands), as its only writer.
 
     An empty registry is seeded with the config's [[nodes]] first.
     """
-    engine = await open_engine(config.metadata, create=create)
+    engine = await open_engine(config.metadata, create=create, exclusive=exclusive)
     meta: MetadataStore = CachedMetadata(engine, config.metadata_entries) if cached else engine
     stores: list[NodeStore] = []
     try:
@@ -167,7 +170,7 @@ def probe_nodes(config: Config) -> tuple[list[NodeRecord], dict[str, StoreStat |
     require_file_system(config)
 
     async def main() -> tuple[list[NodeRecord], dict[str, StoreStat | None]]:
-        async with open_components(config, cached=False) as parts:
+        async with open_components(config, cached=False, exclusive=False) as parts:
             return parts.nodes, await probe(parts.stores)
 
     return trio.run(main)

@@ -30,7 +30,7 @@ def status(config: Config) -> int:
 async def _status(config: Config) -> int:
     from .runtime import open_components
 
-    async with open_components(config, cached=False) as parts:
+    async with open_components(config, cached=False, exclusive=False) as parts:
         answers = await probe(parts.stores)
         held: dict[str, set[int]] = {}
         for node, store in zip(parts.nodes, parts.stores):

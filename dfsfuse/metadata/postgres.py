@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any, TypeVar
@@ -49,8 +50,12 @@ POOL_SIZE = 8  # connections, so transactions in flight at once
 CONNECT_SECONDS = 10  # to reach the server at open
 OUTAGE_SECONDS = 120  # how long a call waits for an unreachable server to come back
 SCHEMA_VERSION = 1
-APPLICATION_NAME = "dfsfuse"  # how the server's pg_stat_activity names our connections
+APPLICATION_NAME = "dfsfuse"  # how pg_stat_activity names our connections (with host and pid)
 SCHEMA_LOCK = 0x64667366_00000001  # the advisory lock held while the schema is made ("dfsf", 1)
+# The advisory lock a mount or an offline command holds for as long as it
+# runs, on a connection of its own: until mounts share a file system through
+# sessions, one user at a time ("dfsf", 2).
+USE_LOCK = 0x64667366_00000002
 
 T = TypeVar("T")
 
@@ -173,6 +178,7 @@ class PostgresMetadata(SqlMetadata):
     def __init__(self, pool: Any, where: str):
         """Take over an open pool made by `open` (use that instead)."""
         self._pool = pool
+        self._use: Any = None  # the connection holding USE_LOCK, if `open(exclusive=True)`
         self._where = where
         self._limiter = trio.CapacityLimiter(POOL_SIZE)
         psycopg, _ = _psycopg()
@@ -180,14 +186,19 @@ class PostgresMetadata(SqlMetadata):
         self._unreachable = psycopg.OperationalError
 
     @classmethod
-    async def open(cls, url: str, password: str | None = None, *, create: bool = True) -> PostgresMetadata:
+    async def open(
+        cls, url: str, password: str | None = None, *, create: bool = True, exclusive: bool = False
+    ) -> PostgresMetadata:
         """Connect to the database at `url` and bring its schema up to date;
         with `create`, make a new file system (a root directory) in an empty
-        database. UserError, naming the URL, if it cannot be reached or holds
-        no file system (and not `create`)."""
+        database; with `exclusive`, hold USE_LOCK until closed. UserError,
+        naming the URL, if it cannot be reached, holds no file system (and
+        not `create`), or is in use (and `exclusive`)."""
         pool = await trio.to_thread.run_sync(_open_pool, url, password)
         meta = cls(pool, redacted(url))
         try:
+            if exclusive:
+                meta._use = await trio.to_thread.run_sync(_take_use_lock, url, password)
             await meta._run(_prepare_schema, create, write=True, retry_outage=False)
         except UserError as error:
             await meta.close()
@@ -247,6 +258,32 @@ class PostgresMetadata(SqlMetadata):
         pool, self._pool = self._pool, None
         if pool is not None:
             await trio.to_thread.run_sync(pool.close)
+        use, self._use = self._use, None
+        if use is not None:
+            await trio.to_thread.run_sync(use.close)
+
+
+def _take_use_lock(url: str, password: str | None) -> Any:
+    """A connection of its own holding USE_LOCK; a UserError naming the holder if another has it."""
+    conn = _connect(url, password)
+    try:
+        if conn.execute("SELECT pg_try_advisory_lock(%s)", (USE_LOCK,)).fetchone()[0]:
+            return conn
+        holder = conn.execute(
+            "SELECT a.application_name, a.client_addr FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
+            " WHERE l.locktype = 'advisory' AND l.granted AND l.database = (SELECT oid FROM pg_database"
+            " WHERE datname = current_database()) AND (l.classid::bigint << 32 | l.objid::bigint) = %s",
+            (USE_LOCK,),
+        ).fetchone()
+    except BaseException:
+        conn.close()
+        raise
+    conn.close()
+    who = "another dfsfuse process" if holder is None else f"{holder[0]} from {holder[1] or 'this machine'}"
+    raise UserError(
+        f"the file system in {redacted(url)} is in use by {who}; one mount or command at a time"
+        " until mounts share one (unmount it there first)"
+    )
 
 
 def holds_file_system(url: str, password: str | None) -> bool:
@@ -267,7 +304,8 @@ def _connect(url: str, password: str | None) -> Any:
 
 
 def _connection_settings(password: str | None) -> dict[str, Any]:
-    settings: dict[str, Any] = {"autocommit": True, "application_name": APPLICATION_NAME}
+    name = f"{APPLICATION_NAME} {socket.gethostname()} pid {os.getpid()}"
+    settings: dict[str, Any] = {"autocommit": True, "application_name": name[:63]}
     if password is not None:
         settings["password"] = password
     return settings

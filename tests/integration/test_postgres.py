@@ -7,6 +7,7 @@ tool suites also run on PostgreSQL: their modules set ALSO_POSTGRES.)"""
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,11 @@ def test_format_then_mount_from_the_url_and_a_password_file(database, mount_fact
 
     first.start()
     assert postgres_server.password not in Path(f"/proc/{first.pid}/cmdline").read_text()
+    second = mount_factory.new("pg-elsewhere", start=False)  # as if on another machine
+    second.extra_args = meta
+    busy = one_line_error(run(second.mount_command(), check=False, cwd=REPO))
+    assert f"is in use by dfsfuse {socket.gethostname()} pid {first.pid}" in busy
+    assert not is_mounted(second.mountpoint)
     (first / "dir").mkdir()
     (first / "dir" / "file").write_bytes(b"in postgres\n" * 1000)
     assert os.getxattr(first / "dir" / "file", "user.dfs.replicas") == b"3"  # from format --replicas
