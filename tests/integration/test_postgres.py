@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -104,3 +106,46 @@ def test_format_without_meta_makes_the_embedded_file_system(tmp_path):
     line = one_line_error(dfsfuse_cli("format", "--data-dir", data_dir, check=False))
     assert "already holds a dfsfuse file system" in line
     assert dfsfuse.cli.META_ENVIRONMENT == "DFSFUSE_META"
+
+
+def test_a_restart_of_postgresql_stalls_the_mount_and_loses_nothing(database, mount_factory, postgres_server):
+    """pg_ctl restart in the middle of a workload: the applications see no
+    error, and what was fsynced before the restart is there after it."""
+    url, password_file = database
+    mount = mount_factory.new("pg-restart", start=False)
+    mount.extra_args = ["--meta", url, "--meta-password-file", str(password_file)]
+    dfsfuse_cli("format", *mount._data_args())
+    mount.start()
+    (mount / "before").write_bytes(b"durable\n")
+    with open(mount / "before", "rb+") as handle:
+        os.fsync(handle.fileno())
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def workload() -> None:
+        index = 0
+        while not done.is_set():
+            try:
+                (mount / f"file{index}").write_bytes(b"%d\n" % index)
+                os.rename(mount / f"file{index}", mount / f"renamed{index}")
+            except OSError as error:
+                errors.append(error)
+                return
+            index += 1
+
+    writer = threading.Thread(target=workload)
+    writer.start()
+    try:
+        time.sleep(0.5)
+        postgres_server.restart()
+        time.sleep(1.5)
+    finally:
+        done.set()
+        writer.join(timeout=120)
+    assert not writer.is_alive(), "the workload hangs after the restart"
+    assert errors == []
+    written = sorted(os.listdir(mount.mountpoint))
+    assert "before" in written and len(written) > 2
+    mount.remount()
+    assert (mount / "before").read_bytes() == b"durable\n"
+    assert sorted(os.listdir(mount.mountpoint)) == written
