@@ -6,11 +6,13 @@ asyncio, so the sync API runs in trio worker threads: one thread, and one
 pooled connection, per transaction in flight (POOL_SIZE of them at most).
 A transaction that lost a serialization conflict or a deadlock is rolled
 back whole and run again after a jittered, growing pause; so is one that
-could not reach the server before it committed (a restart, a failover), for
-up to OUTAGE_SECONDS, so that a short outage stalls the mount instead of
-failing its calls. A connection lost while a commit was in flight leaves the
-outcome unknown: that call fails (DataError), which makes the metadata
-cache forget what it holds.
+could not reach the server (a restart, a failover), for up to
+OUTAGE_SECONDS, so that a short outage stalls the mount instead of failing
+its calls. A connection lost while a commit was in flight is asked about
+afterwards: each write learns its transaction id before it commits, and the
+server's pg_xact_status says whether that one committed (then its result
+stands) or not (then it runs again). Only if that stays unknowable does the
+call fail (DataError), which makes the metadata cache forget what it holds.
 
 Commits are durable when they return (PostgreSQL's synchronous_commit, on by
 default), so `sync()` has nothing to do.
@@ -225,24 +227,43 @@ class PostgresMetadata(SqlMetadata):
         attempt = 0
         outage_since: float | None = None
         while True:
-            committing = False
+            xid: str | None = None  # a write's transaction id, once the body is done
             try:
                 with self._pool.connection() as conn:
                     with conn.transaction():
                         result = body(_PostgresTransaction(conn), *args)
-                        committing = write  # leaving the block commits
-                    return result
+                        if write:
+                            xid = conn.execute("SELECT pg_current_xact_id()::text").fetchone()[0]
+                    return result  # leaving the block committed
             except self._conflicts:
                 pass  # rolled back whole: run it again
             except self._unreachable as error:
-                if committing:
-                    raise DataError(f"metadata {self._where}: the connection was lost during a commit: {error}") from None
                 now = time.monotonic()
                 outage_since = now if outage_since is None else outage_since
+                if xid is not None and self._outcome(xid, outage_since) == "committed":
+                    return result  # the connection went, but only after the commit
                 if not retry_outage or now - outage_since > OUTAGE_SECONDS:
                     raise DataError(f"metadata {self._where} is unreachable: {_first_line(error)}") from None
             attempt += 1
             time.sleep(random.uniform(0, min(1.0, 0.002 * 2**min(attempt, 10))))
+
+    def _outcome(self, xid: str, outage_since: float) -> str:
+        """Whether the transaction `xid`, whose connection was lost while it
+        committed, committed: the server knows ('committed' or 'aborted'),
+        once it can be reached again. DataError if it cannot be within
+        OUTAGE_SECONDS, or forgot (too long ago)."""
+        while time.monotonic() - outage_since <= OUTAGE_SECONDS:
+            try:
+                with self._pool.connection() as conn:
+                    status = conn.execute("SELECT pg_xact_status(%s::xid8)", (xid,)).fetchone()[0]
+            except self._unreachable:
+                status = "unreachable"
+            if status in ("committed", "aborted"):
+                return str(status)
+            if status is None:
+                break
+            time.sleep(random.uniform(0.05, 0.2))  # in progress, or the server is still away
+        raise DataError(f"metadata {self._where}: the outcome of a commit cut off by a lost connection is unknown")
 
     # -- lifecycle --------------------------------------------------------
     async def snapshot(self) -> bytes:
