@@ -144,6 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         print(f"dfsfuse: {error}", file=sys.stderr)
         return error.exit_code
+    except BrokenPipeError:
+        # The reader went away (`dfsfuse status | head`): not a mistake to report.
+        # Point stdout at /dev/null so that flushing it at exit fails no more.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13  # as a command killed by SIGPIPE
     except KeyboardInterrupt:
         return 130
 

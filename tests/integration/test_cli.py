@@ -205,6 +205,14 @@ def test_status_and_fsck_need_a_file_system(local_tmp):
         one_line_error(result)
 
 
+def test_output_into_a_closed_pipe_is_not_a_traceback(mount_factory):
+    mount = mount_factory.new("pipe")
+    args = " ".join(f"'{arg}'" for arg in mount._data_args())
+    result = run(f"'{PYTHON}' -m dfsfuse status {args} | head -c 1", check=False, cwd=REPO)
+    assert result.returncode == 0 and result.stdout == "d"  # "data dir ..."
+    assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr
+
+
 def test_bad_usage_is_not_a_traceback(local_tmp):
     result = run([PYTHON, str(MOUNT_PY)], check=False)
     assert result.returncode != 0 and "Traceback" not in result.stderr
