@@ -120,6 +120,7 @@ CREATE TABLE nodes (
     last_seen_ns BIGINT NOT NULL DEFAULT 0
 );
 """
+_HAS_SCHEMA = "SELECT to_regclass('meta') IS NOT NULL"  # whether the database holds a file system
 # The identity columns, whose sequences must move past rows loaded with ids.
 _IDENTITY_COLUMNS = (("inodes", "id"), ("entries", "id"))
 
@@ -310,9 +311,8 @@ def _take_use_lock(url: str, password: str | None) -> Any:
 def holds_file_system(url: str, password: str | None) -> bool:
     """Whether the database at `url` holds a file system's metadata (blocks:
     for the command line, before anything runs)."""
-    psycopg, _ = _psycopg()
     with _connect(url, password) as conn:
-        return bool(conn.execute("SELECT to_regclass('meta') IS NOT NULL").fetchone()[0])
+        return bool(conn.execute(_HAS_SCHEMA).fetchone()[0])
 
 
 def _connect(url: str, password: str | None) -> Any:
@@ -360,7 +360,7 @@ def _prepare_schema(tx: Any, create: bool) -> None:
     check that the one there is a version this dfsfuse reads. One at a time
     (an advisory lock), so two mounts starting at once make one schema."""
     tx.execute("SELECT pg_advisory_xact_lock(?)", (SCHEMA_LOCK,))
-    if not tx.execute("SELECT to_regclass('meta') IS NOT NULL").fetchone()[0]:
+    if not tx.execute(_HAS_SCHEMA).fetchone()[0]:
         if not create:
             raise UserError("it holds no dfsfuse file system (dfsfuse format --meta URL makes one)")
         for statement in _SCHEMA.split(";"):
