@@ -68,6 +68,14 @@ class DataError(DfsError):
     errno = errno.EIO
 
 
+class SessionLost(DfsError):
+    """This mount's session was reclaimed as stale by another mount (it did
+    not heartbeat in time): what it held open or locked is no longer its own,
+    so it refuses to go on (EIO) until it is mounted again."""
+
+    errno = errno.EIO
+
+
 class ShardMissing(DfsError):
     """A node store holds no replica of the requested shard."""
 

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+
+import trio
 
 from dfsfuse.errors import InvalidArgument, NameTooLong
 
@@ -37,6 +39,12 @@ XATTR_REPLACE = 2
 # inherited by the files and subdirectories created in it. Absent: the
 # configured R.
 REPLICAS_XATTR = b"user.dfs.replicas"
+
+# The jobs that run in one place at a time however many mounts there are
+# (try_role): collecting garbage, and repairing and scrubbing replicas.
+ROLE_GARBAGE = "garbage"
+ROLE_MAINTENANCE = "maintenance"
+ROLES = (ROLE_GARBAGE, ROLE_MAINTENANCE)
 
 
 def check_name(name: bytes) -> None:
@@ -74,6 +82,12 @@ class InodeAttrs:
     mtime_ns: int
     ctime_ns: int
     target: bytes = b""
+
+
+def same_file_state(before: InodeAttrs, after: InodeAttrs) -> bool:
+    """Whether two attrs of one inode show the same file: alike in all but
+    the atime (which reads move). If not, its data may have changed too."""
+    return dataclasses.replace(before, atime_ns=0) == dataclasses.replace(after, atime_ns=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,8 +222,47 @@ class NodeRecord:
     last_seen_ns: int = 0  # when the node last answered; 0: never
 
 
+@dataclasses.dataclass(frozen=True)
+class SessionRecord:
+    """One mount of the file system, as it registered itself (open_session).
+
+    Times are ns since the epoch by the engine's clock (one clock for every
+    machine: a networked engine's server), so that machines whose clocks
+    disagree still agree on which session is stale.
+    """
+
+    id: int  # never reused: a reclaimed session stays reclaimed
+    host: str
+    pid: int
+    mountpoint: str
+    started_ns: int
+    heartbeat_ns: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ChangeNotice:
+    """What another mount changed, for a cache to forget (follow_changes).
+
+    `inodes` are inodes whose attrs, xattrs or contents changed, or that were
+    deleted; `entries` are (directory, name) whose entry was added, removed
+    or now names another inode. `everything`: the engine cannot say (a notice
+    too large to send, or notices lost while the engine was unreachable), so
+    nothing cached can be trusted.
+    """
+
+    inodes: frozenset[int] = frozenset()
+    entries: frozenset[tuple[int, bytes]] = frozenset()
+    everything: bool = False
+
+
 class MetadataStore(abc.ABC):
-    """Inodes, directory entries, shard maps, xattrs, the garbage list and the node registry."""
+    """Inodes, directory entries, shard maps, xattrs, the garbage list, the node
+    registry, and the sessions of the mounts that use them."""
+
+    # Whether other mounts may change this metadata while this one runs (a
+    # networked engine): then mounts register sessions and record the files
+    # they hold open, and follow_changes tells each what the others changed.
+    shared = False
 
     # -- inodes and names -------------------------------------------------
     @abc.abstractmethod
@@ -234,6 +287,7 @@ class MetadataStore(abc.ABC):
         now_ns: int,
         rdev: int = 0,
         target: bytes = b"",
+        opened_by: int | None = None,
     ) -> EntryChange:
         """Make a new inode of any type (mode includes S_IFMT) and name it.
 
@@ -244,7 +298,9 @@ class MetadataStore(abc.ABC):
         (other types get no xattr); EntryChange.xattrs says what it got.
         Exists if the name is taken, NotFound or NotADirectory if `parent` is
         not a live directory, InvalidArgument or NameTooLong for a name
-        check_name refuses.
+        check_name refuses. With `opened_by`, a session id, a new regular
+        file is recorded as open in that session, as open_file does
+        (SessionLost if the session is gone).
         """
 
     @abc.abstractmethod
@@ -305,11 +361,13 @@ class MetadataStore(abc.ABC):
     async def delete_inodes(self, inodes: Sequence[int]) -> None:
         """Remove inodes with nlink 0 for good, all in one transaction: their
         xattrs go, their shards move to the garbage list. Skips an inode that
-        has links again or is gone already."""
+        has links again, is gone already, or is open in some session."""
 
     @abc.abstractmethod
     async def orphan_inodes(self) -> list[int]:
-        """Inodes with nlink 0 (left behind when the mount died with them open)."""
+        """Inodes with nlink 0 that no session holds open (left behind when a
+        mount died with them open, or when the last session that held one
+        open closed it)."""
 
     # -- file contents ----------------------------------------------------
     @abc.abstractmethod
@@ -359,8 +417,10 @@ class MetadataStore(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def garbage(self, limit: int) -> list[tuple[int, tuple[str, ...]]]:
-        """Shards no longer referenced, as (shard_id, nodes), awaiting deletion."""
+    async def garbage(self, limit: int, session: int | None = None) -> list[tuple[int, tuple[str, ...]]]:
+        """Shards no longer referenced, as (shard_id, nodes), awaiting deletion;
+        but not those of a file that a session other than `session` holds
+        open, whose cached shard map may still name them."""
 
     @abc.abstractmethod
     async def forget_garbage(self, shard_ids: Sequence[int]) -> None:
@@ -426,6 +486,60 @@ class MetadataStore(abc.ABC):
     @abc.abstractmethod
     async def remove_node(self, name: str) -> None:
         """Drop a node from the registry; NotFound if unknown. Its replicas are the caller's business."""
+
+    # -- sessions: the mounts using the metadata ---------------------------
+    @abc.abstractmethod
+    async def open_session(self, host: str, pid: int, mountpoint: str) -> int:
+        """Register a mount; its new session id, heartbeat now."""
+
+    @abc.abstractmethod
+    async def heartbeat(self, session: int) -> bool:
+        """Note that the session is alive; False if it was reclaimed as stale
+        (then it holds nothing any more, and must not act as if it did)."""
+
+    @abc.abstractmethod
+    async def reap_sessions(self, timeout_ns: int) -> list[SessionRecord]:
+        """Reclaim every session whose heartbeat is older than `timeout_ns`:
+        it and its open-file records and locks go, in one transaction; the
+        sessions reclaimed (each by exactly one caller)."""
+
+    @abc.abstractmethod
+    async def list_sessions(self) -> list[SessionRecord]:
+        """Every registered session, by id."""
+
+    @abc.abstractmethod
+    async def close_session(self, session: int) -> None:
+        """End a session and drop all it holds (an unmount)."""
+
+    @abc.abstractmethod
+    async def open_file(self, session: int, inode: int) -> InodeAttrs:
+        """Record that `session` holds `inode` open, so that no other mount
+        deletes it (or the shards it reads) meanwhile; its attrs, fresh.
+        NotFound if it is gone; SessionLost if the session is."""
+
+    @abc.abstractmethod
+    async def close_files(self, session: int, inodes: Sequence[int]) -> None:
+        """`session` holds these inodes open no longer."""
+
+    async def follow_changes(
+        self, session: int, on_change: Callable[[ChangeNotice], Awaitable[None]],
+        *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Call `on_change` with what other sessions change, in commit order,
+        until cancelled (start it with nursery.start: it is listening once
+        started). Metadata that is not `shared` has nothing to tell."""
+        task_status.started()
+
+    async def try_role(self, role: str, wait: float = 0.0) -> bool:
+        """Whether this process holds `role` (one of ROLES) now, trying for up
+        to `wait` seconds: at most one process using the metadata does at a
+        time, until it lets go (release_role), closes the metadata or dies.
+        Asking again keeps it, or tries again to take it. Metadata that is
+        not `shared` has one user, who holds every role."""
+        return True
+
+    async def release_role(self, role: str) -> None:
+        """Let another process take `role` (try_role)."""
 
     # -- lifecycle --------------------------------------------------------
     @abc.abstractmethod

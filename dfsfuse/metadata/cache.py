@@ -21,12 +21,16 @@ through changes: an entry added goes in at its offset (a new name's is the
 highest, so it is appended), an entry removed comes out. A partial listing
 takes in an added entry only if its offset falls within the part it covers.
 
-The only writer. The cache is correct only while every change to the engine
-goes through it: one mount per data directory, which the data directory lock
-guarantees. Nothing here notices a change made by someone else. An engine
-shared by several writers over a network would need, per record, a version
-or lease from the engine and invalidations pushed by it (or short expiry
-times), and readdir offsets that stay valid across other writers' changes.
+Other writers. With the embedded engine the cache sees every change (one
+mount per data directory, which the data directory lock guarantees). A
+shared engine tells it what other mounts change (`follow_changes`: the
+notice of each commit, pushed): the records of the inodes and entries named
+are dropped, under `_lock`, so a read that missed before the other commit
+and returns after it cannot store what it read over the drop. Until a notice
+arrives (milliseconds), a record may show the state before another mount's
+change; `open_file` reads the attrs fresh, so a file closed on one mount and
+opened on another shows all its bytes (close-to-open). Readdir offsets are
+the engine's entry ids, valid whoever changes the directory.
 
 Concurrency. A hit is answered without an await. A miss or a change holds
 `_lock` from the engine call until the cache is updated, so records are
@@ -54,7 +58,7 @@ import collections
 import contextlib
 import dataclasses
 import stat
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 
 import trio
 
@@ -71,16 +75,19 @@ from dfsfuse.errors import (
 )
 from dfsfuse.metadata.base import (
     AttrChanges,
+    ChangeNotice,
     DirEntry,
     EntryChange,
     InodeAttrs,
     MetadataStore,
     NodeRecord,
     RenameChange,
+    SessionRecord,
     ShardLayers,
     ShardRecord,
     ShardRef,
     UsageCounts,
+    same_file_state,
 )
 
 # The errors with which an engine refuses a change and changes nothing.
@@ -177,6 +184,10 @@ class CachedMetadata(MetadataStore):
         self._shard_places: dict[int, tuple[int, int]] = {}  # shard id -> (inode, index) in _shard_maps
 
     @property
+    def shared(self) -> bool:  # type: ignore[override]
+        return self._engine.shared
+
+    @property
     def cached_entries(self) -> int:
         """The total weight of the records held now; at most max_entries."""
         return self._weight
@@ -241,6 +252,7 @@ class CachedMetadata(MetadataStore):
         now_ns: int,
         rdev: int = 0,
         target: bytes = b"",
+        opened_by: int | None = None,
     ) -> EntryChange:
         """A directory made here starts with a complete, empty listing, so that
         lookups of the names about to be created in it need no engine call; a
@@ -248,7 +260,7 @@ class CachedMetadata(MetadataStore):
         and the new inode's xattrs are all known (EntryChange.xattrs), so
         asking for its replica count or any other xattr needs none either."""
         async with self._changing():
-            change = await self._engine.create(parent, name, mode, uid, gid, now_ns, rdev, target)
+            change = await self._engine.create(parent, name, mode, uid, gid, now_ns, rdev, target, opened_by)
             self._name_added(parent, name, change.attrs, change.offset)
             self._refresh_attrs(change.parent)
             inode = change.attrs.inode
@@ -405,8 +417,8 @@ class CachedMetadata(MetadataStore):
     async def layout(self, shard_size: int, block_size: int) -> tuple[int, int]:
         return await self._engine.layout(shard_size, block_size)
 
-    async def garbage(self, limit: int) -> list[tuple[int, tuple[str, ...]]]:
-        return await self._engine.garbage(limit)
+    async def garbage(self, limit: int, session: int | None = None) -> list[tuple[int, tuple[str, ...]]]:
+        return await self._engine.garbage(limit, session)
 
     async def forget_garbage(self, shard_ids: Sequence[int]) -> None:
         await self._engine.forget_garbage(shard_ids)
@@ -494,7 +506,73 @@ class CachedMetadata(MetadataStore):
                 self._account((_XATTRS, inode), xattrs.weight())
             return attrs
 
-    # -- lifecycle --------------------------------------------------------
+    # -- sessions: passed through, but for what they say of inodes ---------
+    async def open_session(self, host: str, pid: int, mountpoint: str) -> int:
+        return await self._engine.open_session(host, pid, mountpoint)
+
+    async def heartbeat(self, session: int) -> bool:
+        return await self._engine.heartbeat(session)
+
+    async def reap_sessions(self, timeout_ns: int) -> list[SessionRecord]:
+        return await self._engine.reap_sessions(timeout_ns)
+
+    async def list_sessions(self) -> list[SessionRecord]:
+        return await self._engine.list_sessions()
+
+    async def close_session(self, session: int) -> None:
+        await self._engine.close_session(session)
+
+    async def open_file(self, session: int, inode: int) -> InodeAttrs:
+        """Fresh attrs from the engine. If they differ from the cached ones
+        (another mount changed the file and its notice is still on the way),
+        what the cache holds of the file's contents and xattrs goes too."""
+        async with self._changing():
+            attrs = await self._engine.open_file(session, inode)
+            slot = self._slots.get(inode)
+            if slot is not None and slot.attrs is not None and not same_file_state(slot.attrs, attrs):
+                self._forget_inode(inode)
+            self._store_attrs(attrs)
+            return attrs
+
+    async def close_files(self, session: int, inodes: Sequence[int]) -> None:
+        await self._engine.close_files(session, inodes)
+
+    async def follow_changes(
+        self, session: int, on_change: Callable[[ChangeNotice], Awaitable[None]],
+        *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """The engine's notices, applied to the cache first, then passed on."""
+
+        async def apply(notice: ChangeNotice) -> None:
+            async with self._lock:
+                self._apply(notice)
+            await on_change(notice)
+
+        await self._engine.follow_changes(session, apply, task_status=task_status)
+
+    async def try_role(self, role: str, wait: float = 0.0) -> bool:
+        return await self._engine.try_role(role, wait)
+
+    async def release_role(self, role: str) -> None:
+        await self._engine.release_role(role)
+
+    def _apply(self, notice: ChangeNotice) -> None:
+        if notice.everything:
+            self._forget_everything()
+            return
+        for inode in notice.inodes:
+            self._forget_inode(inode)
+        for parent, name in notice.entries:
+            self._remove((_LOOKUP, parent, name))
+            self._remove((_LISTING, parent))
+
+    def _forget_inode(self, inode: int) -> None:
+        """Another mount changed `inode`: its attrs are stale, its xattrs,
+        shard map and ".." unknown."""
+        for key in ((_ATTRS, inode), (_XATTRS, inode), (_SHARD_MAP, inode), (_LOOKUP, inode, b"..")):
+            self._remove(key)
+        self._mark_stale(inode)
+
     # -- the node registry: passed through, never cached ------------------
     async def nodes(self) -> list[NodeRecord]:
         return await self._engine.nodes()

@@ -61,9 +61,7 @@ class _Engine:
 
     # Open the metadata; with `create`, make new metadata (a root directory)
     # if there is none. OSError or UserError if its storage cannot be reached.
-    # With `exclusive`, no other process may open it exclusively meanwhile
-    # (the embedded engine: the data dir's lock already sees to that).
-    open: Callable[[MetadataSettings, bool, bool], Awaitable[MetadataStore]]
+    open: Callable[[MetadataSettings, bool], Awaitable[MetadataStore]]
     # Whether the settings' storage holds metadata already.
     exists: Callable[[MetadataSettings], bool]
     # Whether a mount of a file system that does not exist yet creates it
@@ -76,16 +74,14 @@ class _Engine:
     open_dump: Callable[[Dump], AbstractAsyncContextManager[MetadataStore]]
 
 
-async def _open_sqlite(settings: MetadataSettings, create: bool, exclusive: bool) -> MetadataStore:
+async def _open_sqlite(settings: MetadataSettings, create: bool) -> MetadataStore:
     if not create and not settings.path.exists():
         raise UserError(f"no dfsfuse file system in {settings.path.parent} (mount it once, or dfsfuse format)")
     return await sqlite.SqliteMetadata.open(str(settings.path))
 
 
-async def _open_postgres(settings: MetadataSettings, create: bool, exclusive: bool) -> MetadataStore:
-    return await postgres.PostgresMetadata.open(
-        settings.postgres_url(), settings.password(), create=create, exclusive=exclusive
-    )
+async def _open_postgres(settings: MetadataSettings, create: bool) -> MetadataStore:
+    return await postgres.PostgresMetadata.open(settings.postgres_url(), settings.password(), create=create)
 
 
 _ENGINES = {
@@ -114,16 +110,15 @@ def _engine(name: str) -> _Engine:
         raise UserError(f"unknown metadata engine {name!r} (known: {', '.join(ENGINE_NAMES)})") from None
 
 
-async def open_engine(settings: MetadataSettings, *, create: bool, exclusive: bool = False) -> MetadataStore:
+async def open_engine(settings: MetadataSettings, *, create: bool) -> MetadataStore:
     """The engine the settings name, open; with `create`, new metadata (an
-    empty file system) is made if there is none; with `exclusive`, as its
-    only writer (a mount, an offline command): refused while another is.
+    empty file system) is made if there is none.
 
-    A one-line UserError if its storage cannot be reached, without `create`
-    holds no file system, or with `exclusive` is in use.
+    A one-line UserError if its storage cannot be reached, or without
+    `create` holds no file system.
     """
     try:
-        return await _engine(settings.engine).open(settings, create, exclusive)
+        return await _engine(settings.engine).open(settings, create)
     except OSError as error:
         raise UserError(f"cannot open metadata {settings.where}: {error.strerror or error}") from None
 

@@ -14,10 +14,18 @@ server's pg_xact_status says whether that one committed (then its result
 stands) or not (then it runs again). Only if that stays unknowable does the
 call fail (DataError), which makes the metadata cache forget what it holds.
 
+Many mounts. Each write transaction that changes inodes or names sends,
+with its commit, a notice on NOTICE_CHANNEL (NOTIFY is transactional: it goes
+out exactly when the change is visible, never for a change rolled back);
+`follow_changes` listens on a connection of its own and hands other
+sessions' notices on (dfsfuse/metadata/notices.py has the payload). The jobs
+that run in one place (`try_role`) hold an advisory lock on a connection of
+their own, which PostgreSQL releases when the holder dies.
+
 Commits are durable when they return (PostgreSQL's synchronous_commit, on by
 default), so `sync()` has nothing to do.
 
-_SCHEMA is the definition of the tables. They have the names, columns and
+_SCHEMA_V1 and _SCHEMA_V2 are the definition of the tables. They have the names, columns and
 meaning of the SQLite engine's (dfsfuse/metadata/sqlite.py documents every
 column); here integers are BIGINT, byte strings BYTEA, and the ids that only
 grow are identity columns, whose sequences never hand a number out twice.
@@ -30,14 +38,16 @@ import os
 import random
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 import trio
 
 from dfsfuse.errors import DataError, UserError
 from dfsfuse.metadata import sqlite
+from dfsfuse.metadata.base import ROLE_GARBAGE, ROLE_MAINTENANCE, ChangeNotice
 from dfsfuse.metadata.dump import Dump, encode_dump
+from dfsfuse.metadata.notices import EVERYTHING, decode_notice, encode_notice
 from dfsfuse.metadata.sql import (
     TABLE_COLUMNS,
     SqlMetadata,
@@ -51,17 +61,17 @@ URL_SCHEMES = ("postgresql://", "postgres://")  # what libpq takes as a URL
 POOL_SIZE = 8  # connections, so transactions in flight at once
 CONNECT_SECONDS = 10  # to reach the server at open
 OUTAGE_SECONDS = 120  # how long a call waits for an unreachable server to come back
-SCHEMA_VERSION = 1
 APPLICATION_NAME = "dfsfuse"  # how pg_stat_activity names our connections (with host and pid)
 SCHEMA_LOCK = 0x64667366_00000001  # the advisory lock held while the schema is made ("dfsf", 1)
-# The advisory lock a mount or an offline command holds for as long as it
-# runs, on a connection of its own: until mounts share a file system through
-# sessions, one user at a time ("dfsf", 2).
-USE_LOCK = 0x64667366_00000002
+# The advisory lock of each role (base.ROLES): "dfsf", 3 and 4.
+ROLE_LOCKS = {ROLE_GARBAGE: 0x64667366_00000003, ROLE_MAINTENANCE: 0x64667366_00000004}
+NOTICE_CHANNEL = "dfsfuse_changes"
+NOTICE_WAIT = 0.5  # seconds a listener waits for a notice before it looks whether it should stop
+ROLE_POLL = 0.5  # seconds between tries of a role that is waited for
 
 T = TypeVar("T")
 
-_SCHEMA = """
+_SCHEMA_V1 = """
 CREATE TABLE meta (
     key   TEXT PRIMARY KEY,
     value BIGINT NOT NULL
@@ -120,6 +130,41 @@ CREATE TABLE nodes (
     last_seen_ns BIGINT NOT NULL DEFAULT 0
 );
 """
+# Sessions, the files they hold open and their locks. Here the rows a session
+# holds reference it (ON DELETE CASCADE): besides going with it, a session
+# that was reclaimed cannot record anything again, whatever it still thinks.
+_SCHEMA_V2 = """
+ALTER TABLE garbage ADD COLUMN inode BIGINT;
+CREATE TABLE sessions (
+    id           BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    host         TEXT NOT NULL,
+    pid          BIGINT NOT NULL,
+    mountpoint   TEXT NOT NULL,
+    started_ns   BIGINT NOT NULL,
+    heartbeat_ns BIGINT NOT NULL
+);
+CREATE TABLE open_files (
+    session BIGINT NOT NULL REFERENCES sessions (id) ON DELETE CASCADE,
+    inode   BIGINT NOT NULL,
+    PRIMARY KEY (session, inode)
+);
+CREATE INDEX open_files_by_inode ON open_files (inode);
+CREATE TABLE locks (
+    session    BIGINT NOT NULL REFERENCES sessions (id) ON DELETE CASCADE,
+    inode      BIGINT NOT NULL,
+    owner      BIGINT NOT NULL,
+    kind       TEXT NOT NULL,
+    mode       TEXT NOT NULL,
+    first_byte BIGINT NOT NULL,
+    last_byte  BIGINT NOT NULL,
+    pid        BIGINT NOT NULL
+);
+CREATE INDEX locks_by_inode ON locks (inode);
+"""
+# _MIGRATIONS[n] turns a database at schema version n - 1 (0: empty) into one
+# at version n, inside the transaction that records version n.
+_MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2}
+SCHEMA_VERSION = max(_MIGRATIONS)
 _HAS_SCHEMA = "SELECT to_regclass('meta') IS NOT NULL"  # whether the database holds a file system
 # The identity columns, whose sequences must move past rows loaded with ids.
 _IDENTITY_COLUMNS = (("inodes", "id"), ("entries", "id"))
@@ -146,12 +191,15 @@ def redacted(url: str) -> str:
 
 class _PostgresTransaction:
     """The Transaction the shared bodies see: one open transaction on `conn`,
-    `?` placeholders turned into psycopg's `%s`."""
+    `?` placeholders turned into psycopg's `%s`; it gathers what the body
+    changes for the notice its commit sends."""
 
     _converted: dict[str, str] = {}
 
     def __init__(self, conn: Any):
         self._conn = conn
+        self.inodes: set[int] = set()
+        self.entries: set[tuple[int, bytes]] = set()
 
     @classmethod
     def _sql(cls, sql: str) -> str:
@@ -174,34 +222,58 @@ class _PostgresTransaction:
         if ids:
             self._conn.execute("SELECT id FROM inodes WHERE id = ANY(%s) ORDER BY id FOR UPDATE", (ids,))
 
+    def clock_ns(self) -> int:
+        microseconds = self._conn.execute(
+            "SELECT CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000000 AS BIGINT)"
+        ).fetchone()[0]
+        return int(microseconds) * 1000
+
+    def changed(self, inode: int) -> None:
+        self.inodes.add(inode)
+
+    def changed_entry(self, parent: int, name: bytes) -> None:
+        self.entries.add((parent, name))
+
+    def finish_write(self, session: int) -> str:
+        """Send the notice of what changed (delivered at commit, if there is
+        anything to tell); the transaction id, asked in the same round trip."""
+        if not self.inodes and not self.entries:
+            return str(self._conn.execute("SELECT pg_current_xact_id()::text").fetchone()[0])
+        payload = encode_notice(session, self.inodes, self.entries)
+        return str(
+            self._conn.execute(
+                "SELECT pg_current_xact_id()::text, pg_notify(%s, %s)", (NOTICE_CHANNEL, payload)
+            ).fetchone()[0]
+        )
+
 
 class PostgresMetadata(SqlMetadata):
     """The MetadataStore of one PostgreSQL database; see the module docstring."""
 
-    def __init__(self, pool: Any, where: str):
+    shared = True
+
+    def __init__(self, pool: Any, url: str, password: str | None):
         """Take over an open pool made by `open` (use that instead)."""
         self._pool = pool
-        self._use: Any = None  # the connection holding USE_LOCK, if `open(exclusive=True)`
-        self._where = where
+        self._url = url
+        self._password = password
+        self._where = redacted(url)
+        self._session = 0  # this process's session once open_session made one; 0: none (a command)
+        self._roles: dict[str, Any] = {}  # role -> the connection holding its advisory lock
         self._limiter = trio.CapacityLimiter(POOL_SIZE)
         psycopg, _ = _psycopg()
         self._conflicts = (psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected)
         self._unreachable = psycopg.OperationalError
 
     @classmethod
-    async def open(
-        cls, url: str, password: str | None = None, *, create: bool = True, exclusive: bool = False
-    ) -> PostgresMetadata:
+    async def open(cls, url: str, password: str | None = None, *, create: bool = True) -> PostgresMetadata:
         """Connect to the database at `url` and bring its schema up to date;
         with `create`, make a new file system (a root directory) in an empty
-        database; with `exclusive`, hold USE_LOCK until closed. UserError,
-        naming the URL, if it cannot be reached, holds no file system (and
-        not `create`), or is in use (and `exclusive`)."""
+        database. UserError, naming the URL, if it cannot be reached or holds
+        no file system (and not `create`)."""
         pool = await trio.to_thread.run_sync(_open_pool, url, password)
-        meta = cls(pool, redacted(url))
+        meta = cls(pool, url, password)
         try:
-            if exclusive:
-                meta._use = await trio.to_thread.run_sync(_take_use_lock, url, password)
             await meta._run(_prepare_schema, create, write=True, retry_outage=False)
         except UserError as error:
             await meta.close()
@@ -232,9 +304,10 @@ class PostgresMetadata(SqlMetadata):
             try:
                 with self._pool.connection() as conn:
                     with conn.transaction():
-                        result = body(_PostgresTransaction(conn), *args)
+                        tx = _PostgresTransaction(conn)
+                        result = body(tx, *args)
                         if write:
-                            xid = conn.execute("SELECT pg_current_xact_id()::text").fetchone()[0]
+                            xid = tx.finish_write(self._session)
                     return result  # leaving the block committed
             except self._conflicts:
                 pass  # rolled back whole: run it again
@@ -266,6 +339,90 @@ class PostgresMetadata(SqlMetadata):
             time.sleep(random.uniform(0.05, 0.2))  # in progress, or the server is still away
         raise DataError(f"metadata {self._where}: the outcome of a commit cut off by a lost connection is unknown")
 
+    # -- many mounts --------------------------------------------------------
+    async def open_session(self, host: str, pid: int, mountpoint: str) -> int:
+        self._session = await super().open_session(host, pid, mountpoint)
+        return self._session
+
+    async def follow_changes(
+        self, session: int, on_change: Callable[[ChangeNotice], Awaitable[None]],
+        *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Listen on NOTICE_CHANNEL; see MetadataStore.follow_changes. While the
+        server cannot be reached, notices are lost: once it can again,
+        `on_change` hears EVERYTHING."""
+        listener = await trio.to_thread.run_sync(self._listener)
+        task_status.started()
+        try:
+            while True:
+                try:
+                    payloads = await trio.to_thread.run_sync(_wait_for_notices, listener)
+                except self._unreachable:
+                    await trio.to_thread.run_sync(listener.close)
+                    listener = await self._listener_again()
+                    await on_change(EVERYTHING)
+                    continue
+                for payload in payloads:
+                    notice = decode_notice(payload, session)
+                    if notice is not None:
+                        await on_change(notice)
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(listener.close)
+
+    def _listener(self) -> Any:
+        conn = _connect(self._url, self._password)
+        conn.execute(f"LISTEN {NOTICE_CHANNEL}")
+        return conn
+
+    async def _listener_again(self) -> Any:
+        """A new listener once the server can be reached again (waits as long as it takes)."""
+        attempt = 0
+        while True:
+            try:
+                return await trio.to_thread.run_sync(self._listener)
+            except UserError:
+                attempt += 1
+                await trio.sleep(random.uniform(0.1, min(2.0, 0.1 * 2**attempt)))
+
+    async def try_role(self, role: str, wait: float = 0.0) -> bool:
+        """Hold ROLE_LOCKS[role] on a connection of its own (see
+        MetadataStore.try_role); with `wait`, keep trying for that many seconds."""
+        deadline = trio.current_time() + wait
+        while True:
+            if await trio.to_thread.run_sync(self._try_role, role):
+                return True
+            if trio.current_time() >= deadline:
+                return False
+            await trio.sleep(ROLE_POLL)
+
+    def _try_role(self, role: str) -> bool:
+        conn = self._roles.pop(role, None)
+        if conn is not None:
+            try:
+                conn.execute("SELECT 1")
+                self._roles[role] = conn
+                return True
+            except self._unreachable:
+                conn.close()  # the lock went with the connection: take it again
+        try:
+            conn = _connect(self._url, self._password)
+        except UserError:
+            return False
+        try:
+            if conn.execute("SELECT pg_try_advisory_lock(%s)", (ROLE_LOCKS[role],)).fetchone()[0]:
+                self._roles[role] = conn
+                return True
+        except self._unreachable:
+            pass
+        conn.close()
+        return False
+
+    async def release_role(self, role: str) -> None:
+        conn = self._roles.pop(role, None)
+        if conn is not None:
+            await trio.to_thread.run_sync(conn.close)  # the lock goes with its connection
+
     # -- lifecycle --------------------------------------------------------
     async def snapshot(self) -> bytes:
         """A dump of every table as of one instant, as an SQLite image: the
@@ -280,32 +437,17 @@ class PostgresMetadata(SqlMetadata):
         pool, self._pool = self._pool, None
         if pool is not None:
             await trio.to_thread.run_sync(pool.close)
-        use, self._use = self._use, None
-        if use is not None:
-            await trio.to_thread.run_sync(use.close)
+        for role in list(self._roles):
+            await self.release_role(role)
 
 
-def _take_use_lock(url: str, password: str | None) -> Any:
-    """A connection of its own holding USE_LOCK; a UserError naming the holder if another has it."""
-    conn = _connect(url, password)
-    try:
-        if conn.execute("SELECT pg_try_advisory_lock(%s)", (USE_LOCK,)).fetchone()[0]:
-            return conn
-        holder = conn.execute(
-            "SELECT a.application_name, a.client_addr FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
-            " WHERE l.locktype = 'advisory' AND l.granted AND l.database = (SELECT oid FROM pg_database"
-            " WHERE datname = current_database()) AND (l.classid::bigint << 32 | l.objid::bigint) = %s",
-            (USE_LOCK,),
-        ).fetchone()
-    except BaseException:
-        conn.close()
-        raise
-    conn.close()
-    who = "another dfsfuse process" if holder is None else f"{holder[0]} from {holder[1] or 'this machine'}"
-    raise UserError(
-        f"the file system in {redacted(url)} is in use by {who}; one mount or command at a time"
-        " until mounts share one (unmount it there first)"
-    )
+def _wait_for_notices(conn: Any) -> list[str]:
+    """The payloads of the notices that arrive within NOTICE_WAIT seconds
+    (returning at the first, with any queued behind it); on a worker thread."""
+    payloads = [notice.payload for notice in conn.notifies(timeout=NOTICE_WAIT, stop_after=1)]
+    if payloads:
+        payloads += [notice.payload for notice in conn.notifies(timeout=0.001)]
+    return payloads
 
 
 def holds_file_system(url: str, password: str | None) -> bool:
@@ -357,23 +499,30 @@ def _open_pool(url: str, password: str | None) -> Any:
 
 def _prepare_schema(tx: Any, create: bool) -> None:
     """Create the schema and a root in an empty database (if `create`), or
-    check that the one there is a version this dfsfuse reads. One at a time
-    (an advisory lock), so two mounts starting at once make one schema."""
+    bring the one there up to SCHEMA_VERSION. One at a time (an advisory
+    lock), so two mounts starting at once make or migrate one schema."""
     tx.execute("SELECT pg_advisory_xact_lock(?)", (SCHEMA_LOCK,))
-    if not tx.execute(_HAS_SCHEMA).fetchone()[0]:
-        if not create:
-            raise UserError("it holds no dfsfuse file system (dfsfuse format --meta URL makes one)")
-        for statement in _SCHEMA.split(";"):
+    version = 0
+    if tx.execute(_HAS_SCHEMA).fetchone()[0]:
+        row = tx.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        version = 0 if row is None else int(row[0])
+        if not 1 <= version <= SCHEMA_VERSION:
+            raise UserError(f"its metadata schema version {version} is not one this dfsfuse reads ({SCHEMA_VERSION})")
+    elif not create:
+        raise UserError("it holds no dfsfuse file system (dfsfuse format --meta URL makes one)")
+    if version == SCHEMA_VERSION:
+        return
+    for step in range(version + 1, SCHEMA_VERSION + 1):
+        for statement in _MIGRATIONS[step].split(";"):
             if statement.strip():
                 tx.execute(statement)
-        create_root(tx, os.getuid(), os.getgid(), time.time_ns())
-        tx.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
-        _advance_identities(tx)
-        return
-    row = tx.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-    version = 0 if row is None else int(row[0])
-    if version != SCHEMA_VERSION:
-        raise UserError(f"its metadata schema version {version} is not one this dfsfuse reads ({SCHEMA_VERSION})")
+        if step == 1:
+            create_root(tx, os.getuid(), os.getgid(), time.time_ns())
+            _advance_identities(tx)
+    tx.execute(
+        "INSERT INTO meta (key, value) VALUES ('schema_version', ?) ON CONFLICT (key) DO UPDATE SET value = ?",
+        (SCHEMA_VERSION, SCHEMA_VERSION),
+    )
 
 
 def _advance_identities(tx: Any) -> None:
@@ -424,4 +573,4 @@ async def load_dump(url: str, password: str | None, dump: Dump) -> AsyncIterator
 
 
 def _drop_tables(tx: Any) -> None:
-    tx.execute(f"DROP TABLE {', '.join(TABLE_COLUMNS)}")
+    tx.execute(f"DROP TABLE {', '.join(TABLE_COLUMNS)}, sessions, open_files, locks")

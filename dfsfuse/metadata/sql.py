@@ -35,6 +35,7 @@ from dfsfuse.errors import (
     NotEmpty,
     NotFound,
     NotPermitted,
+    SessionLost,
 )
 from dfsfuse.metadata.base import (
     NODE_ACTIVE,
@@ -52,6 +53,7 @@ from dfsfuse.metadata.base import (
     MetadataStore,
     NodeRecord,
     RenameChange,
+    SessionRecord,
     ShardLayers,
     ShardRecord,
     ShardRef,
@@ -74,7 +76,7 @@ TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
     ),
     "entries": ("id", "parent", "name", "inode"),
     "shards": ("id", "inode", "idx", "length", "checksum", "nodes", "pages"),
-    "garbage": ("shard_id", "nodes"),
+    "garbage": ("shard_id", "nodes", "inode"),
     "xattrs": ("inode", "name", "value"),
     "nodes": ("name", "address", "state", "capacity", "used", "shard_count", "last_seen_ns"),
 }
@@ -102,6 +104,18 @@ class Transaction(Protocol):
 
     def lock_inodes(self, inodes: Iterable[int]) -> None:
         """Lock these inode rows for the rest of the transaction, in ascending id order."""
+
+    def clock_ns(self) -> int:
+        """Now, in ns since the epoch, by the engine's clock: the one clock
+        every mount of a shared engine agrees on (session heartbeats)."""
+
+    def changed(self, inode: int) -> None:
+        """Note that the inode's attrs, xattrs or contents change, or that it
+        goes: other mounts are told when the transaction commits (a shared
+        engine's ChangeNotice)."""
+
+    def changed_entry(self, parent: int, name: bytes) -> None:
+        """Note that the entry `name` in `parent` is added, removed or re-pointed."""
 
 
 class SqlMetadata(MetadataStore):
@@ -136,8 +150,9 @@ class SqlMetadata(MetadataStore):
         now_ns: int,
         rdev: int = 0,
         target: bytes = b"",
+        opened_by: int | None = None,
     ) -> EntryChange:
-        return await self._write(_create, parent, name, mode, uid, gid, now_ns, rdev, target)
+        return await self._write(_create, parent, name, mode, uid, gid, now_ns, rdev, target, opened_by)
 
     async def link(self, inode: int, new_parent: int, new_name: bytes, now_ns: int) -> EntryChange:
         return await self._write(_link, inode, new_parent, new_name, now_ns)
@@ -196,8 +211,8 @@ class SqlMetadata(MetadataStore):
     async def layout(self, shard_size: int, block_size: int) -> tuple[int, int]:
         return await self._write(_layout, shard_size, block_size)
 
-    async def garbage(self, limit: int) -> list[tuple[int, tuple[str, ...]]]:
-        return await self._read(_garbage, limit)
+    async def garbage(self, limit: int, session: int | None = None) -> list[tuple[int, tuple[str, ...]]]:
+        return await self._read(_garbage, limit, session)
 
     async def forget_garbage(self, shard_ids: Sequence[int]) -> None:
         await self._write(_forget_garbage, list(shard_ids))
@@ -246,6 +261,28 @@ class SqlMetadata(MetadataStore):
         await self._write(_remove_node, name)
 
     # -- whole tables, for dumps -------------------------------------------
+    # -- sessions ---------------------------------------------------------------
+    async def open_session(self, host: str, pid: int, mountpoint: str) -> int:
+        return await self._write(_open_session, host, pid, mountpoint)
+
+    async def heartbeat(self, session: int) -> bool:
+        return await self._write(_heartbeat, session)
+
+    async def reap_sessions(self, timeout_ns: int) -> list[SessionRecord]:
+        return await self._write(_reap_sessions, timeout_ns)
+
+    async def list_sessions(self) -> list[SessionRecord]:
+        return await self._read(_list_sessions)
+
+    async def close_session(self, session: int) -> None:
+        await self._write(_drop_sessions, [session])
+
+    async def open_file(self, session: int, inode: int) -> InodeAttrs:
+        return await self._write(_open_file, session, inode)
+
+    async def close_files(self, session: int, inodes: Sequence[int]) -> None:
+        await self._write(_close_files, session, sorted(set(inodes)))
+
     async def rows_of(self, table: str) -> list[tuple[Any, ...]]:
         """Every row of one of TABLE_COLUMNS' tables, in its columns' order."""
         if table not in TABLE_COLUMNS:
@@ -325,6 +362,7 @@ def _inode_attrs(tx: Transaction, inode: int) -> InodeAttrs:
 
 def _update_inode(tx: Transaction, inode: int, assignments: str, params: Sequence[Any]) -> InodeAttrs:
     """Apply `assignments` (SQL "column = ?, ...") to the inode; its attrs after."""
+    tx.changed(inode)
     row = tx.execute(
         f"UPDATE inodes SET {assignments} WHERE id = ? RETURNING {_ATTRS}", (*params, inode)
     ).fetchone()
@@ -346,6 +384,7 @@ def _require_directory(tx: Transaction, inode: int, *, live: bool = True) -> Non
 def _touch_directory(tx: Transaction, directory: int, now_ns: int, nlink_delta: int) -> InodeAttrs:
     """A live directory's entries changed: set its mtime and ctime, adjust its
     nlink; its attrs after."""
+    tx.changed(directory)
     row = tx.execute(
         "UPDATE inodes SET nlink = nlink + ?, mtime_ns = ?, ctime_ns = ?"
         f" WHERE id = ? AND nlink > 0 AND mode & ? = ? RETURNING {_ATTRS}",
@@ -376,6 +415,7 @@ def _existing_entry(tx: Transaction, parent: int, name: bytes) -> tuple[int, Ino
 
 def _add_entry(tx: Transaction, parent: int, name: bytes, inode: int) -> int:
     """Name `inode` in `parent`; the new entry's id (its readdir offset)."""
+    tx.changed_entry(parent, name)
     row = tx.execute(
         "INSERT INTO entries (parent, name, inode) VALUES (?, ?, ?)"
         " ON CONFLICT (parent, name) DO NOTHING RETURNING id",
@@ -385,6 +425,11 @@ def _add_entry(tx: Transaction, parent: int, name: bytes, inode: int) -> int:
         raise Exists(f"{name!r} exists in directory {parent}")
     entry_id: int = row[0]
     return entry_id
+
+
+def _remove_entry(tx: Transaction, entry_id: int, parent: int, name: bytes) -> None:
+    tx.changed_entry(parent, name)
+    tx.execute("DELETE FROM entries WHERE id = ?", (entry_id,))
 
 
 def _has_entries(tx: Transaction, directory: int) -> bool:
@@ -421,6 +466,7 @@ def _create(
     now_ns: int,
     rdev: int,
     target: bytes,
+    opened_by: int | None,
 ) -> EntryChange:
     check_name(name)
     is_directory = stat.S_ISDIR(mode)
@@ -437,6 +483,8 @@ def _create(
     offset = _add_entry(tx, parent, name, inode)
     attrs = InodeAttrs(inode, mode, nlink, uid, gid, rdev, size, 0, now_ns, now_ns, now_ns, target)
     xattrs = _inherit_replicas(tx, parent, inode) if is_directory or stat.S_ISREG(mode) else {}
+    if opened_by is not None and stat.S_ISREG(mode):
+        _record_open(tx, opened_by, inode)
     return EntryChange(attrs, parent_attrs, offset, xattrs)
 
 
@@ -469,7 +517,7 @@ def _unlink(tx: Transaction, parent: int, name: bytes, now_ns: int) -> EntryChan
     tx.lock_inodes((parent, attrs.inode))
     if stat.S_ISDIR(attrs.mode):
         raise IsADirectory(f"{name!r} in directory {parent} is a directory")
-    tx.execute("DELETE FROM entries WHERE id = ?", (entry_id,))
+    _remove_entry(tx, entry_id, parent, name)
     parent_attrs = _touch_directory(tx, parent, now_ns, 0)
     attrs = _update_inode(tx, attrs.inode, "nlink = nlink - 1, ctime_ns = ?", (now_ns,))
     return EntryChange(attrs, parent_attrs, entry_id)
@@ -482,7 +530,7 @@ def _rmdir(tx: Transaction, parent: int, name: bytes, now_ns: int) -> EntryChang
         raise NotADirectory(f"{name!r} in directory {parent} is not a directory")
     if _has_entries(tx, attrs.inode):
         raise NotEmpty(f"directory {attrs.inode} is not empty")
-    tx.execute("DELETE FROM entries WHERE id = ?", (entry_id,))
+    _remove_entry(tx, entry_id, parent, name)
     parent_attrs = _touch_directory(tx, parent, now_ns, -1)
     attrs = _update_inode(tx, attrs.inode, "nlink = 0, ctime_ns = ?", (now_ns,))
     return EntryChange(attrs, parent_attrs, entry_id)
@@ -533,16 +581,20 @@ def _rename(
             raise InvalidArgument(f"cannot move directory {other.inode} into itself")
         tx.execute("UPDATE entries SET inode = ? WHERE id = ?", (other.inode, source_entry))
         tx.execute("UPDATE entries SET inode = ? WHERE id = ?", (source.inode, target_entry))
+        tx.changed_entry(old_parent, old_name)
+        tx.changed_entry(new_parent, new_name)
         if other_is_directory:
             move_directory(other.inode, new_parent, old_parent)
         exchanged = _update_inode(tx, other.inode, "ctime_ns = ?", (now_ns,))
         new_name_entry = target_entry
     else:
         if target is not None:
-            replaced = _remove_rename_target(tx, target, source_is_directory, now_ns)
+            replaced = _remove_rename_target(tx, target, new_parent, new_name, source_is_directory, now_ns)
             if source_is_directory:
                 nlink_deltas[new_parent] -= 1
         tx.execute("UPDATE entries SET parent = ?, name = ? WHERE id = ?", (new_parent, new_name, source_entry))
+        tx.changed_entry(old_parent, old_name)
+        tx.changed_entry(new_parent, new_name)
         new_name_entry = source_entry
     if source_is_directory:
         move_directory(source.inode, old_parent, new_parent)
@@ -554,7 +606,7 @@ def _rename(
 
 
 def _remove_rename_target(
-    tx: Transaction, target: tuple[int, InodeAttrs], source_is_directory: bool, now_ns: int
+    tx: Transaction, target: tuple[int, InodeAttrs], parent: int, name: bytes, source_is_directory: bool, now_ns: int
 ) -> InodeAttrs:
     """Remove the name a rename replaces; the replaced inode's attrs after."""
     target_entry, victim = target
@@ -568,7 +620,7 @@ def _remove_rename_target(
         if stat.S_ISDIR(victim.mode):
             raise IsADirectory(f"cannot replace directory {victim.inode} with a non-directory")
         nlink = victim.nlink - 1
-    tx.execute("DELETE FROM entries WHERE id = ?", (target_entry,))
+    _remove_entry(tx, target_entry, parent, name)
     return _update_inode(tx, victim.inode, "nlink = ?, ctime_ns = ?", (nlink, now_ns))
 
 
@@ -604,20 +656,33 @@ def _readdir(tx: Transaction, parent: int, after: int, limit: int) -> list[DirEn
     return [DirEntry(row[1], InodeAttrs(*row[2:]), row[0]) for row in rows]
 
 
+_OPEN_ANYWHERE = "EXISTS (SELECT 1 FROM open_files o WHERE o.inode = {inode})"
+
+
 def _delete_inodes(tx: Transaction, inodes: list[int]) -> None:
     tx.lock_inodes(inodes)
     for inode in inodes:
-        row = tx.execute("SELECT nlink FROM inodes WHERE id = ?", (inode,)).fetchone()
-        if row is None or row[0] > 0:
+        row = tx.execute(
+            f"SELECT nlink, {_OPEN_ANYWHERE.format(inode='?')} FROM inodes WHERE id = ?", (inode, inode)
+        ).fetchone()
+        if row is None or row[0] > 0 or row[1]:
             continue
-        tx.execute("INSERT INTO garbage (shard_id, nodes) SELECT id, nodes FROM shards WHERE inode = ?", (inode,))
+        tx.changed(inode)
+        tx.execute(
+            "INSERT INTO garbage (shard_id, nodes, inode) SELECT id, nodes, inode FROM shards WHERE inode = ?", (inode,)
+        )
         tx.execute("DELETE FROM shards WHERE inode = ?", (inode,))
         tx.execute("DELETE FROM xattrs WHERE inode = ?", (inode,))
         tx.execute("DELETE FROM inodes WHERE id = ?", (inode,))
 
 
 def _orphan_inodes(tx: Transaction) -> list[int]:
-    return [row[0] for row in tx.execute("SELECT id FROM inodes WHERE nlink = 0 ORDER BY id")]
+    return [
+        row[0]
+        for row in tx.execute(
+            f"SELECT id FROM inodes WHERE nlink = 0 AND NOT {_OPEN_ANYWHERE.format(inode='inodes.id')} ORDER BY id"
+        )
+    ]
 
 
 _SHARD_COLUMNS = "id, length, checksum, nodes, pages"
@@ -687,8 +752,8 @@ def _commit_shards(
             raise InvalidArgument(f"shard id {ref.shard_id} committed to inode {inode} is already in use")
     kept = {ref.shard_id for ref in shards.values()}
     tx.executemany(
-        "INSERT INTO garbage (shard_id, nodes) VALUES (?, ?)",
-        [(shard_id, nodes) for shard_id, _, nodes in removed if shard_id not in kept],
+        "INSERT INTO garbage (shard_id, nodes, inode) VALUES (?, ?, ?)",
+        [(shard_id, nodes, inode) for shard_id, _, nodes in removed if shard_id not in kept],
     )
     stored_delta = sum(ref.length for ref in shards.values()) - sum(length for _, length, _ in removed)
     assignments = ["size = ?", "stored_bytes = stored_bytes + ?"]
@@ -715,8 +780,13 @@ def _layout(tx: Transaction, shard_size: int, block_size: int) -> tuple[int, int
     return rows["shard_size"], rows["block_size"]
 
 
-def _garbage(tx: Transaction, limit: int) -> list[tuple[int, tuple[str, ...]]]:
-    rows = tx.execute("SELECT shard_id, nodes FROM garbage ORDER BY shard_id LIMIT ?", (max(limit, 0),))
+def _garbage(tx: Transaction, limit: int, session: int | None) -> list[tuple[int, tuple[str, ...]]]:
+    rows = tx.execute(
+        "SELECT shard_id, nodes FROM garbage g WHERE g.inode IS NULL OR NOT EXISTS"
+        " (SELECT 1 FROM open_files o WHERE o.inode = g.inode AND o.session <> ?)"
+        " ORDER BY shard_id LIMIT ?",
+        (-1 if session is None else session, max(limit, 0)),
+    )
     return [(row[0], _decode_nodes(row[1])) for row in rows]
 
 
@@ -733,9 +803,12 @@ def _shards(tx: Transaction, after_shard_id: int, limit: int) -> list[ShardRecor
 
 
 def _set_shard_nodes(tx: Transaction, shard_id: int, nodes: tuple[str, ...]) -> None:
-    cursor = tx.execute("UPDATE shards SET nodes = ? WHERE id = ?", (_encode_nodes(nodes), shard_id))
-    if cursor.rowcount == 0:
+    row = tx.execute(
+        "UPDATE shards SET nodes = ? WHERE id = ? RETURNING inode", (_encode_nodes(nodes), shard_id)
+    ).fetchone()
+    if row is None:
         raise NotFound(f"no live shard {shard_id}")
+    tx.changed(row[0])
 
 
 def _usage(tx: Transaction) -> UsageCounts:
@@ -818,3 +891,67 @@ def _remove_node(tx: Transaction, name: str) -> None:
         raise NotFound(f"no node {name!r}")
 
 
+
+
+# -- sessions ----------------------------------------------------------------
+
+_SESSION_COLUMNS = "id, host, pid, mountpoint, started_ns, heartbeat_ns"
+
+
+def _open_session(tx: Transaction, host: str, pid: int, mountpoint: str) -> int:
+    now_ns = tx.clock_ns()
+    session: int = tx.execute(
+        "INSERT INTO sessions (host, pid, mountpoint, started_ns, heartbeat_ns) VALUES (?, ?, ?, ?, ?) RETURNING id",
+        (host, pid, mountpoint, now_ns, now_ns),
+    ).fetchone()[0]
+    return session
+
+
+def _heartbeat(tx: Transaction, session: int) -> bool:
+    row = tx.execute(
+        "UPDATE sessions SET heartbeat_ns = ? WHERE id = ? RETURNING id", (tx.clock_ns(), session)
+    ).fetchone()
+    return row is not None
+
+
+def _reap_sessions(tx: Transaction, timeout_ns: int) -> list[SessionRecord]:
+    rows = tx.execute(
+        f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE heartbeat_ns < ? ORDER BY id",
+        (tx.clock_ns() - timeout_ns,),
+    ).fetchall()
+    reaped = [SessionRecord(*row) for row in rows]
+    _drop_sessions(tx, [record.id for record in reaped])
+    return reaped
+
+
+def _drop_sessions(tx: Transaction, sessions: list[int]) -> None:
+    for session in sessions:
+        for table in ("open_files", "locks"):
+            tx.execute(f"DELETE FROM {table} WHERE session = ?", (session,))
+        tx.execute("DELETE FROM sessions WHERE id = ?", (session,))
+
+
+def _list_sessions(tx: Transaction) -> list[SessionRecord]:
+    return [SessionRecord(*row) for row in tx.execute(f"SELECT {_SESSION_COLUMNS} FROM sessions ORDER BY id")]
+
+
+def _record_open(tx: Transaction, session: int, inode: int) -> None:
+    """`session` holds `inode` open; SessionLost if the session was reclaimed."""
+    if tx.execute("SELECT 1 FROM sessions WHERE id = ?", (session,)).fetchone() is None:
+        raise SessionLost(
+            f"session {session} was reclaimed as stale by another mount; unmount and mount again"
+        )
+    tx.execute(
+        "INSERT INTO open_files (session, inode) VALUES (?, ?) ON CONFLICT (session, inode) DO NOTHING",
+        (session, inode),
+    )
+
+
+def _open_file(tx: Transaction, session: int, inode: int) -> InodeAttrs:
+    attrs = _inode_attrs(tx, inode)
+    _record_open(tx, session, inode)
+    return attrs
+
+
+def _close_files(tx: Transaction, session: int, inodes: list[int]) -> None:
+    tx.executemany("DELETE FROM open_files WHERE session = ? AND inode = ?", [(session, inode) for inode in inodes])

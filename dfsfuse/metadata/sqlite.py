@@ -13,8 +13,8 @@ the death of the process, not of the machine; `sync()` makes it survive the
 machine. `allocate_shard_ids` alone commits with synchronous=FULL, because a
 shard id handed out must never be handed out again.
 
-_SCHEMA_V1, _SCHEMA_V2 and _SCHEMA_V3 below are the only definition of the
-tables (V2 adds to V1, V3 replaces V1's shards table), and their comments are
+_SCHEMA_V1 to _SCHEMA_V4 below are the only definition of the tables (V2 and
+V4 add to the ones before, V3 replaces V1's shards table), and their comments are
 the reference for what each column holds (docs/formats.md mirrors them).
 """
 
@@ -212,6 +212,59 @@ ALTER TABLE shards_v3 RENAME TO shards;
 -- shard_map and commit_shards: the objects of one file, index by index.
 CREATE INDEX shards_by_index ON shards (inode, idx);
 """
+_SCHEMA_V4 = """
+-- The file a garbage shard came from (inodes.id; the inode may be gone), so
+-- that its replicas stay while another session holds the file open and may
+-- still read them through the shard map it has. NULL in rows from before.
+ALTER TABLE garbage ADD COLUMN inode INTEGER;
+
+-- The mounts using the file system, one row per mount while it runs. On one
+-- machine with the embedded engine there is at most one (the data dir's
+-- lock); the networked engine has one per mount on any machine.
+CREATE TABLE sessions (
+    -- Never reused, so a session reclaimed as stale stays reclaimed.
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    -- Where the mount runs: host name, process id, mount point.
+    host         TEXT NOT NULL,
+    pid          INTEGER NOT NULL,
+    mountpoint   TEXT NOT NULL,
+    -- When it registered, and when it last said it is alive, in ns since the
+    -- epoch by the engine's clock. A session whose heartbeat is older than
+    -- the session timeout is stale: the next live mount reclaims it, with
+    -- its open_files and locks rows.
+    started_ns   INTEGER NOT NULL,
+    heartbeat_ns INTEGER NOT NULL
+);
+
+-- Files a session holds open. An unlinked inode is deleted only when no
+-- session holds it open; garbage shards of a file held open by another
+-- session wait. Only shared engines record them (MetadataStore.shared).
+CREATE TABLE open_files (
+    session INTEGER NOT NULL,  -- sessions.id
+    inode   INTEGER NOT NULL,  -- inodes.id
+    PRIMARY KEY (session, inode)
+) WITHOUT ROWID;
+CREATE INDEX open_files_by_inode ON open_files (inode);
+
+-- Byte-range (fcntl) and whole-file (flock) locks, shared by every mount,
+-- held by a lock owner of a session; they go with their session.
+CREATE TABLE locks (
+    session    INTEGER NOT NULL,  -- sessions.id
+    inode      INTEGER NOT NULL,  -- inodes.id of the locked file
+    -- The kernel's lock owner: one per process (fcntl) or per open file (flock).
+    owner      INTEGER NOT NULL,
+    -- 'posix' (fcntl/lockf) or 'flock'.
+    kind       TEXT NOT NULL,
+    -- 'read' (shared) or 'write' (exclusive).
+    mode       TEXT NOT NULL,
+    -- The bytes locked, first and last inclusive (whole file for flock).
+    first_byte INTEGER NOT NULL,
+    last_byte  INTEGER NOT NULL,
+    -- The process that took it, as F_GETLK reports it.
+    pid        INTEGER NOT NULL
+);
+CREATE INDEX locks_by_inode ON locks (inode);
+"""
 # References between tables (entries.parent, entries.inode, shards.inode,
 # xattrs.inode -> inodes.id) are kept by the code, not by SQLite foreign keys:
 # enforcing them would need an index on entries.inode and a check on every
@@ -244,12 +297,18 @@ def _add_schema_v3(db: sqlite3.Connection) -> None:
         db.execute(statement)
 
 
+def _add_schema_v4(db: sqlite3.Connection) -> None:
+    for statement in _statements(_SCHEMA_V4):
+        db.execute(statement)
+
+
 # _MIGRATIONS[n] turns a database at schema version n - 1 (0: empty) into one
 # at version n, inside the transaction that records version n.
 _MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
     1: _create_schema_v1,
     2: _add_schema_v2,
     3: _add_schema_v3,
+    4: _add_schema_v4,
 }
 SCHEMA_VERSION = max(_MIGRATIONS)
 
@@ -395,6 +454,15 @@ class _SqliteTransaction:
         self._db.executemany(sql, rows)
 
     def lock_inodes(self, inodes: Iterable[int]) -> None:
+        pass
+
+    def clock_ns(self) -> int:
+        return time.time_ns()  # one machine: its clock is the only one
+
+    def changed(self, inode: int) -> None:
+        pass  # not shared: nobody else to tell
+
+    def changed_entry(self, parent: int, name: bytes) -> None:
         pass
 
 

@@ -29,6 +29,7 @@ from dfsfuse.errors import (
     NotEmpty,
     NotFound,
     NotPermitted,
+    SessionLost,
     UserError,
 )
 from dfsfuse.layout import PAGE_SIZE
@@ -957,6 +958,78 @@ def test_delete_inodes_collects_shards_and_xattrs(harness):
     run_with_store(harness, body)
 
 
+def test_sessions_register_heartbeat_and_are_reclaimed_once_stale(harness):
+    async def body(store: MetadataStore) -> None:
+        first = await store.open_session("host-a", 11, "/mnt/a")
+        second = await store.open_session("host-b", 22, "/mnt/b")
+        assert second > first
+        listed = {record.id: record for record in await store.list_sessions()}
+        assert (listed[first].host, listed[first].pid, listed[first].mountpoint) == ("host-a", 11, "/mnt/a")
+        assert listed[first].heartbeat_ns >= listed[first].started_ns > 0
+        assert await store.reap_sessions(3600 * 10**9) == []  # nobody is an hour late
+        await trio.sleep(0.05)
+        assert await store.heartbeat(second)
+        reaped = await store.reap_sessions(25 * 10**6)  # first has not beaten for 50 ms
+        assert [record.id for record in reaped] == [first]
+        assert await store.reap_sessions(25 * 10**6) == []  # once
+        assert not await store.heartbeat(first)  # fenced: told it was reclaimed
+        with pytest.raises(SessionLost):
+            await store.open_file(first, ROOT_INODE)
+        assert [record.id for record in await store.list_sessions()] == [second]
+        await store.close_session(second)
+        assert await store.list_sessions() == []
+        assert await store.open_session("host-a", 11, "/mnt/a") > second  # ids are never reused
+
+    run_with_store(harness, body)
+
+
+def test_an_inode_open_in_any_session_is_not_deleted(harness):
+    async def body(store: MetadataStore) -> None:
+        a = await store.open_session("a", 1, "/a")
+        b = await store.open_session("b", 2, "/b")
+        file = await mkfile(store, ROOT_INODE, b"file")
+        made = (await store.create(ROOT_INODE, b"made", FILE, 1000, 1000, now(), opened_by=b)).attrs
+        await store.commit_shards(file.inode, {0: ref(7)}, 1000)
+        assert (await store.open_file(a, file.inode)) == await store.getattr(file.inode)
+        await store.open_file(a, file.inode)  # twice is once
+        for name in (b"file", b"made"):
+            await store.unlink(ROOT_INODE, name, now())
+        assert await store.orphan_inodes() == []  # both are open
+        await store.delete_inodes([file.inode, made.inode])
+        assert (await store.getattr(file.inode)).nlink == 0
+        assert (await store.getattr(made.inode)).nlink == 0
+        await store.close_files(a, [file.inode])
+        assert await store.orphan_inodes() == [file.inode]
+        await store.delete_inodes([file.inode])
+        assert [shard_id for shard_id, _ in await store.garbage(10)] == [7]
+        reaped = await store.reap_sessions(0)  # b dies with made open: its record goes with it
+        assert {record.id for record in reaped} == {a, b}
+        assert await store.orphan_inodes() == [made.inode]
+        with pytest.raises(NotFound):
+            await store.open_file(await store.open_session("c", 3, "/c"), file.inode)
+
+    run_with_store(harness, body)
+
+
+def test_garbage_of_a_file_another_session_holds_open_waits(harness):
+    async def body(store: MetadataStore) -> None:
+        reader = await store.open_session("reader", 1, "/r")
+        writer = await store.open_session("writer", 2, "/w")
+        file = await mkfile(store, ROOT_INODE, b"file")
+        await store.commit_shards(file.inode, {0: ref(7)}, 1000)
+        await store.open_file(reader, file.inode)
+        await store.open_file(writer, file.inode)
+        await store.commit_shards(file.inode, {0: ref(8)}, 1000)  # the writer replaces shard 7
+        assert await store.garbage(10, writer) == []  # the reader may still read 7
+        await store.close_files(writer, [file.inode])
+        assert [shard_id for shard_id, _ in await store.garbage(10, reader)] == [7]  # only its own open
+        assert await store.garbage(10) == []  # a command's view: held open by some session
+        await store.close_files(reader, [file.inode])
+        assert [shard_id for shard_id, _ in await store.garbage(10, writer)] == [7]
+
+    run_with_store(harness, body)
+
+
 def test_allocate_shard_ids_never_repeat(harness):
     async def main() -> None:
         handed_out: list[int] = []
@@ -1155,6 +1228,9 @@ def test_a_schema_1_database_gains_the_node_registry_and_patches(tmp_path):
     db = sqlite3.connect(path, isolation_level=None)
     db.execute("BEGIN")
     db.execute("DROP TABLE nodes")
+    for table in ("sessions", "open_files", "locks"):
+        db.execute(f"DROP TABLE {table}")
+    db.execute("ALTER TABLE garbage DROP COLUMN inode")
     db.execute("ALTER TABLE shards RENAME TO shards_new")
     for statement in engine._statements(engine._SCHEMA_V1):
         if "CREATE TABLE shards" in statement:
@@ -1179,7 +1255,7 @@ def test_a_schema_1_database_gains_the_node_registry_and_patches(tmp_path):
 
     trio.run(main)
     version = sqlite3.connect(path).execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-    assert version == (engine.SCHEMA_VERSION,) == (3,)
+    assert version == (engine.SCHEMA_VERSION,) == (4,)
 
 
 def test_a_snapshot_opens_as_the_metadata_of_its_instant(harness, tmp_path):
