@@ -18,6 +18,7 @@ local node stores inside it. A config file may set:
     engine = "sqlite"             # sqlite (DATA_DIR/metadata.db, the default) or postgresql
     url = "postgresql://dfs@db.example/dfs?sslmode=verify-full"  # postgresql: the database (or --meta)
     password_file = "/etc/dfs/pgpass"  # postgresql: its password (or libpq's PGPASSFILE/.pgpass)
+    session_timeout = 60          # seconds without a heartbeat after which another mount reclaims a mount's session
     [[nodes]]                     # node stores; default: three under the data dir
     name = "disk1"
     path = "/srv/dfs1"            # a local directory
@@ -76,6 +77,7 @@ class Config:
     metadata_engine: str = DEFAULT_ENGINE  # one of dfsfuse.metadata.engines.ENGINE_NAMES
     metadata_url: str | None = None  # postgresql: the database (--meta, DFSFUSE_META, [metadata] url)
     metadata_password_file: Path | None = None  # postgresql: --meta-password-file, [metadata] password_file
+    session_timeout: float = 60.0  # [metadata] session_timeout (dfsfuse.cluster.session)
 
     @property
     def cluster_secret_path(self) -> Path:
@@ -203,7 +205,10 @@ def _metadata_settings(settings: dict, meta_url: str | None, meta_password_file:
     metadata = settings.get("metadata", {})
     if not isinstance(metadata, dict):
         raise UserError("config: [metadata] must be a table")
-    _reject_unknown(metadata, {"engine", "url", "password_file"}, "metadata.")
+    _reject_unknown(metadata, {"engine", "url", "password_file", "session_timeout"}, "metadata.")
+    session_timeout = _expect(metadata, "session_timeout", int, default=60)
+    if not 2 <= session_timeout <= 3600:
+        raise UserError("config: metadata.session_timeout must be from 2 to 3600 seconds")
     url = meta_url or _expect(metadata, "url", str, default="") or None
     password_file = meta_password_file or _expect(metadata, "password_file", str, default="") or None
     default = DEFAULT_ENGINE if url is None else POSTGRES_ENGINE
@@ -220,6 +225,7 @@ def _metadata_settings(settings: dict, meta_url: str | None, meta_password_file:
         "metadata_engine": engine,
         "metadata_url": url,
         "metadata_password_file": None if password_file is None else Path(password_file).expanduser().absolute(),
+        "session_timeout": float(session_timeout),
     }
 
 

@@ -1,7 +1,9 @@
 """`dfsfuse fsck`: reconcile the metadata with the node stores, and repair.
 
-It runs only while the file system is not mounted (it takes the data dir's
-lock), and in this order, each step safe to interrupt and run again:
+It runs only while the file system is not mounted, anywhere (it takes the
+data dir's lock, and refuses while the metadata lists a live session; it
+reclaims the sessions of mounts that died), and in this order, each step
+safe to interrupt and run again:
 1. inodes left with no name by a crash are deleted (their shards become garbage);
 2. garbage shards have their replicas deleted;
 3. every live shard's replicas are read in full and verified; missing or
@@ -23,7 +25,8 @@ from .cluster.maintenance import RepairTally, repair_shard
 from .cluster.snapshots import is_snapshot_id
 from .config import Config
 from .datadir import DataDirLock, mountpoint_of, require_file_system
-from .errors import DfsError
+from .errors import DfsError, UserError
+from .metadata.base import MetadataStore
 from .runtime import open_components
 
 
@@ -63,6 +66,7 @@ async def _fsck(config: Config) -> FsckReport:
     report = FsckReport()
     async with open_components(config, cached=False) as parts:
         meta, replicator = parts.meta, parts.replicator
+        await _reclaim_sessions(meta, config.session_timeout)
         orphans = await meta.orphan_inodes()
         await meta.delete_inodes(orphans)
         report.deleted_inodes += len(orphans)
@@ -109,3 +113,16 @@ async def _fsck(config: Config) -> FsckReport:
                     print(f"node {store.name}: orphan shard {shard_id} not removed: {error}")
         await meta.sync()
     return report
+
+
+async def _reclaim_sessions(meta: MetadataStore, timeout: float) -> None:
+    """Reclaim the sessions of mounts that died; a UserError if a mount is
+    running anywhere, since replicas it stored but has not committed yet
+    would look like orphans. (With the embedded engine the data dir's lock
+    already keeps mounts away: any session left is a dead one's.)"""
+    for stale in await meta.reap_sessions(int(timeout * 1e9) if meta.shared else 0):
+        print(f"reclaimed session {stale.id} of {stale.host} pid {stale.pid}, a mount that stopped heartbeating")
+    live = await meta.list_sessions()
+    if live:
+        where = ", ".join(f"{s.host} pid {s.pid} at {s.mountpoint}" for s in live[:3])
+        raise UserError(f"{len(live)} mount(s) use this file system ({where}); fsck runs only when none does: unmount them first")

@@ -26,8 +26,15 @@ from .cluster.autorepair import background_repair
 from .cluster.control import ControlServer
 from .cluster.heartbeat import probe
 from .cluster.nodeset import NodeSet
-from .cluster.operations import OPERATIONS, Cluster, Output
+from .cluster.operations import (
+    MAINTENANCE_BUSY,
+    OPERATIONS,
+    Cluster,
+    Output,
+    maintenance_turn,
+)
 from .cluster.registry import NodeAccess, open_store_or_stand_in, register_config_nodes
+from .cluster.session import MountSession
 from .cluster.snapshots import SnapshotWriter
 from .config import Config
 from .datadir import DataDirLock, mountpoint_of, prepare_data_dir, require_file_system
@@ -62,17 +69,14 @@ class Components:
 
 
 @contextlib.asynccontextmanager
-async def open_components(
-    config: Config, cached: bool, create: bool = False, exclusive: bool = True
-) -> AsyncIterator[Components]:
+async def open_components(config: Config, cached: bool, create: bool = False) -> AsyncIterator[Components]:
     """Open the metadata engine and the node stores its registry lists (a
     store that cannot be opened is stood in for by an UnreachableStore);
-    with `create`, a file system is made if the metadata holds none; with
-    `exclusive` (all but the read-only commands), as its only writer.
+    with `create`, a file system is made if the metadata holds none.
 
     An empty registry is seeded with the config's [[nodes]] first.
     """
-    engine = await open_engine(config.metadata, create=create, exclusive=exclusive)
+    engine = await open_engine(config.metadata, create=create)
     meta: MetadataStore = CachedMetadata(engine, config.metadata_entries) if cached else engine
     stores: list[NodeStore] = []
     try:
@@ -112,7 +116,9 @@ class FileSystemParts:
 
 
 @contextlib.asynccontextmanager
-async def running_file_system(meta: MetadataStore, replicator: Replicator, config: Config) -> AsyncIterator[FileSystemParts]:
+async def running_file_system(
+    meta: MetadataStore, replicator: Replicator, config: Config, session: MountSession | None = None
+) -> AsyncIterator[FileSystemParts]:
     """Build the POSIX layer and its write and read paths over `meta` and
     `replicator`, with their background tasks (the flusher, the garbage
     collector, read-ahead) running until the block ends. Call
@@ -122,7 +128,7 @@ async def running_file_system(meta: MetadataStore, replicator: Replicator, confi
         flush_requests, flusher_inbox = flush_channel()
         budget = WriteBudget(config.write_buffer_bytes, flush_requests)
         cache = ShardCache(config.shard_cache_bytes)
-        garbage = GarbageCollector(meta, replicator)
+        garbage = GarbageCollector(meta, replicator, None if session is None else session.id)
         writes = WriteServices(
             meta=meta,
             replicator=replicator,
@@ -136,7 +142,7 @@ async def running_file_system(meta: MetadataStore, replicator: Replicator, confi
         reads = ReadServices(meta=meta, replicator=replicator, cache=cache, garbage=garbage, nursery=nursery)
         await nursery.start(Flusher(flusher_inbox).run)
         await nursery.start(garbage.run)
-        yield FileSystemParts(FileSystem(writes, reads, config.replicas), budget, cache, garbage)
+        yield FileSystemParts(FileSystem(writes, reads, config.replicas, session), budget, cache, garbage)
         nursery.cancel_scope.cancel()
 
 
@@ -154,7 +160,10 @@ def run_cluster_operation(config: Config, operation: str, output: Output, argume
             await nodes.refresh()
             cluster = Cluster(parts.meta, parts.replicator, nodes, config.replicas, parts.access)
             try:
-                return await OPERATIONS[operation](cluster, output, **arguments)
+                async with maintenance_turn(parts.meta, trio.Lock()) as held:
+                    if not held:
+                        raise UserError(MAINTENANCE_BUSY)
+                    return await OPERATIONS[operation](cluster, output, **arguments)
             finally:
                 await nodes.close()
                 await parts.meta.sync()
@@ -170,7 +179,7 @@ def probe_nodes(config: Config) -> tuple[list[NodeRecord], dict[str, StoreStat |
     require_file_system(config)
 
     async def main() -> tuple[list[NodeRecord], dict[str, StoreStat | None]]:
-        async with open_components(config, cached=False, exclusive=False) as parts:
+        async with open_components(config, cached=False) as parts:
             return parts.nodes, await probe(parts.stores)
 
     return trio.run(main)
@@ -283,15 +292,18 @@ def _log_to(stream) -> None:
 def _run_mount(config: Config, mountpoint: str, options: list[str], ready: Callable[[], None]) -> int:
     async def main() -> int:
         async with open_components(config, cached=True, create=mount_creates(config.metadata)) as parts:
+            session = await MountSession.open(parts.meta, mountpoint, config.session_timeout)
             async with trio.open_nursery() as nursery:
+                await nursery.start(session.run)
                 await nursery.start(parts.replicator.run)
                 snapshots = await _start_cluster_services(nursery, parts, config)
-                async with running_file_system(parts.meta, parts.replicator, config) as file_system:
+                async with running_file_system(parts.meta, parts.replicator, config, session) as file_system:
                     try:
-                        await _serve(file_system.fs, config, mountpoint, options, ready, nursery)
+                        await _serve(file_system.fs, parts.meta, session, config, mountpoint, options, ready)
                     finally:
                         with trio.CancelScope(shield=True):
                             await snapshots.write_at_unmount()  # after shutdown: every file's data is committed
+                            await session.close()
                 nursery.cancel_scope.cancel()
         log.info("unmounted cleanly")
         return 0
@@ -318,10 +330,13 @@ async def _start_cluster_services(nursery: trio.Nursery, parts: Components, conf
 
 
 async def _serve(
-    fs: FileSystem, config: Config, mountpoint: str, options: list[str], ready: Callable[[], None], nursery: trio.Nursery
+    fs: FileSystem, meta: MetadataStore, session: MountSession, config: Config, mountpoint: str,
+    options: list[str], ready: Callable[[], None],
 ) -> None:
     """Mount, serve the kernel until it lets go (an unmount, or a signal),
-    then store everything and end the FUSE session."""
+    then store everything and end the FUSE session. Meanwhile other mounts'
+    changes are applied to the kernel's caches; that ends first, since
+    pyfuse3 must not be asked to invalidate anything once its session ends."""
     from .fuse import operations as fuse  # here, so status and fsck never load pyfuse3
 
     try:
@@ -341,9 +356,14 @@ async def _serve(
                 fuse.terminate()
                 return
 
-    nursery.start_soon(stop_on_signal)
     try:
-        await fuse.serve()
+        async with trio.open_nursery() as kernel_side:
+            kernel_side.start_soon(stop_on_signal)
+            invalidator = fuse.KernelInvalidator(fs)
+            await kernel_side.start(invalidator.run)
+            await kernel_side.start(meta.follow_changes, session.id, invalidator)
+            await fuse.serve()
+            kernel_side.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
             await fs.shutdown()

@@ -2,6 +2,7 @@
 
 It reads the metadata and lists each node store, so it works whether or not
 the file system is mounted (SQLite in WAL mode lets it read beside a mount).
+The sessions are the mounts using the file system, wherever they run.
 A shard counts as under-replicated when fewer of the stores its metadata
 names hold a replica than its file's replica count (user.dfs.replicas, else
 R); checksums are `dfsfuse scrub`'s and `dfsfuse fsck`'s job. A node's
@@ -9,6 +10,8 @@ metadata snapshots (dfsfuse.cluster.snapshots) are counted apart from its shards
 """
 
 from __future__ import annotations
+
+import time
 
 import trio
 
@@ -30,7 +33,7 @@ def status(config: Config) -> int:
 async def _status(config: Config) -> int:
     from .runtime import open_components
 
-    async with open_components(config, cached=False, exclusive=False) as parts:
+    async with open_components(config, cached=False) as parts:
         answers = await probe(parts.stores)
         held: dict[str, set[int]] = {}
         for node, store in zip(parts.nodes, parts.stores):
@@ -60,4 +63,10 @@ async def _status(config: Config) -> int:
         print(f"stored bytes: {usage.stored_bytes} (x{config.replicas} replicas)")
         print(f"shards: {usage.shards}")
         print(f"under-replicated shards: {under}")
+        for session in await parts.meta.list_sessions():
+            started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(session.started_ns / 1e9))
+            print(
+                f"session {session.id}: {session.host} pid {session.pid} at {session.mountpoint},"
+                f" since {started}, last heartbeat {max(0.0, (time.time_ns() - session.heartbeat_ns) / 1e9):.0f} s ago"
+            )
     return 0

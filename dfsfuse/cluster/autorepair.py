@@ -1,7 +1,9 @@
 """The mount's background repair: now and then, find the shards short of
 replicas (a node gone, a write that met only its quorum) and repair them,
 most-endangered first, a few per second so that the application keeps the
-bandwidth. It yields to a command asking the mount for an operation."""
+bandwidth. It yields to a command asking the mount for an operation. With
+many mounts, a pass runs where ROLE_MAINTENANCE can be taken at the time,
+so in one place at a time; the others skip theirs."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import trio
 
 from dfsfuse.cluster.inventory import ReplicaTargets
 from dfsfuse.cluster.maintenance import RepairTally, endangered_shards, repair_shard
-from dfsfuse.cluster.operations import Cluster
+from dfsfuse.cluster.operations import Cluster, maintenance_turn
 from dfsfuse.errors import DfsError
 
 log = logging.getLogger("dfsfuse.autorepair")
@@ -24,7 +26,9 @@ async def repair_pass(cluster: Cluster, lock: trio.Lock, rate: float = REPAIR_RA
     """One look for endangered shards and their repair; stops early when an
     operation waits for `lock` (the next pass picks up the rest)."""
     tally = RepairTally()
-    async with lock:
+    async with maintenance_turn(cluster.meta, lock, wait=0) as held:
+        if not held:
+            return tally  # another process is at it
         targets = ReplicaTargets(cluster.meta, cluster.replicas)
         short = await endangered_shards(cluster.meta, cluster.replicator.stores, targets)
         if short:

@@ -28,7 +28,12 @@ from typing import Any
 
 import trio
 
-from dfsfuse.cluster.operations import OPERATIONS, Cluster
+from dfsfuse.cluster.operations import (
+    MAINTENANCE_BUSY,
+    OPERATIONS,
+    Cluster,
+    maintenance_turn,
+)
 from dfsfuse.errors import UserError
 
 log = logging.getLogger("dfsfuse.control")
@@ -86,9 +91,11 @@ class ControlServer:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_forward, receive, stream)
                 async with send:
-                    async with self._lock:
+                    async with maintenance_turn(self._cluster.meta, self._lock) as held:
                         log.info("control: %s %s", request["operation"], arguments)
                         try:
+                            if not held:
+                                raise UserError(MAINTENANCE_BUSY)
                             code = await operation(self._cluster, _StreamOutput(send), **arguments)
                         except UserError as error:
                             send.send_nowait({"error": str(error), "exit": error.exit_code})

@@ -6,10 +6,13 @@ through an Output and returns an exit code, or raises UserError to refuse.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol
+
+import trio
 
 from dfsfuse.cluster.heartbeat import probe
 from dfsfuse.cluster.inventory import ReplicaTargets, live_shards
@@ -31,6 +34,7 @@ from dfsfuse.metadata.base import (
     NODE_ACTIVE,
     NODE_DRAINED,
     NODE_DRAINING,
+    ROLE_MAINTENANCE,
     MetadataStore,
     NodeRecord,
 )
@@ -244,6 +248,29 @@ async def scrub(cluster: Cluster, out: Output) -> int:
         f"{tally.corrupt} corrupt; repaired {tally.repaired}, {tally.unrecoverable} unrecoverable"
     )
     return 1 if tally.unrecoverable else 0
+
+
+MAINTENANCE_WAIT = 600.0  # seconds an operation waits for another process's maintenance to finish
+MAINTENANCE_BUSY = (
+    f"another mount or command has been repairing or moving replicas for over {MAINTENANCE_WAIT:.0f} s;"
+    " try again when it is done (its log says what it does)"
+)
+
+
+@contextlib.asynccontextmanager
+async def maintenance_turn(meta: MetadataStore, lock: trio.Lock, wait: float = MAINTENANCE_WAIT) -> AsyncIterator[bool]:
+    """This process's turn at maintenance (an operation, a repair pass): the
+    mount's `lock`, then ROLE_MAINTENANCE, which one process holds at a time
+    however many mounts and commands use the metadata. Yields whether the
+    role came within `wait` seconds; it is let go at the end."""
+    async with lock:
+        held = await meta.try_role(ROLE_MAINTENANCE, wait)
+        try:
+            yield held
+        finally:
+            if held:
+                with trio.CancelScope(shield=True):
+                    await meta.release_role(ROLE_MAINTENANCE)
 
 
 OPERATIONS: dict[str, Operation] = {

@@ -3,7 +3,14 @@
 Each handler converts one kernel request into one FileSystem call and its
 result into pyfuse3's types; a DfsError becomes FUSEError(errno). Anything
 else is a bug: it is logged with its traceback and the request fails with EIO
-instead of ending the main loop.
+instead of ending the main loop. A mount whose session was reclaimed answers
+every request with EIO (cluster/session.py).
+
+What other mounts change reaches the kernel's caches through
+KernelInvalidator, on a thread of its own: pyfuse3's invalidate_entry and
+invalidate_inode block until the kernel has dropped what they name, which
+waits for requests in flight on it, so called from a handler (or from the
+trio loop, which answers those requests) they could wait for themselves.
 """
 
 from __future__ import annotations
@@ -12,6 +19,8 @@ import errno
 import functools
 import logging
 import os
+import queue
+import threading
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -19,18 +28,18 @@ import pyfuse3
 import trio
 
 from ..errors import DfsError
-from ..metadata.base import AttrChanges, InodeAttrs
+from ..metadata.base import ROOT_INODE, AttrChanges, ChangeNotice, InodeAttrs
 from ..vfs.filesystem import Caller, FileSystem
 from .readahead import set_read_ahead
 
 log = logging.getLogger("dfsfuse.fuse")
 
-# This mount is the only writer of its metadata, so the kernel may cache
-# attributes and names for a while; every change goes through the kernel,
-# which drops what a change makes stale (as S3QL, which uses 300 s). The one
-# thing it cannot know is st_blocks growing when a file's data is stored at
-# close: a stat between a write and the close may show the old st_blocks
-# for up to ATTR_TIMEOUT.
+# The kernel may cache attributes and names for a while: every change this
+# mount makes goes through the kernel, which drops what it makes stale (as
+# S3QL, which uses 300 s), and other mounts' changes are pushed to it
+# (KernelInvalidator). The one thing it cannot know is st_blocks growing
+# when a file's data is stored at close: a stat between a write and the
+# close may show the old st_blocks for up to ATTR_TIMEOUT.
 ATTR_TIMEOUT = 60.0
 ENTRY_TIMEOUT = 60.0
 READDIR_PAGE = 1000
@@ -44,9 +53,11 @@ T = TypeVar("T")
 
 def _translate_errors(handler: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
     @functools.wraps(handler)
-    async def wrapper(*args, **kwargs):
+    async def wrapper(self, *args, **kwargs):
+        if self.fs.session_lost:
+            raise pyfuse3.FUSEError(errno.EIO)
         try:
-            return await handler(*args, **kwargs)
+            return await handler(self, *args, **kwargs)
         except DfsError as error:
             raise pyfuse3.FUSEError(error.errno) from None
         except pyfuse3.FUSEError:
@@ -161,7 +172,14 @@ class Operations(pyfuse3.Operations):
     @_translate_errors
     async def open(self, inode, flags, ctx):
         handle = await self.fs.open(inode, flags)
-        return pyfuse3.FileInfo(fh=handle, keep_cache=True)
+        changed = self.fs.changed_elsewhere(handle)
+        if changed:
+            # Another mount changed the file and its notice has not come yet:
+            # the kernel's size and times go now (an attribute invalidation
+            # waits for nothing, so it is safe while this open is in flight),
+            # its cached pages with keep_cache=False.
+            await trio.to_thread.run_sync(_invalidate_attrs, inode)
+        return pyfuse3.FileInfo(fh=handle, keep_cache=not changed)
 
     @_translate_errors
     async def create(self, parent_inode, name, mode, flags, ctx):
@@ -255,6 +273,63 @@ class Operations(pyfuse3.Operations):
     @_translate_errors
     async def removexattr(self, inode, name, ctx):
         await self.fs.removexattr(inode, name)
+
+
+def _invalidate_attrs(inode: int) -> None:
+    try:
+        pyfuse3.invalidate_inode(inode, attr_only=True)
+    except OSError:
+        pass  # the kernel does not know the inode (any more): nothing to drop
+
+
+class KernelInvalidator:
+    """Drops from the kernel's caches what other mounts changed: the entries
+    (names) and inodes (attrs and cached pages) of each notice, in order, on
+    a thread of its own (see the module docstring); `__call__` only queues."""
+
+    def __init__(self, fs: FileSystem):
+        self._fs = fs
+        self._queue: queue.SimpleQueue[ChangeNotice | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the thread until cancelled, then stop it once the queue is drained."""
+        self._thread = threading.Thread(target=self._work, name="dfsfuse-invalidate", daemon=True)
+        self._thread.start()
+        task_status.started()
+        try:
+            await trio.sleep_forever()
+        finally:
+            self._queue.put(None)
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self._thread.join)
+
+    async def __call__(self, notice: ChangeNotice) -> None:
+        self._fs.note_changes(notice)
+        if self._thread is not None:
+            self._queue.put(notice)
+
+    def _work(self) -> None:
+        while (notice := self._queue.get()) is not None:
+            try:
+                self._invalidate(notice)
+            except Exception:  # noqa: BLE001 - the thread must go on
+                log.exception("invalidating the kernel's caches failed")
+
+    def _invalidate(self, notice: ChangeNotice) -> None:
+        known = set(self._fs.known_inodes()) | {ROOT_INODE}
+        entries = [] if notice.everything else [(parent, name) for parent, name in notice.entries if parent in known]
+        inodes = known if notice.everything else notice.inodes & known
+        for parent, name in entries:
+            try:
+                pyfuse3.invalidate_entry(parent, name)
+            except OSError:
+                pass  # not in the kernel's cache
+        for inode in inodes:
+            try:
+                pyfuse3.invalidate_inode(inode, attr_only=False)
+            except OSError:
+                pass
 
 
 def mount_options(fsname: str, extra: list[str]) -> set[str]:

@@ -12,6 +12,15 @@ one metadata sync and one pass, not one per file.
 It also owns the in-use accounting: a reader holds `reading(shard ids)`
 while it reads objects, and a shard in use waits for the next round, so a
 read that started before the shard was replaced still finds its replicas.
+
+Many mounts (a shared engine). Every mount deletes the inodes it dooms, but
+only the one holding ROLE_GARBAGE deletes replicas, and it also looks every
+SWEEP_INTERVAL seconds for what the others left it: garbage their commits
+made, and inodes unlinked while open that no session holds open any more
+(`orphan_inodes`, which includes those of reclaimed sessions). The engine
+keeps back the garbage of files another session holds open (its cached
+shard map may still name it), and never deletes an inode a session holds
+open.
 """
 
 from __future__ import annotations
@@ -19,11 +28,12 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import math
 from collections.abc import Iterable, Iterator
 
 import trio
 
-from dfsfuse.metadata.base import MetadataStore
+from dfsfuse.metadata.base import ROLE_GARBAGE, MetadataStore
 from dfsfuse.shards.replicator import Replicator
 
 log = logging.getLogger("dfsfuse.garbage")
@@ -33,12 +43,16 @@ GARBAGE_MAX_DELAY = 3.0
 GARBAGE_BATCH = 4096  # garbage rows per metadata sync
 DELETE_BATCH = 1000  # inodes per transaction (the requests queued behind one wait for it)
 RETRY_DELAY = 1.0  # seconds before a round that had to leave shards is tried again
+SWEEP_INTERVAL = 5.0  # seconds between looks for other mounts' garbage (a shared engine)
 
 
 class GarbageCollector:
-    def __init__(self, meta: MetadataStore, replicator: Replicator):
+    """See the module docstring; `session` is the mount's (None: a command's)."""
+
+    def __init__(self, meta: MetadataStore, replicator: Replicator, session: int | None = None):
         self._meta = meta
         self._replicator = replicator
+        self._session = session
         self._doomed: set[int] = set()
         self._in_use: collections.Counter[int] = collections.Counter()
         self._added = trio.Event()
@@ -73,18 +87,17 @@ class GarbageCollector:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Delete what the last mount left unfinished, then collect whenever
-        work is noted, until cancelled."""
-        orphans = await self._meta.orphan_inodes()
-        for inode in orphans:
-            log.info("deleting inode %d, unlinked but not yet deleted when the file system last stopped", inode)
-        self._doomed.update(orphans)
-        await self.collect()
+        work is noted (and, with a shared engine, every SWEEP_INTERVAL
+        seconds), until cancelled."""
+        await self.collect(sweep=True)
         task_status.started()
+        sweep_interval = SWEEP_INTERVAL if self._meta.shared else math.inf
         while True:
-            await self._added.wait()
+            with trio.move_on_after(sweep_interval):
+                await self._added.wait()
             await self._wait_for_a_pause()
             try:
-                complete = await self.collect()
+                complete = await self.collect(sweep=self._meta.shared)
             except Exception:  # noqa: BLE001 - keep the mount alive; try again later
                 log.exception("garbage collection failed")
                 complete = False
@@ -102,17 +115,27 @@ class GarbageCollector:
             if not self._added.is_set() or trio.current_time() >= deadline:
                 return
 
-    async def collect(self) -> bool:
-        """Delete the doomed inodes, then the replicas of unreferenced shards;
-        False if some had to wait."""
+    async def collect(self, sweep: bool = False) -> bool:
+        """Delete the doomed inodes, then (if this process holds ROLE_GARBAGE)
+        orphans (with `sweep`: at the start, when the last mount's are left,
+        and with a shared engine, whose sessions record every open file) and
+        the replicas of unreferenced shards; False if some had to wait."""
+        holder = await self._meta.try_role(ROLE_GARBAGE)
+        if holder and sweep:
+            orphans = set(await self._meta.orphan_inodes()) - self._doomed
+            for inode in sorted(orphans):
+                log.info("deleting inode %d: unlinked, and no mount holds it open any more", inode)
+            self._doomed |= orphans
         while self._doomed:
             inodes = sorted(self._doomed)[:DELETE_BATCH]
             await self._meta.delete_inodes(inodes)
             self._doomed.difference_update(inodes)
+        if not holder:
+            return True
         complete = True
         after_skipped: set[int] = set()
         while True:
-            batch = [g for g in await self._meta.garbage(GARBAGE_BATCH) if g[0] not in after_skipped]
+            batch = [g for g in await self._meta.garbage(GARBAGE_BATCH, self._session) if g[0] not in after_skipped]
             if not batch:
                 return complete
             # The commits that made these shards garbage must survive a power

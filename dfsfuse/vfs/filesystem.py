@@ -10,6 +10,14 @@ An inode whose last name is removed is deleted only when no handle has it
 open and the kernel holds no reference to it, by the garbage collector's next
 round (shards/garbage.py); if the mount dies first, the next mount deletes it
 (`orphan_inodes`).
+
+Other mounts (a shared engine). The first open of a file records it as open
+in this mount's session (cluster/session.py), so that an unlink elsewhere
+leaves its data until this mount closes it, and reads its attrs fresh: if
+another mount changed the file since this one cached it, the open says so
+(`changed_elsewhere`), and the kernel must not keep the pages it cached. A
+file open here that another mount changes (`note_changes`) takes the new
+size and times before its next read or getattr.
 """
 
 from __future__ import annotations
@@ -24,15 +32,18 @@ import time
 
 import trio
 
+from ..cluster.session import MountSession
 from ..errors import DfsError, InvalidArgument, IsADirectory
 from ..metadata.base import (
     NAME_MAX,
     REPLICAS_XATTR,
     AttrChanges,
+    ChangeNotice,
     DirEntry,
     EntryChange,
     InodeAttrs,
     check_name,
+    same_file_state,
 )
 from ..write.file_writer import WriteServices
 from .contents import FileContents
@@ -65,12 +76,14 @@ class Handle:
     contents: FileContents
     flags: int
     next_offset: int = 0  # where a sequential reader would read next
+    changed_elsewhere: bool = False  # the open found the file changed by another mount
 
 
 class FileSystem:
-    """The POSIX layer; `replicas` is the configured R (statfs divides by it)."""
+    """The POSIX layer; `replicas` is the configured R (statfs divides by it);
+    `session` this mount's, if it has one (not in the component tests)."""
 
-    def __init__(self, writes: WriteServices, reads: ReadServices, replicas: int):
+    def __init__(self, writes: WriteServices, reads: ReadServices, replicas: int, session: MountSession | None = None):
         self._meta = writes.meta
         self._replicator = writes.replicator
         self._garbage = writes.garbage
@@ -83,6 +96,28 @@ class FileSystem:
         self._next_handle = 1
         self._refs: collections.Counter[int] = collections.Counter()
         self._unlinked: set[int] = set()
+        self._session = session
+        self._stale: set[int] = set()  # open files another mount changed since
+
+    @property
+    def session_lost(self) -> bool:
+        """Whether this mount's session was reclaimed: then nothing it does is safe."""
+        return self._session is not None and self._session.lost
+
+    def known_inodes(self) -> list[int]:
+        """The inodes the kernel holds references to."""
+        return list(self._refs)
+
+    def note_changes(self, notice: ChangeNotice) -> None:
+        """Another mount changed these inodes: open files here re-read their attrs."""
+        self._stale.update(self._files if notice.everything else notice.inodes & self._files.keys())
+
+    async def _refresh_if_stale(self, inode: int) -> None:
+        if inode in self._stale:
+            self._stale.discard(inode)
+            contents = self._files.get(inode)
+            if contents is not None:
+                contents.writer.adopt(await self._meta.getattr(inode))
 
     async def shutdown(self) -> None:
         """After the kernel let go: write everything, delete what is unreferenced."""
@@ -139,6 +174,7 @@ class FileSystem:
         return attrs
 
     async def getattr(self, inode: int) -> InodeAttrs:
+        await self._refresh_if_stale(inode)
         return self._overlay(await self._meta.getattr(inode))
 
     async def getattr_of_parent(self, inode: int) -> InodeAttrs:
@@ -162,15 +198,17 @@ class FileSystem:
         return (await self._create(parent, name, mode, caller, rdev, target)).attrs
 
     async def _create(
-        self, parent: int, name: bytes, mode: int, caller: Caller, rdev: int = 0, target: bytes = b""
+        self, parent: int, name: bytes, mode: int, caller: Caller, rdev: int = 0, target: bytes = b"",
+        opened_by: int | None = None,
     ) -> EntryChange:
         """One engine call, which also gives a new file or directory the
-        parent's replica count (REPLICAS_XATTR)."""
+        parent's replica count (REPLICAS_XATTR), and records a file created
+        open as open in `opened_by`, a session."""
         check_name(name)
         parent_attrs = await self._meta.getattr(parent)
         mode, gid = _new_mode_and_group(parent_attrs, mode, caller)
         created = await self._meta.create(
-            parent, name, mode, caller.uid, gid, time.time_ns(), rdev=rdev, target=target
+            parent, name, mode, caller.uid, gid, time.time_ns(), rdev=rdev, target=target, opened_by=opened_by
         )
         self.add_ref(created.attrs.inode)
         return created
@@ -283,17 +321,40 @@ class FileSystem:
     # -- open files ------------------------------------------------------------
     async def open(self, inode: int, flags: int) -> int:
         contents = self._files.get(inode)
-        if contents is None:
-            attrs = await self._meta.getattr(inode)
+        changed = False
+        if contents is None or not contents.open_count:
+            attrs, changed = await self._open_attrs(inode)
             if not stat.S_ISREG(attrs.mode):
+                if self._session is not None:
+                    self._session.closed(inode)
                 if stat.S_ISDIR(attrs.mode):
                     raise IsADirectory("cannot open a directory as a file")
                 raise InvalidArgument("not a regular file")
-            replicas = await self._replicas_of(inode)
-            contents = self._files.get(inode)  # another open may have won the race
             if contents is None:
-                contents = self._contents(attrs, replicas)
-        return await self._open_contents(contents, flags)
+                replicas = await self._replicas_of(inode)
+                contents = self._files.get(inode)  # another open may have won the race
+                if contents is None:
+                    contents = self._contents(attrs, replicas)
+            elif changed:
+                contents.writer.adopt(attrs)
+        handle = await self._open_contents(contents, flags)
+        self._handles[handle].changed_elsewhere = changed
+        return handle
+
+    async def _open_attrs(self, inode: int) -> tuple[InodeAttrs, bool]:
+        """The attrs of a file being opened and whether another mount changed
+        it since this one cached them; recorded as open in the session if
+        other mounts could delete it meanwhile."""
+        if self._session is None or not self._session.records_open:
+            return await self._meta.getattr(inode), False
+        before = await self._meta.getattr(inode)
+        attrs = await self._session.open_file(inode)
+        return attrs, not same_file_state(before, attrs)
+
+    def changed_elsewhere(self, handle: int) -> bool:
+        """Whether the open that made `handle` found the file changed by
+        another mount (then the kernel's cached pages of it are stale)."""
+        return self._handle(handle).changed_elsewhere
 
     async def _open_contents(self, contents: FileContents, flags: int) -> int:
         contents.open_count += 1
@@ -311,7 +372,8 @@ class FileSystem:
         return handle
 
     async def create(self, parent: int, name: bytes, mode: int, flags: int, caller: Caller) -> tuple[int, InodeAttrs]:
-        created = await self._create(parent, name, stat.S_IFREG | stat.S_IMODE(mode), caller)
+        opened_by = None if self._session is None else self._session.opened_by()
+        created = await self._create(parent, name, stat.S_IFREG | stat.S_IMODE(mode), caller, opened_by=opened_by)
         replicas = created.xattrs.get(REPLICAS_XATTR)
         contents = self._contents(created.attrs, None if replicas is None else int(replicas))
         return await self._open_contents(contents, flags & ~os.O_TRUNC), created.attrs
@@ -324,6 +386,7 @@ class FileSystem:
 
     async def read(self, handle: int, offset: int, size: int) -> bytes:
         entry = self._handle(handle)
+        await self._refresh_if_stale(entry.contents.inode)
         sequential = offset == entry.next_offset and offset > 0
         entry.next_offset = offset + size
         return await entry.contents.read(offset, size, sequential)
@@ -367,6 +430,9 @@ class FileSystem:
         """Forget a file's contents once nothing has it open and all is stored."""
         if not contents.open_count and contents.is_clean and self._files.get(contents.inode) is contents:
             del self._files[contents.inode]
+            self._stale.discard(contents.inode)
+            if self._session is not None:
+                self._session.closed(contents.inode)
             self._delete_if_unreferenced(contents.inode)
 
 

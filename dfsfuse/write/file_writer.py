@@ -181,6 +181,14 @@ class FileWriter:
             self.mtime_ns, self.ctime_ns = attrs.mtime_ns, attrs.ctime_ns
         return attrs
 
+    def adopt(self, attrs: InodeAttrs) -> None:
+        """Another mount changed the stored file: take its size and times, if
+        nothing written here is still unstored (if something is, this
+        mount's writes land over the other's, as two writers on one machine)."""
+        if self.is_clean:
+            self.size = self._committed_size = attrs.size
+            self.mtime_ns, self.ctime_ns = attrs.mtime_ns, attrs.ctime_ns
+
     # -- storing -------------------------------------------------------------
     async def flush_in_background(self, index: int) -> None:
         """The flusher's request (a full shard, or budget eviction)."""
