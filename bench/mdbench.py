@@ -17,11 +17,11 @@ Targets, each measured in the same run:
   postgresql   dfsfuse, one mount, its metadata on a PostgreSQL server that
                the benchmark starts on loopback (Debian's postgresql package,
                as the tests do: tests/pgserver.py), fsync on
+  pg-2mounts   dfsfuse, two mounts of one file system on that server, the
+               processes shared out between them (process n on mount n % 2)
 
 The mounts are made in a scratch directory with three local node stores and
-unmounted at the end. Mounts sharing one PostgreSQL file system are not
-measured: a PostgreSQL file system has one mount at a time until sessions
-exist (docs/operations.md).
+unmounted at the end.
 
 Output: progress on stderr; the table (ops/s and the ratio to the local disk)
 on stdout, then the JSON, or the JSON to --json FILE. Needs root (FUSE
@@ -87,13 +87,14 @@ def _worker(directory: Path, files: int, barrier, results) -> None:
     directory.rmdir()
 
 
-def measure(root: Path, procs: int, files: int) -> dict[str, float]:
-    """ops/s of every phase with `procs` processes under `root`."""
+def measure(roots: list[Path], procs: int, files: int) -> dict[str, float]:
+    """ops/s of every phase with `procs` processes, process n under roots[n % len(roots)]."""
     context = multiprocessing.get_context("fork")
     barrier = context.Barrier(procs)
     results = context.Queue()
     workers = [
-        context.Process(target=_worker, args=(root / f"proc{n}", files, barrier, results)) for n in range(procs)
+        context.Process(target=_worker, args=(roots[n % len(roots)] / f"proc{n}", files, barrier, results))
+        for n in range(procs)
     ]
     for worker in workers:
         worker.start()
@@ -104,7 +105,7 @@ def measure(root: Path, procs: int, files: int) -> dict[str, float]:
     for worker in workers:
         worker.join()
         if worker.exitcode:
-            raise RuntimeError(f"a benchmark process under {root} failed (exit {worker.exitcode})")
+            raise RuntimeError(f"a benchmark process under {roots} failed (exit {worker.exitcode})")
     return {
         name: sum(done for done, _, _ in rows) / (max(end for _, _, end in rows) - min(start for _, start, _ in rows))
         for name, rows in spans.items()
@@ -124,11 +125,12 @@ def _dfsfuse(*args: object) -> str:
 
 
 @contextlib.contextmanager
-def mounted(base: Path, meta: list[str]) -> Iterator[Path]:
-    """A dfsfuse mount under `base` (its own data dir, three local node stores)."""
+def mounted(base: Path, meta: list[str], format: bool = True) -> Iterator[Path]:
+    """A dfsfuse mount under `base` (its own data dir, three local node
+    stores); with `meta`, of that database, which `format` makes first."""
     data_dir, mountpoint = base / "data", base / "mnt"
     mountpoint.mkdir(parents=True)
-    if meta:
+    if meta and format:
         _dfsfuse("format", "--data-dir", data_dir, *meta)
     subprocess.run([sys.executable, str(REPO / "mount.py"), mountpoint, "--data-dir", data_dir, *meta],
                    cwd=REPO, check=True, timeout=120)
@@ -172,10 +174,13 @@ def run(procs: int, files: int) -> dict[str, dict[str, float]]:
         for name, target in targets:
             progress(f"{name}: {procs} processes x {files} files")
             with target() as root:
-                figures[name] = measure(root, procs, files)
-        progress(f"postgresql: {procs} processes x {files} files")
+                figures[name] = measure([root], procs, files)
         with postgres(scratch / "pg") as meta, mounted(scratch / "postgresql", meta) as root:
-            figures["postgresql"] = measure(root, procs, files)
+            progress(f"postgresql: {procs} processes x {files} files")
+            figures["postgresql"] = measure([root], procs, files)
+            with mounted(scratch / "postgresql-b", meta, format=False) as other:
+                progress(f"pg-2mounts: {procs} processes x {files} files")
+                figures["pg-2mounts"] = measure([root, other], procs, files)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return figures

@@ -339,6 +339,11 @@ async def _serve(
     pyfuse3 must not be asked to invalidate anything once its session ends."""
     from .fuse import operations as fuse  # here, so status and fsck never load pyfuse3
 
+    if meta.shared and not fuse.shares_locks():
+        raise UserError(
+            "this pyfuse3 lacks dfsfuse's lock patch, so locks would not be shared with other mounts;"
+            " run scripts/install.sh (docs/pyfuse3-patch.md)"
+        )
     try:
         fuse.start(fuse.Operations(fs), mountpoint, fuse.mount_options(f"dfsfuse:{config.data_dir}", options))
     except RuntimeError as error:

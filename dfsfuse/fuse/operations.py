@@ -16,6 +16,7 @@ trio loop, which answers those requests) they could wait for themselves.
 from __future__ import annotations
 
 import errno
+import fcntl
 import functools
 import logging
 import os
@@ -30,6 +31,7 @@ import trio
 from ..errors import DfsError
 from ..metadata.base import ROOT_INODE, AttrChanges, ChangeNotice, InodeAttrs
 from ..vfs.filesystem import Caller, FileSystem
+from ..vfs.locking import FileLocks
 from .readahead import set_read_ahead
 
 log = logging.getLogger("dfsfuse.fuse")
@@ -195,12 +197,42 @@ class Operations(pyfuse3.Operations):
         return await self.fs.write(fh, off, buf)
 
     @_translate_errors
-    async def flush(self, fh):
-        await self.fs.flush(fh)
+    async def flush(self, fh, lock_owner=None):
+        """A close(2): store what was written; the closing process's fcntl
+        locks on the file end (the patched pyfuse3 passes its lock owner)."""
+        try:
+            await self.fs.flush(fh)
+        finally:
+            if lock_owner is not None and self.fs.locks is not None:
+                await self.fs.locks.closed_by(self.fs.inode_of(fh), lock_owner)
 
     @_translate_errors
-    async def release(self, fh):
+    async def release(self, fh, flock_owner=None):
+        if self.fs.locks is not None:
+            await self.fs.locks.released(self.fs.inode_of(fh), fh, flock_owner)
         await self.fs.release(fh)
+
+    # Locks (docs/pyfuse3-patch.md): kept in the metadata for every mount
+    # (vfs/locking.py), the kernel keeps none of its own.
+    @_translate_errors
+    async def getlk(self, inode, fh, owner, lock_type, start, end, ctx):
+        found = await self._locks().test(inode, owner, lock_type, start, end)
+        if found is None:
+            return (fcntl.F_UNLCK, start, end, 0)
+        return (found.type, found.start, found.end, found.pid)
+
+    @_translate_errors
+    async def setlk(self, inode, fh, owner, lock_type, start, end, pid, sleep, ctx):
+        await self._locks().set_posix(inode, fh, owner, lock_type, start, end, pid, sleep)
+
+    @_translate_errors
+    async def flock(self, inode, fh, owner, op, ctx):
+        await self._locks().flock(inode, fh, owner, op, ctx.pid)
+
+    def _locks(self) -> FileLocks:
+        if self.fs.locks is None:
+            raise pyfuse3.FUSEError(errno.ENOLCK)
+        return self.fs.locks
 
     @_translate_errors
     async def fsync(self, fh, datasync):
@@ -339,6 +371,12 @@ def mount_options(fsname: str, extra: list[str]) -> set[str]:
     options.add("subtype=dfsfuse")
     options.update(extra)
     return options
+
+
+def shares_locks() -> bool:
+    """Whether this pyfuse3 hands lock requests to the file system (our
+    patch, docs/pyfuse3-patch.md); without it the kernel keeps them per mount."""
+    return bool(getattr(pyfuse3, "DFSFUSE_LOCKS", 0))
 
 
 def start(operations: Operations, mountpoint: str, options: set[str]) -> None:

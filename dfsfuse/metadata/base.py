@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 import trio
 
 from dfsfuse.errors import InvalidArgument, NameTooLong
+from dfsfuse.metadata.locks import LockRecord
 
 ROOT_INODE = 1
 NAME_MAX = 255  # the longest name in bytes, as on Linux file systems
@@ -520,6 +521,22 @@ class MetadataStore(abc.ABC):
     @abc.abstractmethod
     async def close_files(self, session: int, inodes: Sequence[int]) -> None:
         """`session` holds these inodes open no longer."""
+
+    # -- locks: fcntl and flock, one table for every mount -----------------
+    @abc.abstractmethod
+    async def set_lock(self, session: int, inode: int, request: LockRecord) -> LockRecord | None:
+        """Grant `request` (dfsfuse.metadata.locks; its owner_key is
+        (session, the kernel's lock owner)), or return the lock of another
+        owner that keeps it from being granted, changing nothing. An F_UNLCK
+        request always succeeds. SessionLost if the session is gone."""
+
+    @abc.abstractmethod
+    async def test_lock(self, inode: int, request: LockRecord) -> LockRecord | None:
+        """The lock of another owner that `request` would conflict with, or None (F_GETLK)."""
+
+    @abc.abstractmethod
+    async def release_locks(self, session: int, inode: int, owners: Sequence[int], kind: str | None) -> None:
+        """Drop the locks (of `kind`, or of both kinds) these owners of the session hold on the inode."""
 
     async def follow_changes(
         self, session: int, on_change: Callable[[ChangeNotice], Awaitable[None]],

@@ -89,6 +89,7 @@ from dfsfuse.metadata.base import (
     UsageCounts,
     same_file_state,
 )
+from dfsfuse.metadata.locks import LockRecord
 
 # The errors with which an engine refuses a change and changes nothing.
 _REFUSALS = (
@@ -536,6 +537,15 @@ class CachedMetadata(MetadataStore):
 
     async def close_files(self, session: int, inodes: Sequence[int]) -> None:
         await self._engine.close_files(session, inodes)
+
+    async def set_lock(self, session: int, inode: int, request: LockRecord) -> LockRecord | None:
+        return await self._engine.set_lock(session, inode, request)
+
+    async def test_lock(self, inode: int, request: LockRecord) -> LockRecord | None:
+        return await self._engine.test_lock(inode, request)
+
+    async def release_locks(self, session: int, inode: int, owners: Sequence[int], kind: str | None) -> None:
+        await self._engine.release_locks(session, inode, owners, kind)
 
     async def follow_changes(
         self, session: int, on_change: Callable[[ChangeNotice], Awaitable[None]],

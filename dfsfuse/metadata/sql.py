@@ -24,7 +24,8 @@ import json
 import stat
 import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Protocol, TypeVar
+from fcntl import F_RDLCK, F_WRLCK
+from typing import Any, Protocol, TypeVar, cast
 
 from dfsfuse.errors import (
     Exists,
@@ -60,6 +61,7 @@ from dfsfuse.metadata.base import (
     UsageCounts,
     check_name,
 )
+from dfsfuse.metadata.locks import LockRecord, apply, conflict
 
 FILE_TYPE_BITS = 0o170000  # the S_IFMT part of a mode
 SCHEMA_VERSION_KEY = "schema_version"  # the meta row each engine keeps its own schema's version in
@@ -282,6 +284,17 @@ class SqlMetadata(MetadataStore):
 
     async def close_files(self, session: int, inodes: Sequence[int]) -> None:
         await self._write(_close_files, session, sorted(set(inodes)))
+
+    # -- locks ----------------------------------------------------------------
+    async def set_lock(self, session: int, inode: int, request: LockRecord) -> LockRecord | None:
+        return await self._write(_set_lock, session, inode, request)
+
+    async def test_lock(self, inode: int, request: LockRecord) -> LockRecord | None:
+        return await self._read(_test_lock, inode, request)
+
+    async def release_locks(self, session: int, inode: int, owners: Sequence[int], kind: str | None) -> None:
+        if owners:
+            await self._write(_release_locks, session, inode, sorted(set(owners)), kind)
 
     async def rows_of(self, table: str) -> list[tuple[Any, ...]]:
         """Every row of one of TABLE_COLUMNS' tables, in its columns' order."""
@@ -955,3 +968,53 @@ def _open_file(tx: Transaction, session: int, inode: int) -> InodeAttrs:
 
 def _close_files(tx: Transaction, session: int, inodes: list[int]) -> None:
     tx.executemany("DELETE FROM open_files WHERE session = ? AND inode = ?", [(session, inode) for inode in inodes])
+
+
+# -- locks -------------------------------------------------------------------
+
+_LOCK_MODES = {F_RDLCK: "read", F_WRLCK: "write"}
+_LOCK_TYPES = {mode: lock_type for lock_type, mode in _LOCK_MODES.items()}
+
+
+def _locks_of(tx: Transaction, inode: int) -> list[LockRecord]:
+    rows = tx.execute(
+        "SELECT session, owner, kind, mode, first_byte, last_byte, pid FROM locks WHERE inode = ?"
+        " ORDER BY first_byte, session, owner",
+        (inode,),
+    )
+    return [LockRecord((row[0], row[1]), row[2], _LOCK_TYPES[row[3]], row[4], row[5], row[6]) for row in rows]
+
+
+def _set_lock(tx: Transaction, session: int, inode: int, request: LockRecord) -> LockRecord | None:
+    if tx.execute("SELECT 1 FROM sessions WHERE id = ?", (session,)).fetchone() is None:
+        raise SessionLost(f"session {session} was reclaimed as stale by another mount; unmount and mount again")
+    tx.lock_inodes((inode,))  # one lock change of a file at a time, on every engine
+    existing = _locks_of(tx, inode)
+    blocking = conflict(existing, request)
+    if blocking is not None:
+        return blocking
+    _, owner = cast(tuple[int, int], request.owner_key)
+    tx.execute(
+        "DELETE FROM locks WHERE inode = ? AND session = ? AND owner = ? AND kind = ?",
+        (inode, session, owner, request.kind),
+    )
+    tx.executemany(
+        "INSERT INTO locks (session, inode, owner, kind, mode, first_byte, last_byte, pid) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            (session, inode, owner, record.kind, _LOCK_MODES[record.type], record.start, record.end, record.pid)
+            for record in apply(existing, request)
+        ],
+    )
+    return None
+
+
+def _test_lock(tx: Transaction, inode: int, request: LockRecord) -> LockRecord | None:
+    return conflict(_locks_of(tx, inode), request)
+
+
+def _release_locks(tx: Transaction, session: int, inode: int, owners: list[int], kind: str | None) -> None:
+    for owner in owners:
+        tx.execute(
+            "DELETE FROM locks WHERE inode = ? AND session = ? AND owner = ?" + ("" if kind is None else " AND kind = ?"),
+            (inode, session, owner) if kind is None else (inode, session, owner, kind),
+        )

@@ -47,6 +47,7 @@ from ..metadata.base import (
 )
 from ..write.file_writer import WriteServices
 from .contents import FileContents
+from .locking import FileLocks
 from .reader import ReadServices
 
 log = logging.getLogger("dfsfuse.vfs")
@@ -98,6 +99,7 @@ class FileSystem:
         self._unlinked: set[int] = set()
         self._session = session
         self._stale: set[int] = set()  # open files another mount changed since
+        self.locks = None if session is None else FileLocks(self._meta, session.id)
 
     @property
     def session_lost(self) -> bool:
@@ -350,6 +352,9 @@ class FileSystem:
         before = await self._meta.getattr(inode)
         attrs = await self._session.open_file(inode)
         return attrs, not same_file_state(before, attrs)
+
+    def inode_of(self, handle: int) -> int:
+        return self._handle(handle).contents.inode
 
     def changed_elsewhere(self, handle: int) -> bool:
         """Whether the open that made `handle` found the file changed by

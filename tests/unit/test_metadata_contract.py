@@ -15,6 +15,7 @@ import pathlib
 import random
 import stat
 from collections.abc import AsyncIterator, Awaitable, Callable
+from fcntl import F_RDLCK, F_UNLCK, F_WRLCK
 
 import pytest
 import trio
@@ -65,6 +66,7 @@ from dfsfuse.metadata.engines import (
     open_dump,
     open_engine,
 )
+from dfsfuse.metadata.locks import FLOCK, OFFSET_MAX, POSIX, LockRecord
 from dfsfuse.metadata.postgres import PostgresMetadata
 from dfsfuse.metadata.sqlite import SqliteMetadata
 
@@ -1026,6 +1028,42 @@ def test_garbage_of_a_file_another_session_holds_open_waits(harness):
         assert await store.garbage(10) == []  # a command's view: held open by some session
         await store.close_files(reader, [file.inode])
         assert [shard_id for shard_id, _ in await store.garbage(10, writer)] == [7]
+
+    run_with_store(harness, body)
+
+
+def test_locks_are_shared_by_sessions_and_go_with_them(harness):
+    async def body(store: MetadataStore) -> None:
+        a = await store.open_session("a", 1, "/a")
+        b = await store.open_session("b", 2, "/b")
+        file = await mkfile(store, ROOT_INODE, b"db")
+
+        def posix(session: int, owner: int, lock_type: int, start: int, end: int, pid: int = 0) -> LockRecord:
+            return LockRecord((session, owner), POSIX, lock_type, start, end, pid)
+
+        assert await store.set_lock(a, file.inode, posix(a, 7, F_WRLCK, 0, 99, pid=1234)) is None
+        blocking = await store.set_lock(b, file.inode, posix(b, 7, F_RDLCK, 50, 60))  # same owner number, other session
+        assert blocking is not None and blocking.owner_key == (a, 7) and (blocking.start, blocking.end) == (0, 99)
+        assert blocking.pid == 1234 and blocking.type == F_WRLCK
+        assert await store.test_lock(file.inode, posix(b, 1, F_RDLCK, 100, 200)) is None
+        assert await store.set_lock(b, file.inode, posix(b, 1, F_RDLCK, 100, 200)) is None
+        assert await store.set_lock(a, file.inode, posix(a, 7, F_UNLCK, 40, 59)) is None  # splits a's lock
+        assert await store.set_lock(b, file.inode, posix(b, 2, F_RDLCK, 40, 59)) is None
+        assert await store.test_lock(file.inode, posix(b, 3, F_WRLCK, 60, 60)) is not None
+        flock_a = LockRecord.flock((a, 9), F_WRLCK)
+        assert await store.set_lock(a, file.inode, flock_a) is None  # flock and fcntl locks are apart
+        assert await store.set_lock(b, file.inode, LockRecord.flock((b, 9), F_RDLCK)) == flock_a
+        await store.release_locks(a, file.inode, [9], FLOCK)
+        assert await store.set_lock(b, file.inode, LockRecord.flock((b, 9), F_RDLCK)) is None
+        await store.release_locks(a, file.inode, [7], POSIX)
+        assert await store.test_lock(file.inode, posix(a, 8, F_WRLCK, 0, 39)) is None
+        assert await store.test_lock(file.inode, posix(a, 8, F_WRLCK, 100, 100)) is not None  # b's
+        await trio.sleep(0.05)
+        assert await store.heartbeat(a)
+        assert [record.id for record in await store.reap_sessions(25 * 10**6)] == [b]  # b's locks go with it
+        assert await store.test_lock(file.inode, posix(a, 8, F_WRLCK, 0, OFFSET_MAX)) is None
+        with pytest.raises(SessionLost):
+            await store.set_lock(b, file.inode, posix(b, 1, F_RDLCK, 0, 0))
 
     run_with_store(harness, body)
 
