@@ -263,18 +263,22 @@ class LockMount:
         self.calls_path = base / "calls.jsonl"
         self.log_path = base / "fs.log"
         self.mountpoint.mkdir(parents=True)
+        self.file = self.mountpoint / "f"
+        self.plain = plain
         self.lockers: list[Locker] = []
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
                 [sys.executable, __file__, "serve", str(self.mountpoint), str(self.calls_path),
-                 *(["plain"] if plain else [])],
+                 *(["plain"] if self.plain else [])],
                 stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, text=True)
         assert self.process.stdout is not None
         ready, _, _ = select.select([self.process.stdout], [], [], TIMEOUT)
         line = self.process.stdout.readline() if ready else ""
         self.process.stdout.close()
         assert line == "ready\n", f"the file system did not start: {line!r}\n{self.log()}"
-        self.file = self.mountpoint / "f"
         self.file.stat()
 
     def log(self) -> str:
@@ -302,6 +306,8 @@ class LockMount:
     def stop(self) -> None:
         for locker in self.lockers:
             locker.stop()
+        if self.process is None:
+            return
         try:
             for _ in range(100):
                 result = subprocess.run(["fusermount3", "-u", str(self.mountpoint)], capture_output=True, text=True,
@@ -328,6 +334,7 @@ def _mount(test_root, request, plain: bool):
                     pytrace=False)
     fs = LockMount(test_root / "pyfuse3_locks" / request.node.name, plain)
     try:
+        fs.start()
         yield fs
     finally:
         fs.stop()
