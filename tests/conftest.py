@@ -95,7 +95,11 @@ def network():
     try:
         net = netns.Network()
     except netns.NetnsUnavailable as exc:
-        _unavailable(f"network namespaces unavailable: {exc}", "network namespaces")
+        reason = f"network namespaces unavailable: {exc}"
+    else:
+        reason = None
+    if reason:
+        _unavailable(reason, "network namespaces")
     try:
         yield net
     finally:

@@ -12,9 +12,13 @@ and the machines have no default route: a process in them reaches the other
 machines of the network and its own loopback, nothing else (anything else is
 ENETUNREACH at once).
 
-Never connect to a machine's address from the host's namespace: the host has
-no route to our subnet but its default one, which would send the packets out
-of this computer. Run the client on a machine instead (`machine.prefix`).
+Never connect to a machine's address from the host's namespace: run the
+client on a machine instead (`machine.prefix`). The host's own route to our
+subnet would be its default one, out of this computer; so that a mistake (a
+command run without the prefix) fails here at once instead of sending packets
+out, the network adds one thing to the host: a blackhole route for its subnet
+(`ip route add blackhole 10.77.X.0/24`; connect() fails with EINVAL), deleted
+at close. It adds no interface or address to the host and touches none.
 
 Where bridges are not available (no bridge module) the switch namespace is a
 router instead: each machine gets its address as a /32 on `eth0`, with an
@@ -284,10 +288,13 @@ class Network:
         self._inodes: set[tuple[int, int]] = set()
         self.closed = False
         self.switch = f"{self.tag}-sw"
+        self._blackhole = False
         try:
             stale = leftovers(self.tag)
             if stale:
                 raise NetnsError(f"namespaces named like ours already exist (a killed earlier run?): {stale}")
+            ip("route", "add", "blackhole", str(self.subnet))
+            self._blackhole = True
             self._add_namespace(self.switch)
             self.bridge = self._make_switch(bridge)
         except BaseException:
@@ -381,6 +388,10 @@ class Network:
             result = ip("netns", "del", name, check=False)
             if result.returncode != 0:
                 problems.append(f"ip netns del {name}: {result.stderr.strip()}")
+        if self._blackhole:
+            result = ip("route", "del", "blackhole", str(self.subnet), check=False)
+            if result.returncode != 0:
+                problems.append(f"ip route del blackhole {self.subnet}: {result.stderr.strip()}")
         left = [name for name in leftovers(self.tag) if name in self._created]
         if left:
             problems.append(f"namespaces still there: {left}")

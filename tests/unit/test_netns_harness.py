@@ -3,6 +3,7 @@ and nothing else, a mount made on a machine is visible here, and teardown
 leaves nothing (and says so when something had been left)."""
 
 import os
+import socket
 import subprocess
 import time
 
@@ -44,7 +45,12 @@ def test_machines_reach_each_other_and_nothing_else(bridge):
         assert "default" not in one.ip("route").stdout
         names = {one.netns, two.netns, network.switch}
         assert names <= set(netns.namespaces())
+        # From the host the subnet is a blackhole, so a client run here by mistake fails at once.
+        with pytest.raises(OSError):
+            socket.create_connection((two.address, 7000), timeout=2)
+        assert f"blackhole {network.subnet}" in netns.ip("route").stdout
     assert not names & set(netns.namespaces())
+    assert str(network.subnet) not in netns.ip("route").stdout
 
 
 def test_a_mount_made_on_a_machine_is_visible_here(tmp_path):
