@@ -5,8 +5,8 @@
 whose one end (`v-db`) is a port of the bridge and whose other end (`eth0`) is
 in the new namespace, with the next address of the subnet on it and loopback
 up. Every link is created inside our own namespaces (`ip -n NS link add ...
-peer name eth0 netns OTHER`): the host's network namespace gets no interface,
-address or route of ours. The subnet is a 10.77.X.0/24 that no route or address
+peer name eth0 netns OTHER`): the host's network namespace gets no interface
+or address of ours (one route, below). The subnet is a 10.77.X.0/24 that no route or address
 of the host covers more specifically than its default route (`pick_subnet()`),
 and the machines have no default route: a process in them reaches the other
 machines of the network and its own loopback, nothing else (anything else is
@@ -50,6 +50,10 @@ namespace lives on while a process is in it, even after `ip netns del`. Then it
 deletes the veth pairs and every namespace it made, checks that `ip netns list`
 shows none of them, and raises NetnsLeftovers if anything had been left. It runs
 even when the network was only half built.
+
+Names: the namespaces are dfs<PID>-NAME (the PID of the test process, so runs
+side by side do not meet; one Network at a time in a process), the interfaces
+br0, eth0 and v-NAME, all short of IFNAMSIZ.
 
 Nothing here depends on pytest; the `network` fixture is in tests/conftest.py.
 """
@@ -292,7 +296,8 @@ class Network:
         try:
             stale = leftovers(self.tag)
             if stale:
-                raise NetnsError(f"namespaces named like ours already exist (a killed earlier run?): {stale}")
+                raise NetnsError(f"namespaces named like ours already exist ({stale}): another Network of this "
+                                 "process not closed yet (one at a time), or left by a killed run with our PID")
             ip("route", "add", "blackhole", str(self.subnet))
             self._blackhole = True
             self._add_namespace(self.switch)
