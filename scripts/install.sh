@@ -5,14 +5,15 @@
 #   (docs/pyfuse3-patch.md) and dfsfuse installed in editable mode.
 # Usage: scripts/install.sh [--test]
 #   --test  also install what the test suite needs (pytest, attr, sqlite3, rsync, git,
-#           and the PostgreSQL server the tests start themselves: tests/pgserver.py).
+#           the PostgreSQL server the tests start themselves: tests/pgserver.py, and
+#           iproute2 + util-linux for the network namespaces of tests/netns.py).
 set -euo pipefail
 
 with_tests=0
 for arg in "$@"; do
     case "$arg" in
         --test) with_tests=1 ;;
-        -h|--help) sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "install.sh: unknown option $arg (try --help)" >&2; exit 2 ;;
     esac
 done
@@ -27,7 +28,9 @@ packages=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv libpq5 patc
 if [ "$with_tests" = 1 ]; then
     # postgresql: server binaries in /usr/lib/postgresql/<major>/bin and the system
     # user postgres that the tests run them as (tests/pgserver.py).
-    packages+=(attr sqlite3 rsync git postgresql)
+    # iproute2 (ip netns, veth, bridge) and util-linux (nsenter, setpriv): the "machines" of
+    # tests/netns.py. Bridges need the kernel's bridge support; without it the harness routes instead.
+    packages+=(attr sqlite3 rsync git postgresql iproute2 util-linux)
 fi
 
 missing=()

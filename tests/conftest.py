@@ -10,6 +10,11 @@ a skip.
   under $DFSFUSE_TEST_TMPDIR (else /tmp), stopped by its PID at the end.
 - `postgres_url` (function): a fresh database of that server, owned by its
   role `dfsfuse`, dropped after the test; the URL carries the password.
+- `network` (module): a tests/netns.py Network of the module's own (a switch
+  namespace, no machine yet: `network.add("db")` makes one), torn down at the
+  end of the module with a check that no process, link or namespace is left.
+  Where network namespaces cannot be made (not root, no iproute2) the tests that
+  use it skip, and under DFSFUSE_FAIL_ON_SKIP fail.
 """
 
 import itertools
@@ -39,9 +44,9 @@ def pytest_sessionfinish(session, exitstatus):
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
-def _unavailable(reason: str):
+def _unavailable(reason: str, what: str = "PostgreSQL"):
     if os.environ.get("DFSFUSE_FAIL_ON_SKIP"):
-        pytest.fail(f"{reason} (DFSFUSE_FAIL_ON_SKIP is set: PostgreSQL must be there)", pytrace=False)
+        pytest.fail(f"{reason} (DFSFUSE_FAIL_ON_SKIP is set: {what} must be there)", pytrace=False)
     pytest.skip(reason)
 
 
@@ -80,3 +85,22 @@ def postgres_url(request, postgres_server):
     if not postgres_server.running():
         postgres_server.start()
     postgres_server.drop_database(name)
+
+
+@pytest.fixture(scope="module")
+def network():
+    """The module's tests/netns.py Network (no machines yet); closed, and checked clean, at the end of the module."""
+    import netns
+
+    try:
+        net = netns.Network()
+    except netns.NetnsUnavailable as exc:
+        reason = f"network namespaces unavailable: {exc}"
+    else:
+        reason = None
+    if reason:
+        _unavailable(reason, "network namespaces")
+    try:
+        yield net
+    finally:
+        net.close()

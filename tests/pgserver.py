@@ -28,6 +28,15 @@ Roles:
 give it by a password file, `write_passfile()`, or `url(db, password=True)`
 embeds it); `socket_url(db)` the same over the Unix socket.
 
+On another "machine" (tests/netns.py): `host=` is the one address it listens
+on (and the host of `url()`), `clients=` the networks pg_hba.conf lets the role
+log in from over TCP (default: `host`/32 only), and `command_prefix=` a command
+that every initdb / pg_ctl runs through, e.g. `nsenter --net=/run/netns/NAME --`;
+the prefix runs as the caller, and the switch to the server's user comes after
+it (`setpriv`), since entering a namespace takes root. The Unix socket and the
+admin connections over it work from anywhere on the file system, whatever the
+network namespace.
+
 `stop()` ends the server by the postmaster PID in BASE/data/postmaster.pid
 (SIGINT, PostgreSQL's fast shutdown; SIGKILL of it and its children after
 STOP_TIMEOUT), never by name. `kill()` is a crash (SIGKILL); `start()` after it
@@ -49,6 +58,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar
 from urllib.parse import quote
@@ -163,13 +173,20 @@ class PostgresServer:
     }
 
     def __init__(self, base: Path | str, *, user: str = "dfsfuse", password: str | None | bool = True,
-                 settings: dict[str, str] | None = None):
-        """password: True for a random one, a string for that one, None (or False) for none (trust)."""
+                 settings: dict[str, str] | None = None, host: str = HOST, clients: Sequence[str] | None = None,
+                 command_prefix: Sequence[str] = ()):
+        """password: True for a random one, a string for that one, None (or False) for none (trust).
+
+        host: the address to listen on; clients: networks (CIDR) allowed over TCP, default host/32;
+        command_prefix: run initdb and pg_ctl through it (see the module docstring).
+        """
         self.base = Path(base).resolve()
         self.data_dir = self.base / "data"
         self.socket_dir = self.base / "socket"
         self.log_path = self.base / "server.log"
-        self.host = HOST
+        self.host = host
+        self.clients = list(clients) if clients is not None else [f"{host}/32"]
+        self.command_prefix = list(command_prefix)
         self.port = 0  # chosen at the first start, kept by later ones
         self.user = user
         self.password: str | None = secrets.token_hex(16) if password is True else (password or None)
@@ -336,8 +353,15 @@ class PostgresServer:
     def _run(self, *cmd: str, timeout: float = 60) -> subprocess.CompletedProcess:
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C", "TZ": "UTC",
                "HOME": str(self.base)}
+        switch = self._as_server_user()
+        if self.command_prefix:
+            # The prefix (entering a namespace) needs our privileges: change user after it, not before.
+            if switch:
+                cmd = ("setpriv", f"--reuid={self._uid}", f"--regid={self._gid}", "--clear-groups", "--", *cmd)
+                switch = {}
+            cmd = (*self.command_prefix, *cmd)
         return subprocess.run(cmd, check=False, cwd=self.base, env=env, stdin=subprocess.DEVNULL, capture_output=True,
-                              text=True, timeout=timeout, **self._as_server_user())
+                              text=True, timeout=timeout, **switch)
 
     def _failure(self, what: str, result: subprocess.CompletedProcess) -> str:
         return (f"{what} failed (exit {result.returncode}): {shlex.join(map(str, result.args))}\n"
@@ -372,7 +396,7 @@ class PostgresServer:
             "# Written by tests/pgserver.py. TYPE DATABASE USER ADDRESS METHOD\n"
             f"local all {self.admin} trust\n"
             f"local all {self.user} {role_method}\n"
-            f"host all {self.user} {HOST}/32 {role_method}\n")
+            + "".join(f"host all {self.user} {network} {role_method}\n" for network in self.clients))
         os.chown(hba, self._uid, self._gid)
 
     def _ensure_role(self) -> None:
@@ -385,7 +409,7 @@ class PostgresServer:
             conn.execute(sql.SQL("CREATE ROLE {} LOGIN {}").format(sql.Identifier(self.user), password))
 
     def _write_config(self) -> None:
-        settings = {**self.settings, "listen_addresses": HOST, "port": str(self.port),
+        settings = {**self.settings, "listen_addresses": self.host, "port": str(self.port),
                     "unix_socket_directories": str(self.socket_dir)}
         text = "".join("{} = '{}'\n".format(key, value.replace("'", "''")) for key, value in settings.items())
         path = self.data_dir / "dfsfuse-test.conf"

@@ -121,6 +121,11 @@ def test_root():
             except (ProcessLookupError, ChildProcessError):
                 pass
     _reap_zombies()
+    # Network namespaces of this run (tests/netns.py) that a module's `network` fixture did not delete.
+    netns = sys.modules.get("netns")
+    for name in netns.leftovers() if netns else ():
+        problems.append(f"network namespace {name} still there")
+        netns.ip("netns", "del", name, check=False)
     if not problems:
         shutil.rmtree(root, ignore_errors=True)
     assert not problems, "the tests left things behind:\n" + "\n".join(problems)

@@ -121,9 +121,9 @@ def set_session_env(**values: str) -> None:
     _ENV.update(values)
 
 
-def dfsfuse_cli(*args, check=True, timeout=CLI_TIMEOUT) -> subprocess.CompletedProcess:
-    """`python -m dfsfuse ARGS...`."""
-    return run([PYTHON, "-m", "dfsfuse", *args], check=check, timeout=timeout, cwd=REPO)
+def dfsfuse_cli(*args, check=True, timeout=CLI_TIMEOUT, prefix=()) -> subprocess.CompletedProcess:
+    """`python -m dfsfuse ARGS...`, through `prefix` if given (e.g. a netns.Machine's, to run it there)."""
+    return run([*prefix, PYTHON, "-m", "dfsfuse", *args], check=check, timeout=timeout, cwd=REPO)
 
 
 def one_line_error(result: subprocess.CompletedProcess) -> str:
@@ -245,6 +245,9 @@ class Mount:
         self.log_offset = 0  # where this run's part of the log starts
         self.node_roots: list[Path] | None = None  # the data dirs of node servers, if the nodes are remote
         self.extra_args: list[str] = []  # for the mount and every command (--meta URL, ...)
+        # The mount command and every command line tool run through this (a netns.Machine's prefix
+        # runs them on that "machine"); the unmount (fusermount3) and the checks need none.
+        self.command_prefix: list[str] = []
 
     # paths -----------------------------------------------------------------
     @property
@@ -295,7 +298,7 @@ class Mount:
     def start(self, entry: str = "mount.py") -> None:
         assert not is_mounted(self.mountpoint), f"{self.mountpoint} is already mounted"
         self.log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        result = run(self.mount_command(entry), check=False, timeout=MOUNT_TIMEOUT, cwd=REPO)
+        result = run([*self.command_prefix, *self.mount_command(entry)], check=False, timeout=MOUNT_TIMEOUT, cwd=REPO)
         if result.returncode != 0:
             self._adopt_pid()
             raise CommandFailed(f"mount failed\n{describe(result)}\n{self.log_tail()}")
@@ -374,10 +377,10 @@ class Mount:
         return args + self.extra_args
 
     def fsck(self, check: bool = True) -> subprocess.CompletedProcess:
-        return dfsfuse_cli("fsck", *self._data_args(), check=check)
+        return dfsfuse_cli("fsck", *self._data_args(), check=check, prefix=self.command_prefix)
 
     def status(self) -> str:
-        return dfsfuse_cli("status", *self._data_args()).stdout
+        return dfsfuse_cli("status", *self._data_args(), prefix=self.command_prefix).stdout
 
     # node stores ----------------------------------------------------------------
     def replica_files(self) -> dict[str, list[Path]]:
@@ -407,22 +410,29 @@ class NodeServer:
     Its store is in BASE/NAME (the same layout as a local node store), its log in
     BASE/NAME.log. A restart listens on the same port. `stop()` ends it by its PID
     whatever state it is in (SIGCONT, SIGTERM, then SIGKILL).
+
+    On another "machine" (tests/netns.py): `host` is the address it listens on
+    and `command_prefix` the command it runs through (`machine.prefix`, which
+    enters the namespace and execs the server: the PID stays the server's).
     """
 
     START_TIMEOUT = 20.0
 
-    def __init__(self, base: Path, name: str, secret_file: Path, *extra_args: str):
+    def __init__(self, base: Path, name: str, secret_file: Path, *extra_args: str, host: str = "127.0.0.1",
+                 command_prefix: list[str] | tuple[str, ...] = ()):
         self.name = name
         self.data = Path(base) / name
         self.log_path = Path(base) / f"{name}.log"
         self.secret_file = secret_file
         self.extra_args = extra_args
+        self.host = host
+        self.command_prefix = list(command_prefix)
         self.process: subprocess.Popen | None = None
         self.port = 0
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     @property
     def pid(self) -> int:
@@ -433,8 +443,8 @@ class NodeServer:
         import select
 
         assert self.process is None or self.process.poll() is not None, f"{self.name} is running"
-        cmd = [PYTHON, "-m", "dfsfuse", "node", "serve", "--data", str(self.data), "--listen",
-               f"127.0.0.1:{self.port}", "--secret-file", str(self.secret_file), "--name", self.name,
+        cmd = [*self.command_prefix, PYTHON, "-m", "dfsfuse", "node", "serve", "--data", str(self.data), "--listen",
+               f"{self.host}:{self.port}", "--secret-file", str(self.secret_file), "--name", self.name,
                *self.extra_args]
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
@@ -443,7 +453,7 @@ class NodeServer:
         ready, _, _ = select.select([self.process.stdout], [], [], self.START_TIMEOUT)
         line = self.process.stdout.readline().decode() if ready else ""
         self.process.stdout.close()
-        match = re.fullmatch(r"listening on 127\.0\.0\.1:(\d+)\n", line)
+        match = re.fullmatch(rf"listening on {re.escape(self.host)}:(\d+)\n", line)
         if not match:
             self.stop()
             raise AssertionError(f"node server {self.name} did not start: {line!r}\n{self.log_tail()}")

@@ -1,0 +1,238 @@
+"""The file system on several "machines": PostgreSQL, two node servers and the
+mount each in a network namespace of its own (tests/netns.py), on a private
+subnet, so that nothing works only because everything shares loopback.
+
+    db   PostgreSQL, listening on db's address only (scram password from the subnet)
+    n1   dfsfuse node serve --listen n1:0
+    n2   dfsfuse node serve --listen n2:0
+    m1   dfsfuse format --meta URL, then mount.py MNT --meta URL (config: the node servers by address)
+
+Everything runs through `machine.prefix` (nsenter --net), which keeps this
+process's mount namespace: the mount made on m1 is driven from here with
+ordinary file operations and unmounted with fusermount3 -u. One network, one
+PostgreSQL and one pair of node servers serve the whole module.
+
+To add a machine that mounts the same file system: `cluster.mount("m2")`
+(a fixture of its own, module scope, like `m1` below).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import netns
+import pgserver
+import psycopg
+import pytest
+from dfstest import (
+    MiB,
+    Mount,
+    NodeServer,
+    dfsfuse_cli,
+    drop_caches,
+    one_line_error,
+    parse_status,
+    read_file,
+    remote_config,
+    write_file,
+    write_secret,
+)
+
+pytestmark = pytest.mark.mounted
+
+DATABASE = "netns"
+SHARD = 1 * MiB
+
+
+class MachineMount(Mount):
+    """A Mount whose mount command, fsck and status run on `machine`."""
+
+    def __init__(self, machine: netns.Machine, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.machine = machine
+        self.command_prefix = machine.prefix
+
+
+@dataclass
+class Cluster:
+    """The module's machines and servers; `mount(name)` puts a mount of the file system on a new machine."""
+
+    network: netns.Network
+    base: Path
+    postgres: pgserver.PostgresServer
+    servers: list[NodeServer]
+    secret: Path
+    password_file: Path
+    mounts: list[MachineMount] = field(default_factory=list)
+    formatted: bool = False
+
+    @property
+    def url(self) -> str:
+        return self.postgres.url(DATABASE)
+
+    @property
+    def meta_args(self) -> list[str]:
+        return ["--meta", self.url, "--meta-password-file", str(self.password_file)]
+
+    def config(self) -> str:
+        return remote_config(self.servers, self.secret, f'replicas = 2\nshard_size = "{SHARD}"\n')
+
+    def mount(self, name: str) -> MachineMount:
+        """A new machine NAME and a mount there (the first one formats the database first, from that machine)."""
+        machine = self.network.add(name)
+        where = self.base / name
+        where.mkdir(parents=True)
+        where.chmod(0o755)
+        mount = MachineMount(machine, where / "mnt", where / "data", config=self.config())
+        mount.extra_args = self.meta_args
+        mount.node_roots = [server.data for server in self.servers]
+        self.mounts.append(mount)
+        if not self.formatted:
+            made = dfsfuse_cli("format", *mount._data_args(), prefix=machine.prefix).stdout
+            assert f"made a file system in {self.url}" in made, made
+            self.formatted = True
+        mount.start()
+        return mount
+
+
+@pytest.fixture(scope="module")
+def cluster(network, test_root):
+    base = test_root / "netns"
+    base.mkdir()
+    base.chmod(0o755)  # the server runs as the user postgres
+    db, n1, n2 = network.add("db"), network.add("n1"), network.add("n2")
+    postgres = pgserver.PostgresServer(base / "pg", host=db.address, clients=[str(network.subnet)],
+                                       command_prefix=db.prefix)
+    secret = write_secret(base / "servers" / "secret")
+    servers = [NodeServer(base / "servers", machine.name, secret, host=machine.address, command_prefix=machine.prefix)
+               for machine in (n1, n2)]
+    password_file = base / "pgpassword"
+    cluster = Cluster(network, base, postgres, servers, secret, password_file)
+    try:
+        postgres.start()
+        postgres.create_database(DATABASE)  # over the Unix socket: a path, reached from any namespace
+        password_file.write_text(postgres.password + "\n")
+        password_file.chmod(0o600)
+        for server in servers:
+            server.start()
+        yield cluster
+    finally:
+        try:
+            errors = []
+            for mount in reversed(cluster.mounts):
+                try:
+                    mount.stop()  # unmount, daemon exit 0, clean log, and fsck --meta URL run on its machine
+                except BaseException as exc:  # noqa: BLE001 - stop all, report all
+                    errors.append(str(exc))
+                finally:
+                    mount.kill()
+            assert not errors, "\n\n".join(errors)
+        finally:
+            for server in servers:
+                server.stop()
+            postgres.stop()
+
+
+@pytest.fixture(scope="module")
+def m1(cluster):
+    return cluster.mount("m1")
+
+
+def _tcp_table(pid: int) -> list[tuple[str, int, str, int, str, int]]:
+    """(local address, port, remote address, port, state, socket inode) of every TCP socket
+    in PID's network namespace (/proc/PID/net/tcp is the table of that namespace)."""
+    rows = []
+    for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        ends = []
+        for end in fields[1:3]:
+            address, port = end.split(":")
+            ends += [socket.inet_ntoa(struct.pack("<I", int(address, 16))), int(port, 16)]
+        rows.append((*ends, {"01": "ESTABLISHED", "0A": "LISTEN"}.get(fields[3], fields[3]), int(fields[9])))
+    return rows
+
+
+def _socket_inodes(pid: int) -> set[int]:
+    found = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            found.add(int(target[8:-1]))
+    return found
+
+
+def _listening(pid: int) -> set[tuple[str, int]]:
+    """(address, port) of the TCP sockets PID listens on, as its own namespace's table has them."""
+    mine = _socket_inodes(pid)
+    return {(local, port) for local, port, _, _, state, inode in _tcp_table(pid) if state == "LISTEN" and inode in mine}
+
+
+def test_a_file_written_on_m1_reads_back_and_lands_on_both_node_servers(m1):
+    data = os.urandom(3 * SHARD + 4097)
+    write_file(m1 / "file", data, fsync=True)
+    drop_caches()
+    assert read_file(m1 / "file") == data
+    replicas = m1.replica_files()
+    assert len(replicas) >= 4, replicas  # 4 shards
+    assert all(len(copies) == 2 for copies in replicas.values()), replicas  # replicas = 2
+    for server in m1.node_roots:
+        assert any(server in copy.parents for copies in replicas.values() for copy in copies), server
+
+
+def test_status_from_m1_sees_both_node_servers_at_their_addresses(cluster, m1):
+    (m1 / "status-file").write_bytes(b"x" * 1000)
+    os.sync()
+    text = m1.status()  # dfsfuse status --data-dir D --config C --meta URL --meta-password-file F, run on m1
+    info = parse_status(text)
+    assert set(info["nodes"]) == {"n1", "n2"}, text
+    for server in cluster.servers:
+        assert server.address in info["nodes"][server.name]["path"], text
+    assert info["under_replicated"] == 0, text
+
+
+def test_the_daemon_is_on_m1_and_talks_to_the_other_machines(cluster, m1):
+    machine = m1.machine
+    assert os.stat(f"/proc/{m1.pid}/ns/net").st_ino == os.stat(netns.NETNS_DIR / machine.netns).st_ino
+    assert m1.pid in machine.pids()
+    (m1 / "talk").write_bytes(b"y" * (SHARD + 1))
+    os.sync()
+    mine = _socket_inodes(m1.pid)
+    connections = [row for row in _tcp_table(m1.pid) if row[4] == "ESTABLISHED" and row[5] in mine]
+    peers = {(remote, port) for local, _, remote, port, _, _ in connections if local == machine.address}
+    assert (cluster.postgres.host, cluster.postgres.port) in peers, connections
+    for server in cluster.servers:
+        assert (server.host, server.port) in peers, connections
+    assert not any(ipaddress.ip_address(row[0]).is_loopback for row in connections), connections
+
+
+def test_nothing_rides_on_a_shared_loopback(cluster, m1):
+    """Each server listens on its own machine's address only, in its own namespace's table, not in the
+    host's; m1's loopback has none of them, m1 has no route but the subnet, and PostgreSQL's port on
+    loopback is not our database. (We never connect from the host to the subnet: the host's only route
+    there is its default one, out of this computer.)"""
+    machine = m1.machine
+    servers = [(cluster.postgres.pid, cluster.postgres.host, cluster.postgres.port)]
+    servers += [(server.pid, server.host, server.port) for server in cluster.servers]
+    host_table = {row[5] for row in _tcp_table(os.getpid())}
+    for pid, address, port in servers:
+        assert _listening(pid) == {(address, port)}, (pid, address, port)
+        assert not _socket_inodes(pid) & host_table, f"a socket of {pid} is in the host's namespace"
+        assert machine.connect_errno("127.0.0.1", port) == "ECONNREFUSED", port
+    routes = machine.ip("-4", "route").stdout
+    assert "default" not in routes and str(cluster.network.subnet) in routes, routes
+    loopback_url = cluster.url.replace(cluster.postgres.host, "127.0.0.1")
+    with pytest.raises(psycopg.OperationalError):  # refused (or, by chance, some other server's port)
+        psycopg.connect(loopback_url, password=cluster.postgres.password, connect_timeout=5).close()
+    # The command line on m1, pointed at loopback instead of db, cannot reach the database.
+    line = one_line_error(dfsfuse_cli("status", "--data-dir", m1.data_dir, "--config", m1.config_path,
+                                      "--meta", loopback_url, "--meta-password-file", cluster.password_file,
+                                      prefix=machine.prefix, check=False))
+    assert "cannot reach PostgreSQL" in line, line
