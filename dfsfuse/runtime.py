@@ -41,7 +41,7 @@ from .datadir import DataDirLock, mountpoint_of, prepare_data_dir, require_file_
 from .errors import UserError
 from .metadata.base import NODE_ACTIVE, MetadataStore, NodeRecord
 from .metadata.cache import CachedMetadata
-from .metadata.engines import mount_creates, open_engine
+from .metadata.engines import is_shared, mount_creates, open_engine
 from .shards.cache import ShardCache
 from .shards.garbage import GarbageCollector
 from .shards.replicator import Replicator
@@ -128,7 +128,7 @@ async def running_file_system(
         flush_requests, flusher_inbox = flush_channel()
         budget = WriteBudget(config.write_buffer_bytes, flush_requests)
         cache = ShardCache(config.shard_cache_bytes)
-        garbage = GarbageCollector(meta, replicator, None if session is None else session.id)
+        garbage = GarbageCollector(meta, replicator)
         writes = WriteServices(
             meta=meta,
             replicator=replicator,
@@ -225,6 +225,14 @@ def parse_mount_options(raw: list[str]) -> list[str]:
 def mount(config: Config, mountpoint: str, options: list[str], foreground: bool) -> int:
     mountpoint = check_mountpoint(mountpoint)
     options = parse_mount_options(options)
+    if is_shared(config.metadata):
+        from .fuse.operations import shares_locks
+
+        if not shares_locks():
+            raise UserError(
+                "this pyfuse3 lacks dfsfuse's lock patch, so file locks would not reach other mounts;"
+                " run scripts/install.sh (docs/pyfuse3-patch.md)"
+            )
     prepare_data_dir(config)
     lock = DataDirLock(config.lock_path)
     active = mountpoint_of(config)
@@ -339,13 +347,10 @@ async def _serve(
     pyfuse3 must not be asked to invalidate anything once its session ends."""
     from .fuse import operations as fuse  # here, so status and fsck never load pyfuse3
 
-    if meta.shared and not fuse.shares_locks():
-        raise UserError(
-            "this pyfuse3 lacks dfsfuse's lock patch, so locks would not be shared with other mounts;"
-            " run scripts/install.sh (docs/pyfuse3-patch.md)"
-        )
     try:
-        fuse.start(fuse.Operations(fs), mountpoint, fuse.mount_options(f"dfsfuse:{config.data_dir}", options))
+        operations = fuse.Operations(fs)
+        session.barrier = operations.invalidator.barrier
+        fuse.start(operations, mountpoint, fuse.mount_options(f"dfsfuse:{config.data_dir}", options))
     except RuntimeError as error:
         raise UserError(f"cannot mount at {mountpoint}: {error}") from None
     log.info("mounted %s at %s", config.data_dir, mountpoint)
@@ -364,9 +369,8 @@ async def _serve(
     try:
         async with trio.open_nursery() as kernel_side:
             kernel_side.start_soon(stop_on_signal)
-            invalidator = fuse.KernelInvalidator(fs)
-            await kernel_side.start(invalidator.run)
-            await kernel_side.start(meta.follow_changes, session.id, invalidator)
+            await kernel_side.start(operations.invalidator.run)
+            await kernel_side.start(meta.follow_changes, session.id, operations.invalidator)
             await fuse.serve()
             kernel_side.cancel_scope.cancel()
     finally:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -51,6 +52,11 @@ class MountSession:
         self._close_pending = trio.Event()
         self._closing: set[int] = set()  # closes being recorded now
         self._closes_recorded = trio.Event()
+        # Once the mount serves: waits until every change other mounts
+        # committed is applied here; the engine's clock when it started
+        # (KernelInvalidator.barrier). Each heartbeat reports it (synced_ns),
+        # which lets garbage this mount might still read go.
+        self.barrier: Callable[[], Awaitable[int | None]] | None = None
 
     @classmethod
     async def open(cls, meta: MetadataStore, mountpoint: str, timeout: float = DEFAULT_TIMEOUT) -> MountSession:
@@ -108,7 +114,8 @@ class MountSession:
             await trio.sleep(interval)
             started = trio.current_time()
             try:
-                alive = await self.meta.heartbeat(self.id)
+                synced_ns = None if self.barrier is None else await self.barrier()
+                alive = await self.meta.heartbeat(self.id, synced_ns or 0)
             except DfsError as error:
                 log.warning("session %d: heartbeat failed: %s", self.id, error)
                 continuous_since = trio.current_time()

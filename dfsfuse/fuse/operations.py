@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import functools
+import itertools
 import logging
 import os
 import queue
@@ -45,6 +46,7 @@ log = logging.getLogger("dfsfuse.fuse")
 ATTR_TIMEOUT = 60.0
 ENTRY_TIMEOUT = 60.0
 READDIR_PAGE = 1000
+BARRIER_TIMEOUT = 10.0  # seconds a lock waits for other mounts' earlier changes to arrive
 
 # Offsets in the kernel's readdir stream: 1 and 2 follow "." and "..", and an
 # entry's own offset from the metadata store is shifted past them.
@@ -104,6 +106,7 @@ class Operations(pyfuse3.Operations):
         super().__init__()
         self.fs = fs
         self.mountpoint: str | None = None  # resolved, set by start()
+        self.invalidator = KernelInvalidator(fs)
 
     def init(self):
         # Called while the kernel's INIT is answered, and the reply would
@@ -200,17 +203,21 @@ class Operations(pyfuse3.Operations):
     async def flush(self, fh, lock_owner=None):
         """A close(2): store what was written; the closing process's fcntl
         locks on the file end (the patched pyfuse3 passes its lock owner)."""
+        inode = self.fs.inode_of(fh)
         try:
             await self.fs.flush(fh)
         finally:
-            if lock_owner is not None and self.fs.locks is not None:
-                await self.fs.locks.closed_by(self.fs.inode_of(fh), lock_owner)
+            if lock_owner is not None and self.fs.locks is not None and inode is not None:
+                await self.fs.locks.closed_by(inode, lock_owner)
 
     @_translate_errors
     async def release(self, fh, flock_owner=None):
-        if self.fs.locks is not None:
-            await self.fs.locks.released(self.fs.inode_of(fh), fh, flock_owner)
-        await self.fs.release(fh)
+        inode = self.fs.inode_of(fh)
+        try:
+            await self.fs.release(fh)  # stores what was written first
+        finally:
+            if self.fs.locks is not None and inode is not None:
+                await self.fs.locks.released(inode, fh, flock_owner)
 
     # Locks (docs/pyfuse3-patch.md): kept in the metadata for every mount
     # (vfs/locking.py), the kernel keeps none of its own.
@@ -223,11 +230,30 @@ class Operations(pyfuse3.Operations):
 
     @_translate_errors
     async def setlk(self, inode, fh, owner, lock_type, start, end, pid, sleep, ctx):
-        await self._locks().set_posix(inode, fh, owner, lock_type, start, end, pid, sleep)
+        locks = self._locks()
+        if lock_type == fcntl.F_UNLCK:
+            await self.fs.store_for_unlock(inode)
+        await locks.set_posix(inode, fh, owner, lock_type, start, end, pid, sleep)
+        if lock_type != fcntl.F_UNLCK:
+            await self._revalidate(inode)
 
     @_translate_errors
     async def flock(self, inode, fh, owner, op, ctx):
-        await self._locks().flock(inode, fh, owner, op, ctx.pid)
+        locks = self._locks()
+        if op & fcntl.LOCK_UN:
+            await self.fs.store_for_unlock(inode)
+        await locks.flock(inode, fh, owner, op, ctx.pid)
+        if not op & fcntl.LOCK_UN:
+            await self._revalidate(inode)
+
+    async def _revalidate(self, inode: int) -> None:
+        """Locks are where applications expect another mount's writes to show:
+        after a grant, pages of the file changed elsewhere go from the kernel
+        (from a worker thread: this waits for reads in flight of the file,
+        which other tasks answer, never for this request)."""
+        with trio.CancelScope(shield=True):  # the lock is granted: the request must succeed
+            await self.invalidator.barrier()  # names another mount changed before are gone here too
+            await self.fs.revalidate_for_lock(inode, lambda: trio.to_thread.run_sync(_invalidate_data, inode))
 
     def _locks(self) -> FileLocks:
         if self.fs.locks is None:
@@ -307,6 +333,13 @@ class Operations(pyfuse3.Operations):
         await self.fs.removexattr(inode, name)
 
 
+def _invalidate_data(inode: int) -> None:
+    try:
+        pyfuse3.invalidate_inode(inode, attr_only=False)
+    except OSError:
+        pass  # the kernel holds nothing of it
+
+
 def _invalidate_attrs(inode: int) -> None:
     try:
         pyfuse3.invalidate_inode(inode, attr_only=True)
@@ -323,9 +356,42 @@ class KernelInvalidator:
         self._fs = fs
         self._queue: queue.SimpleQueue[ChangeNotice | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._trio_token: trio.lowlevel.TrioToken | None = None
+        self._barriers: dict[int, trio.Event] = {}
+        self._tokens = itertools.count(1)
+
+    async def barrier(self) -> int | None:
+        """Return once every change other mounts committed before this call
+        is applied here, to the metadata cache and the kernel (a lock holder
+        must not see a name or page that the last holder replaced): the
+        engine's clock when the barrier went out, or None if there is none
+        (nobody else changes the metadata) or it took over BARRIER_TIMEOUT
+        seconds (said in the log)."""
+        if self._thread is None:
+            return None
+        token = next(self._tokens)
+        arrived = self._barriers[token] = trio.Event()
+        try:
+            sent_ns = await self._fs.send_barrier(token)
+            if sent_ns is None:
+                return None
+            with trio.move_on_after(BARRIER_TIMEOUT) as waited:
+                await arrived.wait()
+            if waited.cancelled_caught:
+                log.warning("changes of other mounts took over %.0f s to arrive", BARRIER_TIMEOUT)
+                return None
+            return sent_ns
+        finally:
+            self._barriers.pop(token, None)
+
+    def _barrier_reached(self, token: int) -> None:
+        arrived = self._barriers.get(token)
+        if arrived is not None:
+            arrived.set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the thread until cancelled, then stop it once the queue is drained."""
+        self._trio_token = trio.lowlevel.current_trio_token()
         self._thread = threading.Thread(target=self._work, name="dfsfuse-invalidate", daemon=True)
         self._thread.start()
         task_status.started()
@@ -337,12 +403,20 @@ class KernelInvalidator:
                 await trio.to_thread.run_sync(self._thread.join)
 
     async def __call__(self, notice: ChangeNotice) -> None:
-        self._fs.note_changes(notice)
+        if not notice.barrier:
+            self._fs.note_changes(notice)
         if self._thread is not None:
             self._queue.put(notice)
 
     def _work(self) -> None:
         while (notice := self._queue.get()) is not None:
+            if notice.barrier:
+                assert self._trio_token is not None
+                try:
+                    self._trio_token.run_sync_soon(self._barrier_reached, notice.barrier)
+                except trio.RunFinishedError:
+                    pass
+                continue
             try:
                 self._invalidate(notice)
             except Exception:  # noqa: BLE001 - the thread must go on

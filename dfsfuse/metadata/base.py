@@ -47,6 +47,10 @@ ROLE_GARBAGE = "garbage"
 ROLE_MAINTENANCE = "maintenance"
 ROLES = (ROLE_GARBAGE, ROLE_MAINTENANCE)
 
+# How long after a shard became garbage a session that holds its file open
+# may still read it: the reads it began before it heard of the change.
+SETTLE_NS = 5 * 10**9
+
 
 def check_name(name: bytes) -> None:
     """Refuse a name no directory entry can have: InvalidArgument (EINVAL) if it
@@ -248,12 +252,14 @@ class ChangeNotice:
     deleted; `entries` are (directory, name) whose entry was added, removed
     or now names another inode. `everything`: the engine cannot say (a notice
     too large to send, or notices lost while the engine was unreachable), so
-    nothing cached can be trusted.
+    nothing cached can be trusted. `barrier`, if not 0, is this session's
+    own send_barrier coming back, and no change.
     """
 
     inodes: frozenset[int] = frozenset()
     entries: frozenset[tuple[int, bytes]] = frozenset()
     everything: bool = False
+    barrier: int = 0
 
 
 class MetadataStore(abc.ABC):
@@ -418,10 +424,12 @@ class MetadataStore(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def garbage(self, limit: int, session: int | None = None) -> list[tuple[int, tuple[str, ...]]]:
-        """Shards no longer referenced, as (shard_id, nodes), awaiting deletion;
-        but not those of a file that a session other than `session` holds
-        open, whose cached shard map may still name them."""
+    async def garbage(self, limit: int) -> list[tuple[int, tuple[str, ...]]]:
+        """Shards no longer referenced, as (shard_id, nodes), awaiting
+        deletion; but not those of a file that some session holds open and
+        whose cached shard map may still name them: a session that has not
+        heard of every change committed until SETTLE_NS after the shard
+        became garbage (its heartbeat's `synced_ns`)."""
 
     @abc.abstractmethod
     async def forget_garbage(self, shard_ids: Sequence[int]) -> None:
@@ -494,9 +502,11 @@ class MetadataStore(abc.ABC):
         """Register a mount; its new session id, heartbeat now."""
 
     @abc.abstractmethod
-    async def heartbeat(self, session: int) -> bool:
-        """Note that the session is alive; False if it was reclaimed as stale
-        (then it holds nothing any more, and must not act as if it did)."""
+    async def heartbeat(self, session: int, synced_ns: int = 0) -> bool:
+        """Note that the session is alive, and (if `synced_ns`, by the
+        engine's clock, send_barrier's) that it has applied every change
+        committed before that; False if it was reclaimed as stale (then it
+        holds nothing any more, and must not act as if it did)."""
 
     @abc.abstractmethod
     async def reap_sessions(self, timeout_ns: int) -> list[SessionRecord]:
@@ -546,6 +556,13 @@ class MetadataStore(abc.ABC):
         until cancelled (start it with nursery.start: it is listening once
         started). Metadata that is not `shared` has nothing to tell."""
         task_status.started()
+
+    async def send_barrier(self, session: int, token: int) -> int | None:
+        """Have follow_changes hand `session` ChangeNotice(barrier=token) after
+        every change committed before this call; the engine's clock when it
+        was sent, or None if there is no such order to wait for (metadata
+        that is not `shared`)."""
+        return None
 
     async def try_role(self, role: str, wait: float = 0.0) -> bool:
         """Whether this process holds `role` (one of ROLES) now, trying for up

@@ -418,8 +418,8 @@ class CachedMetadata(MetadataStore):
     async def layout(self, shard_size: int, block_size: int) -> tuple[int, int]:
         return await self._engine.layout(shard_size, block_size)
 
-    async def garbage(self, limit: int, session: int | None = None) -> list[tuple[int, tuple[str, ...]]]:
-        return await self._engine.garbage(limit, session)
+    async def garbage(self, limit: int) -> list[tuple[int, tuple[str, ...]]]:
+        return await self._engine.garbage(limit)
 
     async def forget_garbage(self, shard_ids: Sequence[int]) -> None:
         await self._engine.forget_garbage(shard_ids)
@@ -511,8 +511,8 @@ class CachedMetadata(MetadataStore):
     async def open_session(self, host: str, pid: int, mountpoint: str) -> int:
         return await self._engine.open_session(host, pid, mountpoint)
 
-    async def heartbeat(self, session: int) -> bool:
-        return await self._engine.heartbeat(session)
+    async def heartbeat(self, session: int, synced_ns: int = 0) -> bool:
+        return await self._engine.heartbeat(session, synced_ns)
 
     async def reap_sessions(self, timeout_ns: int) -> list[SessionRecord]:
         return await self._engine.reap_sessions(timeout_ns)
@@ -559,6 +559,9 @@ class CachedMetadata(MetadataStore):
             await on_change(notice)
 
         await self._engine.follow_changes(session, apply, task_status=task_status)
+
+    async def send_barrier(self, session: int, token: int) -> int | None:
+        return await self._engine.send_barrier(session, token)
 
     async def try_role(self, role: str, wait: float = 0.0) -> bool:
         return await self._engine.try_role(role, wait)

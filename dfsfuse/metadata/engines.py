@@ -67,6 +67,8 @@ class _Engine:
     # Whether a mount of a file system that does not exist yet creates it
     # (the embedded engine), or refuses (a shared database: `dfsfuse format`).
     mount_creates: bool
+    # Whether mounts on other machines may use it at the same time (MetadataStore.shared).
+    shared: bool
     # The engine's load_dump (below), for a dump already decoded.
     load_dump: Callable[[MetadataSettings, Dump], AbstractAsyncContextManager[MetadataStore]]
     # The metadata of a dump this engine made, open in scratch storage that
@@ -89,6 +91,7 @@ _ENGINES = {
         open=_open_sqlite,
         exists=lambda settings: settings.path.exists(),
         mount_creates=True,
+        shared=False,
         load_dump=lambda settings, dump: sqlite.load_dump(settings.path, dump),
         open_dump=sqlite.open_dump,
     ),
@@ -96,6 +99,7 @@ _ENGINES = {
         open=_open_postgres,
         exists=lambda settings: postgres.holds_file_system(settings.postgres_url(), settings.password()),
         mount_creates=False,
+        shared=True,
         load_dump=lambda settings, dump: postgres.load_dump(settings.postgres_url(), settings.password(), dump),
         open_dump=sqlite.open_dump,
     ),
@@ -126,6 +130,11 @@ async def open_engine(settings: MetadataSettings, *, create: bool) -> MetadataSt
 def mount_creates(settings: MetadataSettings) -> bool:
     """Whether mounting a file system that does not exist makes it (else: dfsfuse format)."""
     return _engine(settings.engine).mount_creates
+
+
+def is_shared(settings: MetadataSettings) -> bool:
+    """Whether other mounts, on any machine, may use this metadata at the same time."""
+    return _engine(settings.engine).shared
 
 
 def metadata_exists(settings: MetadataSettings) -> bool:

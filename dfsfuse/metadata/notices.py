@@ -11,6 +11,10 @@ they are bytes. PostgreSQL refuses a NOTIFY payload of 8,000 bytes or more,
 so a change too big to list (an rm -rf of a large directory in one call never
 happens, but a batch of deletes can) says {"v": 1, "s": SESSION, "all": true}
 instead, and receivers forget everything they cached.
+
+A barrier, {"v": 1, "s": SESSION, "b": TOKEN}, changes nothing: a session
+sends it to itself and, since PostgreSQL delivers notices in commit order,
+knows once it hears it back that it has heard every change committed before.
 """
 
 from __future__ import annotations
@@ -35,6 +39,10 @@ def encode_notice(session: int, inodes: Iterable[int], entries: Iterable[tuple[i
     return payload
 
 
+def encode_barrier(session: int, token: int) -> str:
+    return json.dumps({"v": VERSION, "s": session, "b": token}, separators=(",", ":"))
+
+
 def decode_notice(payload: str, own_session: int) -> ChangeNotice | None:
     """The notice in `payload`; None for one `own_session` sent (the cache
     followed that change itself). A payload this dfsfuse does not read (a
@@ -43,6 +51,8 @@ def decode_notice(payload: str, own_session: int) -> ChangeNotice | None:
         notice = json.loads(payload)
         if notice["v"] != VERSION:
             return EVERYTHING
+        if "b" in notice:
+            return ChangeNotice(barrier=int(notice["b"])) if notice["s"] == own_session else None
         if notice["s"] == own_session and own_session:
             return None
         if notice.get("all"):

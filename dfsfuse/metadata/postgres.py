@@ -47,7 +47,12 @@ from dfsfuse.errors import DataError, UserError
 from dfsfuse.metadata import sqlite
 from dfsfuse.metadata.base import ROLE_GARBAGE, ROLE_MAINTENANCE, ChangeNotice
 from dfsfuse.metadata.dump import Dump, encode_dump
-from dfsfuse.metadata.notices import EVERYTHING, decode_notice, encode_notice
+from dfsfuse.metadata.notices import (
+    EVERYTHING,
+    decode_notice,
+    encode_barrier,
+    encode_notice,
+)
 from dfsfuse.metadata.sql import (
     TABLE_COLUMNS,
     SqlMetadata,
@@ -135,13 +140,15 @@ CREATE TABLE nodes (
 # that was reclaimed cannot record anything again, whatever it still thinks.
 _SCHEMA_V2 = """
 ALTER TABLE garbage ADD COLUMN inode BIGINT;
+ALTER TABLE garbage ADD COLUMN since_ns BIGINT NOT NULL DEFAULT 0;
 CREATE TABLE sessions (
     id           BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     host         TEXT NOT NULL,
     pid          BIGINT NOT NULL,
     mountpoint   TEXT NOT NULL,
     started_ns   BIGINT NOT NULL,
-    heartbeat_ns BIGINT NOT NULL
+    heartbeat_ns BIGINT NOT NULL,
+    synced_ns    BIGINT NOT NULL DEFAULT 0
 );
 CREATE TABLE open_files (
     session BIGINT NOT NULL REFERENCES sessions (id) ON DELETE CASCADE,
@@ -385,6 +392,9 @@ class PostgresMetadata(SqlMetadata):
                 attempt += 1
                 await trio.sleep(random.uniform(0.1, min(2.0, 0.1 * 2**attempt)))
 
+    async def send_barrier(self, session: int, token: int) -> int:
+        return await self._run(_send_barrier, encode_barrier(session, token), write=False)
+
     async def try_role(self, role: str, wait: float = 0.0) -> bool:
         """Hold ROLE_LOCKS[role] on a connection of its own (see
         MetadataStore.try_role); with `wait`, keep trying for that many seconds."""
@@ -570,6 +580,11 @@ async def load_dump(url: str, password: str | None, dump: Dump) -> AsyncIterator
     finally:
         with trio.CancelScope(shield=True):
             await meta.close()
+
+
+def _send_barrier(tx: Any, payload: str) -> int:
+    tx.execute("SELECT pg_notify(?, ?)", (NOTICE_CHANNEL, payload))
+    return int(tx.clock_ns())
 
 
 def _drop_tables(tx: Any) -> None:

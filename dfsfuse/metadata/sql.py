@@ -45,6 +45,7 @@ from dfsfuse.metadata.base import (
     RENAME_NOREPLACE,
     REPLICAS_XATTR,
     ROOT_INODE,
+    SETTLE_NS,
     XATTR_CREATE,
     XATTR_REPLACE,
     AttrChanges,
@@ -78,7 +79,7 @@ TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
     ),
     "entries": ("id", "parent", "name", "inode"),
     "shards": ("id", "inode", "idx", "length", "checksum", "nodes", "pages"),
-    "garbage": ("shard_id", "nodes", "inode"),
+    "garbage": ("shard_id", "nodes", "inode", "since_ns"),
     "xattrs": ("inode", "name", "value"),
     "nodes": ("name", "address", "state", "capacity", "used", "shard_count", "last_seen_ns"),
 }
@@ -213,8 +214,8 @@ class SqlMetadata(MetadataStore):
     async def layout(self, shard_size: int, block_size: int) -> tuple[int, int]:
         return await self._write(_layout, shard_size, block_size)
 
-    async def garbage(self, limit: int, session: int | None = None) -> list[tuple[int, tuple[str, ...]]]:
-        return await self._read(_garbage, limit, session)
+    async def garbage(self, limit: int) -> list[tuple[int, tuple[str, ...]]]:
+        return await self._read(_garbage, limit)
 
     async def forget_garbage(self, shard_ids: Sequence[int]) -> None:
         await self._write(_forget_garbage, list(shard_ids))
@@ -267,8 +268,8 @@ class SqlMetadata(MetadataStore):
     async def open_session(self, host: str, pid: int, mountpoint: str) -> int:
         return await self._write(_open_session, host, pid, mountpoint)
 
-    async def heartbeat(self, session: int) -> bool:
-        return await self._write(_heartbeat, session)
+    async def heartbeat(self, session: int, synced_ns: int = 0) -> bool:
+        return await self._write(_heartbeat, session, synced_ns)
 
     async def reap_sessions(self, timeout_ns: int) -> list[SessionRecord]:
         return await self._write(_reap_sessions, timeout_ns)
@@ -682,7 +683,8 @@ def _delete_inodes(tx: Transaction, inodes: list[int]) -> None:
             continue
         tx.changed(inode)
         tx.execute(
-            "INSERT INTO garbage (shard_id, nodes, inode) SELECT id, nodes, inode FROM shards WHERE inode = ?", (inode,)
+            "INSERT INTO garbage (shard_id, nodes, inode, since_ns) SELECT id, nodes, inode, ? FROM shards WHERE inode = ?",
+            (tx.clock_ns(), inode),
         )
         tx.execute("DELETE FROM shards WHERE inode = ?", (inode,))
         tx.execute("DELETE FROM xattrs WHERE inode = ?", (inode,))
@@ -764,10 +766,13 @@ def _commit_shards(
         if inserted is None:
             raise InvalidArgument(f"shard id {ref.shard_id} committed to inode {inode} is already in use")
     kept = {ref.shard_id for ref in shards.values()}
-    tx.executemany(
-        "INSERT INTO garbage (shard_id, nodes, inode) VALUES (?, ?, ?)",
-        [(shard_id, nodes, inode) for shard_id, _, nodes in removed if shard_id not in kept],
-    )
+    garbage = [(shard_id, nodes) for shard_id, _, nodes in removed if shard_id not in kept]
+    if garbage:
+        since_ns = tx.clock_ns()
+        tx.executemany(
+            "INSERT INTO garbage (shard_id, nodes, inode, since_ns) VALUES (?, ?, ?, ?)",
+            [(shard_id, nodes, inode, since_ns) for shard_id, nodes in garbage],
+        )
     stored_delta = sum(ref.length for ref in shards.values()) - sum(length for _, length, _ in removed)
     assignments = ["size = ?", "stored_bytes = stored_bytes + ?"]
     params: list[Any] = [size, stored_delta]
@@ -793,12 +798,13 @@ def _layout(tx: Transaction, shard_size: int, block_size: int) -> tuple[int, int
     return rows["shard_size"], rows["block_size"]
 
 
-def _garbage(tx: Transaction, limit: int, session: int | None) -> list[tuple[int, tuple[str, ...]]]:
+def _garbage(tx: Transaction, limit: int) -> list[tuple[int, tuple[str, ...]]]:
     rows = tx.execute(
         "SELECT shard_id, nodes FROM garbage g WHERE g.inode IS NULL OR NOT EXISTS"
-        " (SELECT 1 FROM open_files o WHERE o.inode = g.inode AND o.session <> ?)"
+        " (SELECT 1 FROM open_files o JOIN sessions s ON s.id = o.session"
+        "  WHERE o.inode = g.inode AND s.synced_ns < g.since_ns + ?)"
         " ORDER BY shard_id LIMIT ?",
-        (-1 if session is None else session, max(limit, 0)),
+        (SETTLE_NS, max(limit, 0)),
     )
     return [(row[0], _decode_nodes(row[1])) for row in rows]
 
@@ -920,9 +926,11 @@ def _open_session(tx: Transaction, host: str, pid: int, mountpoint: str) -> int:
     return session
 
 
-def _heartbeat(tx: Transaction, session: int) -> bool:
+def _heartbeat(tx: Transaction, session: int, synced_ns: int) -> bool:
     row = tx.execute(
-        "UPDATE sessions SET heartbeat_ns = ? WHERE id = ? RETURNING id", (tx.clock_ns(), session)
+        "UPDATE sessions SET heartbeat_ns = ?, synced_ns = CASE WHEN ? > synced_ns THEN ? ELSE synced_ns END"
+        " WHERE id = ? RETURNING id",
+        (tx.clock_ns(), synced_ns, synced_ns, session),
     ).fetchone()
     return row is not None
 

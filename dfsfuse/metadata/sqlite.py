@@ -217,6 +217,8 @@ _SCHEMA_V4 = """
 -- that its replicas stay while another session holds the file open and may
 -- still read them through the shard map it has. NULL in rows from before.
 ALTER TABLE garbage ADD COLUMN inode INTEGER;
+-- When it became garbage, ns since the epoch by the engine's clock.
+ALTER TABLE garbage ADD COLUMN since_ns INTEGER NOT NULL DEFAULT 0;
 
 -- The mounts using the file system, one row per mount while it runs. On one
 -- machine with the embedded engine there is at most one (the data dir's
@@ -233,7 +235,11 @@ CREATE TABLE sessions (
     -- the session timeout is stale: the next live mount reclaims it, with
     -- its open_files and locks rows.
     started_ns   INTEGER NOT NULL,
-    heartbeat_ns INTEGER NOT NULL
+    heartbeat_ns INTEGER NOT NULL,
+    -- The session has applied every change other sessions committed before
+    -- this (a barrier: dfsfuse/metadata/notices.py); 0: not known. Garbage
+    -- of a file it holds open waits until this passes since_ns + SETTLE_NS.
+    synced_ns    INTEGER NOT NULL DEFAULT 0
 );
 
 -- Files a session holds open. An unlinked inode is deleted only when no

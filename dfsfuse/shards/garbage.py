@@ -18,9 +18,9 @@ only the one holding ROLE_GARBAGE deletes replicas, and it also looks every
 SWEEP_INTERVAL seconds for what the others left it: garbage their commits
 made, and inodes unlinked while open that no session holds open any more
 (`orphan_inodes`, which includes those of reclaimed sessions). The engine
-keeps back the garbage of files another session holds open (its cached
-shard map may still name it), and never deletes an inode a session holds
-open.
+keeps back the garbage of a file some session holds open until that session
+has heard of the change (its cached shard map may still name the shard),
+and never deletes an inode a session holds open.
 """
 
 from __future__ import annotations
@@ -47,12 +47,9 @@ SWEEP_INTERVAL = 5.0  # seconds between looks for other mounts' garbage (a share
 
 
 class GarbageCollector:
-    """See the module docstring; `session` is the mount's (None: a command's)."""
-
-    def __init__(self, meta: MetadataStore, replicator: Replicator, session: int | None = None):
+    def __init__(self, meta: MetadataStore, replicator: Replicator):
         self._meta = meta
         self._replicator = replicator
-        self._session = session
         self._doomed: set[int] = set()
         self._in_use: collections.Counter[int] = collections.Counter()
         self._added = trio.Event()
@@ -135,7 +132,7 @@ class GarbageCollector:
         complete = True
         after_skipped: set[int] = set()
         while True:
-            batch = [g for g in await self._meta.garbage(GARBAGE_BATCH, self._session) if g[0] not in after_skipped]
+            batch = [g for g in await self._meta.garbage(GARBAGE_BATCH) if g[0] not in after_skipped]
             if not batch:
                 return complete
             # The commits that made these shards garbage must survive a power

@@ -29,6 +29,7 @@ import logging
 import os
 import stat
 import time
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -99,6 +100,10 @@ class FileSystem:
         self._unlinked: set[int] = set()
         self._session = session
         self._stale: set[int] = set()  # open files another mount changed since
+        # The attrs of open files as of the last time this mount made sure the
+        # kernel's cached pages showed them (revalidate_for_lock).
+        self._pages_seen: dict[int, InodeAttrs] = {}
+        self._revalidating: collections.defaultdict[int, trio.Lock] = collections.defaultdict(trio.Lock)
         self.locks = None if session is None else FileLocks(self._meta, session.id)
 
     @property
@@ -351,10 +356,50 @@ class FileSystem:
             return await self._meta.getattr(inode), False
         before = await self._meta.getattr(inode)
         attrs = await self._session.open_file(inode)
+        self._pages_seen[inode] = attrs  # the open drops stale pages (changed_elsewhere)
         return attrs, not same_file_state(before, attrs)
 
-    def inode_of(self, handle: int) -> int:
-        return self._handle(handle).contents.inode
+    async def store_for_unlock(self, inode: int) -> None:
+        """Before a lock on the file is let go: store what was written under
+        it, so that whoever takes the lock next, on any mount, reads it (as
+        NFS does at an unlock)."""
+        contents = self._files.get(inode)
+        if contents is not None and not contents.is_clean:
+            await contents.flush(sync=False)
+
+    async def revalidate_for_lock(self, inode: int, drop_pages: Callable[[], Awaitable[None]]) -> None:
+        """After a lock on the file was taken: whether the kernel's cached
+        pages of it may be stale, so that the lock holder reads what the
+        last holder wrote, on whichever mount. They are unless the file is
+        as it was when this mount last made sure of them (an open, an
+        earlier lock): a notice of the change may be on the way or still
+        being applied, so neither the cache nor the notices can tell. An
+        open file here takes the file's new size, and `drop_pages` drops the
+        kernel's pages; one lock at a time per file, so that a second lock
+        holder here does not take the file for checked while the first is
+        still dropping its pages."""
+        if self._session is None or not self._session.records_open:
+            return
+        async with self._revalidating[inode]:
+            attrs = await self._session.open_file(inode)  # fresh; the cache forgets what differs
+            seen = self._pages_seen.get(inode)
+            if seen is not None and same_file_state(seen, attrs):
+                return
+            contents = self._files.get(inode)
+            if contents is not None:
+                contents.writer.adopt(attrs)
+            await drop_pages()
+            self._pages_seen[inode] = attrs
+
+    async def send_barrier(self, token: int) -> int | None:
+        """See MetadataStore.send_barrier; None without a session."""
+        if self._session is None:
+            return None
+        return await self._meta.send_barrier(self._session.id, token)
+
+    def inode_of(self, handle: int) -> int | None:
+        entry = self._handles.get(handle)
+        return None if entry is None else entry.contents.inode
 
     def changed_elsewhere(self, handle: int) -> bool:
         """Whether the open that made `handle` found the file changed by
@@ -436,6 +481,8 @@ class FileSystem:
         if not contents.open_count and contents.is_clean and self._files.get(contents.inode) is contents:
             del self._files[contents.inode]
             self._stale.discard(contents.inode)
+            self._pages_seen.pop(contents.inode, None)
+            self._revalidating.pop(contents.inode, None)
             if self._session is not None:
                 self._session.closed(contents.inode)
             self._delete_if_unreferenced(contents.inode)

@@ -36,6 +36,12 @@ WAIT_FIRST = 0.005  # seconds before a waiting request asks again
 WAIT_MAX = 0.2
 
 
+def _stored(owner: int) -> int:
+    """The kernel's lock owner, an unsigned 64-bit number, as the signed
+    64-bit integer the metadata stores."""
+    return owner - 2**64 if owner >= 2**63 else owner
+
+
 class LockConflict(DfsError):
     """Another owner holds a conflicting lock and the request may not wait."""
 
@@ -56,7 +62,7 @@ class FileLocks:
     async def test(self, inode: int, owner: int, lock_type: int, start: int, end: int) -> LockRecord | None:
         """F_GETLK: the lock that would keep this one out, or None. Its pid is
         the holder's when it is in this mount, else 0 (a process elsewhere)."""
-        request = LockRecord((self._session, owner), POSIX, lock_type, start, end)
+        request = LockRecord((self._session, _stored(owner)), POSIX, lock_type, start, end)
         found = await self._meta.test_lock(inode, request)
         if found is not None and cast(tuple[int, int], found.owner_key)[0] != self._session:
             found = LockRecord(found.owner_key, found.kind, found.type, found.start, found.end, 0)
@@ -67,6 +73,7 @@ class FileLocks:
     ) -> None:
         """F_SETLK / F_SETLKW (and F_OFD_*): LockConflict if it cannot be had
         and must not wait."""
+        owner = _stored(owner)
         self._owners_by_handle[handle].add(owner)
         await self._set(inode, LockRecord((self._session, owner), POSIX, lock_type, start, end, pid), wait)
 
@@ -75,6 +82,7 @@ class FileLocks:
         lock_type = {fcntl.LOCK_SH: fcntl.F_RDLCK, fcntl.LOCK_EX: fcntl.F_WRLCK, fcntl.LOCK_UN: fcntl.F_UNLCK}[
             operation & ~fcntl.LOCK_NB
         ]
+        owner = _stored(owner)
         self._owners_by_handle[handle].add(owner)
         request = LockRecord((self._session, owner), FLOCK, lock_type, 0, OFFSET_MAX, pid)
         await self._set(inode, request, wait=not operation & fcntl.LOCK_NB)
@@ -97,6 +105,7 @@ class FileLocks:
         locks on it end. Its locks are then no business of the release of
         any open file (which comes later, and may come after the process
         locked the file again through another descriptor)."""
+        owner = _stored(owner)
         for owners in self._owners_by_handle.values():
             owners.discard(owner)
         if (inode, owner) in self._holders:
@@ -109,7 +118,7 @@ class FileLocks:
         the open file, which no flush names)."""
         owners = self._owners_by_handle.pop(handle, set())
         if flock_owner is not None:
-            owners.add(flock_owner)
+            owners.add(_stored(flock_owner))
         owners = {owner for owner in owners if (inode, owner) in self._holders}
         self._holders -= {(inode, owner) for owner in owners}
         await self._meta.release_locks(self._session, inode, sorted(owners), None)

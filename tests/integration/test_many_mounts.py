@@ -14,14 +14,19 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import signal
+import sqlite3
+import struct
+import subprocess
 import threading
 import time
 
 import pytest
 from conftest import MountFactory, postgres_config
 from dfstest import (
+    PYTHON,
     MiB,
     dfsfuse_cli,
     expect_errno,
@@ -265,3 +270,104 @@ def test_a_stopped_mount_that_comes_back_after_it_was_reclaimed_is_fenced(pair):
     assert not is_mounted(b.mountpoint)
     b.start()
     assert os.listdir(b / "fenced") == []
+
+
+HOLD_LOCKS = r"""
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+fcntl.flock(fd, fcntl.LOCK_EX)
+fcntl.lockf(fd, fcntl.LOCK_EX, 10, 0)
+print("held", flush=True)
+sys.stdin.readline()
+"""
+
+WAIT_FOR_LOCK = r"""
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR)
+print("waiting", flush=True)
+fcntl.lockf(fd, fcntl.LOCK_EX, 10, 0)
+print("got", time.monotonic(), flush=True)
+"""
+
+
+def test_flock_and_fcntl_locks_taken_on_one_mount_hold_on_the_other(pair):
+    a, b = pair
+    (a / "locks").mkdir()
+    write_file(a / "locks" / "file", b"x" * 100)
+    eventually(lambda: (b / "locks" / "file").exists(), what="the file")
+    holder = subprocess.Popen([PYTHON, "-c", HOLD_LOCKS, a / "locks" / "file"], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    waiter = None
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        fd = os.open(b / "locks" / "file", os.O_RDWR)
+        try:
+            expect_errno(errno.EWOULDBLOCK, fcntl.flock, fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            expect_errno((errno.EAGAIN, errno.EACCES), fcntl.lockf, fd, fcntl.LOCK_SH | fcntl.LOCK_NB, 1, 5)
+            probe = struct.pack("hhqqi", fcntl.F_WRLCK, os.SEEK_SET, 0, 1, 0)
+            answer = struct.unpack("hhqqi", fcntl.fcntl(fd, fcntl.F_GETLK, probe))
+            assert answer[0] == fcntl.F_WRLCK and (answer[2], answer[3]) == (0, 10)  # the holder on A
+            fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB, 10, 20)  # past the holder's range: no conflict
+        finally:
+            os.close(fd)
+        waiter = subprocess.Popen([PYTHON, "-c", WAIT_FOR_LOCK, b / "locks" / "file"], stdout=subprocess.PIPE, text=True)
+        assert waiter.stdout.readline().strip() == "waiting"
+        time.sleep(0.5)
+        assert waiter.poll() is None  # F_SETLKW on B waits for the holder on A
+        released = time.monotonic()
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        got = float(waiter.stdout.readline().split()[1])
+        assert got - released < 2.0
+        assert waiter.wait(10) == 0 and holder.wait(10) == 0
+    finally:
+        for process in (holder, waiter):
+            if process is not None and process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+SQLITE_WRITER = r"""
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1], timeout=120)
+for n in range(int(sys.argv[3])):
+    with db:
+        db.execute("INSERT INTO rows (who, n, pad) VALUES (?, ?, randomblob(3000))", (sys.argv[2], n))
+        db.execute("UPDATE counter SET total = total + 1")
+db.close()
+"""
+
+
+def test_sqlite_writers_on_both_mounts_keep_one_database_whole(pair):
+    """SQLite's own locking (fcntl byte-range locks) over both mounts: no lost
+    update, no corruption. (Rollback journal: SQLite's WAL needs shared memory,
+    which no network file system gives.)"""
+    a, b = pair
+    (a / "sqlite").mkdir()
+    db = sqlite3.connect(a / "sqlite" / "shared.db")
+    db.executescript(
+        "PRAGMA journal_mode=DELETE; CREATE TABLE rows (who TEXT, n INTEGER, pad BLOB);"
+        " CREATE TABLE counter (total INTEGER); INSERT INTO counter VALUES (0);"
+    )
+    db.close()
+    eventually(lambda: (b / "sqlite" / "shared.db").exists(), what="the database")
+    per_writer = 60
+    # One writer process per mount. Two per mount at once (four writers) still
+    # lose whole transactions now and then, integrity_check ok: an open bug
+    # of issue 9 (its note), so this test keeps to the case that holds.
+    writers = [
+        subprocess.Popen([PYTHON, "-c", SQLITE_WRITER, mount / "sqlite" / "shared.db", name, str(per_writer)],
+                         stderr=subprocess.PIPE, text=True)
+        for mount, name in ((a, "a"), (b, "b"))
+    ]
+    for writer in writers:
+        assert writer.wait(240) == 0, writer.stderr.read()
+    for mount in (a, b):
+        db = sqlite3.connect(mount / "sqlite" / "shared.db", timeout=60)
+        try:
+            assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+            assert db.execute("SELECT total FROM counter").fetchone()[0] == 2 * per_writer
+            counts = dict(db.execute("SELECT who, COUNT(*) FROM rows GROUP BY who"))
+            assert counts == {"a": per_writer, "b": per_writer}
+        finally:
+            db.close()

@@ -22,6 +22,7 @@ import ipaddress
 import os
 import socket
 import struct
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -124,9 +125,11 @@ def cluster(network, test_root):
     finally:
         try:
             errors = []
-            for mount in reversed(cluster.mounts):
+            for index, mount in reversed(list(enumerate(cluster.mounts))):
                 try:
-                    mount.stop()  # unmount, daemon exit 0, clean log, and fsck --meta URL run on its machine
+                    # Unmount, daemon exit 0, clean log; the last one also runs fsck --meta URL
+                    # on its machine (fsck runs only when no mount uses the file system).
+                    mount.stop(fsck=index == 0)
                 except BaseException as exc:  # noqa: BLE001 - stop all, report all
                     errors.append(str(exc))
                 finally:
@@ -141,6 +144,11 @@ def cluster(network, test_root):
 @pytest.fixture(scope="module")
 def m1(cluster):
     return cluster.mount("m1")
+
+
+@pytest.fixture(scope="module")
+def m2(cluster, m1):
+    return cluster.mount("m2")  # m1 formatted the database; m2 only mounts it
 
 
 def _tcp_table(pid: int) -> list[tuple[str, int, str, int, str, int]]:
@@ -236,3 +244,16 @@ def test_nothing_rides_on_a_shared_loopback(cluster, m1):
                                       "--meta", loopback_url, "--meta-password-file", cluster.password_file,
                                       prefix=machine.prefix, check=False))
     assert "cannot reach PostgreSQL" in line, line
+
+
+def test_two_machines_mount_one_file_system_and_see_each_others_work(m1, m2):
+    write_file(m1 / "from-m1", b"written on m1\n" * 1000, fsync=True)
+    assert read_file(m2 / "from-m1") == b"written on m1\n" * 1000  # close-to-open, across machines
+    os.rename(m1 / "from-m1", m1 / "renamed-on-m1")
+    deadline = time.monotonic() + 1.0  # pushed to m2's caches within a second
+    while (m2 / "from-m1").exists() or not (m2 / "renamed-on-m1").exists():
+        assert time.monotonic() < deadline, "m1's rename is not visible on m2 after 1 s"
+        time.sleep(0.01)
+    write_file(m2 / "from-m2", b"written on m2")
+    assert read_file(m1 / "from-m2") == b"written on m2"
+    assert m2.pid in m2.machine.pids()

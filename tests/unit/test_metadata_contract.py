@@ -14,6 +14,7 @@ import os
 import pathlib
 import random
 import stat
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from fcntl import F_RDLCK, F_UNLCK, F_WRLCK
 
@@ -44,6 +45,7 @@ from dfsfuse.metadata.base import (
     RENAME_NOREPLACE,
     REPLICAS_XATTR,
     ROOT_INODE,
+    SETTLE_NS,
     XATTR_CREATE,
     XATTR_REPLACE,
     AttrChanges,
@@ -1013,7 +1015,7 @@ def test_an_inode_open_in_any_session_is_not_deleted(harness):
     run_with_store(harness, body)
 
 
-def test_garbage_of_a_file_another_session_holds_open_waits(harness):
+def test_garbage_of_a_file_a_session_holds_open_waits_until_it_heard_of_the_change(harness):
     async def body(store: MetadataStore) -> None:
         reader = await store.open_session("reader", 1, "/r")
         writer = await store.open_session("writer", 2, "/w")
@@ -1022,12 +1024,18 @@ def test_garbage_of_a_file_another_session_holds_open_waits(harness):
         await store.open_file(reader, file.inode)
         await store.open_file(writer, file.inode)
         await store.commit_shards(file.inode, {0: ref(8)}, 1000)  # the writer replaces shard 7
-        assert await store.garbage(10, writer) == []  # the reader may still read 7
-        await store.close_files(writer, [file.inode])
-        assert [shard_id for shard_id, _ in await store.garbage(10, reader)] == [7]  # only its own open
-        assert await store.garbage(10) == []  # a command's view: held open by some session
+        assert await store.garbage(10) == []  # the reader's shard map may still name 7
+        later = time.time_ns() + 2 * SETTLE_NS  # as if both heard of every change until then
+        await store.heartbeat(reader, later)
+        assert await store.garbage(10) == []  # the writer holds it open too, and said nothing yet
+        await store.heartbeat(writer, later)
+        assert [shard_id for shard_id, _ in await store.garbage(10)] == [7]
+        await store.heartbeat(writer, 1)  # synced_ns never goes back
+        assert [shard_id for shard_id, _ in await store.garbage(10)] == [7]
         await store.close_files(reader, [file.inode])
-        assert [shard_id for shard_id, _ in await store.garbage(10, writer)] == [7]
+        await store.close_files(writer, [file.inode])
+        await store.commit_shards(file.inode, {0: ref(9)}, 1000)
+        assert [shard_id for shard_id, _ in await store.garbage(10)] == [7, 8]  # open nowhere: at once
 
     run_with_store(harness, body)
 
@@ -1269,6 +1277,7 @@ def test_a_schema_1_database_gains_the_node_registry_and_patches(tmp_path):
     for table in ("sessions", "open_files", "locks"):
         db.execute(f"DROP TABLE {table}")
     db.execute("ALTER TABLE garbage DROP COLUMN inode")
+    db.execute("ALTER TABLE garbage DROP COLUMN since_ns")
     db.execute("ALTER TABLE shards RENAME TO shards_new")
     for statement in engine._statements(engine._SCHEMA_V1):
         if "CREATE TABLE shards" in statement:
