@@ -55,8 +55,10 @@ class MountSession:
         # Once the mount serves: waits until every change other mounts
         # committed is applied here; the engine's clock when it started
         # (KernelInvalidator.barrier). Each heartbeat reports it (synced_ns),
-        # which lets garbage this mount might still read go.
+        # which lets garbage this mount might still read go. It runs apart
+        # from the heartbeat, which must never wait for it.
         self.barrier: Callable[[], Awaitable[int | None]] | None = None
+        self._synced_ns = 0
 
     @classmethod
     async def open(cls, meta: MetadataStore, mountpoint: str, timeout: float = DEFAULT_TIMEOUT) -> MountSession:
@@ -104,8 +106,23 @@ class MountSession:
         """Heartbeat, reclaim stale sessions and record closes, until cancelled."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._record_closes)
+            nursery.start_soon(self._follow_barriers)
             task_status.started()
             await self._heartbeat()
+            nursery.cancel_scope.cancel()
+
+    async def _follow_barriers(self) -> None:
+        """Learn, every beat, up to when this mount has applied other mounts' changes."""
+        while True:
+            await trio.sleep(self.timeout / BEATS_PER_TIMEOUT)
+            if self.barrier is not None:
+                try:
+                    synced_ns = await self.barrier()
+                except DfsError as error:
+                    log.warning("session %d: barrier failed: %s", self.id, error)
+                    continue
+                if synced_ns is not None:
+                    self._synced_ns = max(self._synced_ns, synced_ns)
 
     async def _heartbeat(self) -> None:
         interval = self.timeout / BEATS_PER_TIMEOUT
@@ -114,8 +131,7 @@ class MountSession:
             await trio.sleep(interval)
             started = trio.current_time()
             try:
-                synced_ns = None if self.barrier is None else await self.barrier()
-                alive = await self.meta.heartbeat(self.id, synced_ns or 0)
+                alive = await self.meta.heartbeat(self.id, self._synced_ns)
             except DfsError as error:
                 log.warning("session %d: heartbeat failed: %s", self.id, error)
                 continuous_since = trio.current_time()
