@@ -75,6 +75,10 @@ class SessionLost(DfsError):
 
     errno = errno.EIO
 
+    @classmethod
+    def of(cls, session: int) -> "SessionLost":
+        return cls(f"session {session} was reclaimed as stale by another mount; unmount and mount again")
+
 
 class ShardMissing(DfsError):
     """A node store holds no replica of the requested shard."""

@@ -73,7 +73,7 @@ class MountSession:
 
     def check(self) -> None:
         if self.lost:
-            raise SessionLost(f"session {self.id} was reclaimed as stale by another mount; unmount and mount again")
+            raise SessionLost.of(self.id)
 
     async def open_file(self, inode: int) -> InodeAttrs:
         """Record that this mount holds `inode` open; its attrs, fresh."""

@@ -956,12 +956,15 @@ def _list_sessions(tx: Transaction) -> list[SessionRecord]:
     return [SessionRecord(*row) for row in tx.execute(f"SELECT {_SESSION_COLUMNS} FROM sessions ORDER BY id")]
 
 
+def _require_session(tx: Transaction, session: int) -> None:
+    """SessionLost unless `session` is still registered (it was not reclaimed)."""
+    if tx.execute("SELECT 1 FROM sessions WHERE id = ?", (session,)).fetchone() is None:
+        raise SessionLost.of(session)
+
+
 def _record_open(tx: Transaction, session: int, inode: int) -> None:
     """`session` holds `inode` open; SessionLost if the session was reclaimed."""
-    if tx.execute("SELECT 1 FROM sessions WHERE id = ?", (session,)).fetchone() is None:
-        raise SessionLost(
-            f"session {session} was reclaimed as stale by another mount; unmount and mount again"
-        )
+    _require_session(tx, session)
     tx.execute(
         "INSERT INTO open_files (session, inode) VALUES (?, ?) ON CONFLICT (session, inode) DO NOTHING",
         (session, inode),
@@ -994,8 +997,7 @@ def _locks_of(tx: Transaction, inode: int) -> list[LockRecord]:
 
 
 def _set_lock(tx: Transaction, session: int, inode: int, request: LockRecord) -> LockRecord | None:
-    if tx.execute("SELECT 1 FROM sessions WHERE id = ?", (session,)).fetchone() is None:
-        raise SessionLost(f"session {session} was reclaimed as stale by another mount; unmount and mount again")
+    _require_session(tx, session)
     tx.lock_inodes((inode,))  # one lock change of a file at a time, on every engine
     existing = _locks_of(tx, inode)
     blocking = conflict(existing, request)
