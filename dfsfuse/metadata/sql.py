@@ -78,7 +78,7 @@ TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
         "atime_ns", "mtime_ns", "ctime_ns", "target", "parent",
     ),
     "entries": ("id", "parent", "name", "inode"),
-    "shards": ("id", "inode", "idx", "length", "checksum", "nodes", "pages"),
+    "shards": ("id", "inode", "idx", "length", "checksum", "nodes", "pages", "layer"),
     "garbage": ("shard_id", "nodes", "inode", "since_ns"),
     "xattrs": ("inode", "name", "value"),
     "nodes": ("name", "address", "state", "capacity", "used", "shard_count", "last_seen_ns"),
@@ -718,7 +718,7 @@ def _decode_pages(blob: bytes | None) -> tuple[int, ...]:
 
 def _shard_map(tx: Transaction, inode: int) -> dict[int, ShardLayers]:
     rows = tx.execute(
-        f"SELECT idx, {_SHARD_COLUMNS} FROM shards WHERE inode = ? ORDER BY idx, pages IS NOT NULL, id", (inode,)
+        f"SELECT idx, {_SHARD_COLUMNS} FROM shards WHERE inode = ? ORDER BY idx, pages IS NOT NULL, layer", (inode,)
     ).fetchall()
     if not rows and not _inode_exists(tx, inode):
         raise NotFound(f"no inode {inode}")
@@ -740,6 +740,7 @@ def _commit_shards(
 ) -> InodeAttrs:
     if changes is not None and ctime_ns is None:
         raise InvalidArgument("commit_shards with attr changes needs ctime_ns (the setattr's now_ns)")
+    tx.lock_inodes((inode,))  # commits to one file in turn: each layer is above the last
     row = tx.execute("SELECT mode FROM inodes WHERE id = ?", (inode,)).fetchone()
     if row is None:
         raise NotFound(f"no inode {inode}")
@@ -759,9 +760,11 @@ def _commit_shards(
             ).fetchall()
     for index, ref in shards.items():
         inserted = tx.execute(
-            "INSERT INTO shards (id, inode, idx, length, checksum, nodes, pages) VALUES (?, ?, ?, ?, ?, ?, ?)"
+            "INSERT INTO shards (id, inode, idx, length, checksum, nodes, pages, layer) VALUES (?, ?, ?, ?, ?, ?, ?,"
+            " (SELECT COALESCE(MAX(layer), 0) + 1 FROM shards WHERE inode = ? AND idx = ?))"
             " ON CONFLICT (id) DO NOTHING RETURNING id",
-            (ref.shard_id, inode, index, ref.length, ref.checksum, _encode_nodes(ref.nodes), _encode_pages(ref.pages)),
+            (ref.shard_id, inode, index, ref.length, ref.checksum, _encode_nodes(ref.nodes), _encode_pages(ref.pages),
+             inode, index),
         ).fetchone()
         if inserted is None:
             raise InvalidArgument(f"shard id {ref.shard_id} committed to inode {inode} is already in use")

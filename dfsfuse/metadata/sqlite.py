@@ -202,7 +202,8 @@ CREATE TABLE shards_v3 (
     -- NULL: a whole shard, the bytes [0, length) of the index. Else a patch:
     -- page numbers (4 KiB pages of the index, ascending) as little-endian
     -- uint32s; the object holds those pages one after another. Patches apply
-    -- in id order on top of the whole shard; a new whole shard replaces them.
+    -- on top of the whole shard (in layer order since schema 5); a new whole
+    -- shard replaces them.
     pages    BLOB
 );
 INSERT INTO shards_v3 (id, inode, idx, length, checksum, nodes)
@@ -271,6 +272,16 @@ CREATE TABLE locks (
 );
 CREATE INDEX locks_by_inode ON locks (inode);
 """
+_SCHEMA_V5 = """
+-- The order in which the objects of one shard index apply: each commit puts
+-- its object above the others of the index (the largest layer there, plus
+-- one), so patches apply in the order they were committed, whichever mount
+-- committed them. Shard ids cannot order them: each mount takes its ids in
+-- batches, so a later commit may carry a smaller id. Rows from before take
+-- their id, the order one mount gave them.
+ALTER TABLE shards ADD COLUMN layer INTEGER NOT NULL DEFAULT 0;
+UPDATE shards SET layer = id;
+"""
 # References between tables (entries.parent, entries.inode, shards.inode,
 # xattrs.inode -> inodes.id) are kept by the code, not by SQLite foreign keys:
 # enforcing them would need an index on entries.inode and a check on every
@@ -308,6 +319,11 @@ def _add_schema_v4(db: sqlite3.Connection) -> None:
         db.execute(statement)
 
 
+def _add_schema_v5(db: sqlite3.Connection) -> None:
+    for statement in _statements(_SCHEMA_V5):
+        db.execute(statement)
+
+
 # _MIGRATIONS[n] turns a database at schema version n - 1 (0: empty) into one
 # at version n, inside the transaction that records version n.
 _MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
@@ -315,6 +331,7 @@ _MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
     2: _add_schema_v2,
     3: _add_schema_v3,
     4: _add_schema_v4,
+    5: _add_schema_v5,
 }
 SCHEMA_VERSION = max(_MIGRATIONS)
 

@@ -859,6 +859,26 @@ def test_patches_stack_on_a_shard_until_a_whole_shard_replaces_them(harness):
     run_with_store(harness, body)
 
 
+def test_patches_apply_in_commit_order_whatever_their_ids(harness):
+    """Each mount takes shard ids in batches, so a later patch may carry a
+    smaller id than an earlier one of another mount: the later commit still
+    lies on top (else a reader sees the older page)."""
+    async def body(store: MetadataStore) -> None:
+        file = await mkfile(store, ROOT_INODE, b"file")
+        await store.commit_shards(file.inode, {0: ref(50, 8192)}, 8192)
+        await store.commit_shards(file.inode, {0: patch(60, (0,))}, 8192)  # mount B's batch
+        await store.commit_shards(file.inode, {0: patch(20, (0, 1))}, 8192)  # then mount A's, older batch
+        await store.commit_shards(file.inode, {0: patch(61, (1,))}, 8192)
+        expected = (ref(50, 8192), patch(60, (0,)), patch(20, (0, 1)), patch(61, (1,)))
+        assert await store.shard_map(file.inode) == {0: expected}
+        # A whole shard with a smaller id than the patches before it: they go, later ones stack on it.
+        await store.commit_shards(file.inode, {0: ref(10, 8192)}, 8192)
+        await store.commit_shards(file.inode, {0: patch(5, (1,))}, 8192)
+        assert await store.shard_map(file.inode) == {0: (ref(10, 8192), patch(5, (1,)))}
+
+    run_with_store(harness, body)
+
+
 def test_commit_shards_with_attr_changes_is_a_truncate_and_a_setattr_in_one(harness):
     async def body(store: MetadataStore) -> None:
         file = await mkfile(store, ROOT_INODE, b"file")
@@ -1302,7 +1322,7 @@ def test_a_schema_1_database_gains_the_node_registry_and_patches(tmp_path):
 
     trio.run(main)
     version = sqlite3.connect(path).execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-    assert version == (engine.SCHEMA_VERSION,) == (4,)
+    assert version == (engine.SCHEMA_VERSION,) == (5,)
 
 
 def test_a_snapshot_opens_as_the_metadata_of_its_instant(harness, tmp_path):
