@@ -69,7 +69,7 @@ def postgres_server():
         server.start()
         yield server
     finally:
-        server.stop()
+        server.stop(immediate=True)  # its data goes next: no shutdown checkpoint
     shutil.rmtree(base, ignore_errors=True)
 
 
