@@ -78,6 +78,9 @@ class Config:
     metadata_url: str | None = None  # postgresql: the database (--meta, DFSFUSE_META, [metadata] url)
     metadata_password_file: Path | None = None  # postgresql: --meta-password-file, [metadata] password_file
     session_timeout: float = 60.0  # [metadata] session_timeout (dfsfuse.cluster.session)
+    # Whether shard_size or block_size were set (config file, format flags): if
+    # not, a command takes the ones the file system was made with.
+    layout_given: bool = False
 
     @property
     def cluster_secret_path(self) -> Path:
@@ -196,6 +199,7 @@ def load(
         secret_file=Path(_expect(settings, "secret_file", str)).expanduser() if "secret_file" in settings else None,
         tls_ca_file=_tls_ca_file(settings, root),
         snapshot_interval=_snapshot_interval(settings),
+        layout_given="shard_size" in settings or "block_size" in settings,
         **_metadata_settings(settings, meta_url, meta_password_file),
     )
 

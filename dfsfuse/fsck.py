@@ -24,7 +24,7 @@ from .cluster.inventory import SHARD_PAGE, ReplicaTargets, live_shards, replica_
 from .cluster.maintenance import RepairTally, repair_shard
 from .cluster.snapshots import is_snapshot_id
 from .config import Config
-from .datadir import DataDirLock, mountpoint_of, require_file_system
+from .datadir import DataDirLock, mountpoint_of, prepare_data_dir, require_file_system
 from .errors import DfsError, UserError
 from .metadata.base import MetadataStore
 from .runtime import open_components
@@ -51,6 +51,7 @@ class FsckReport:
 
 def fsck(config: Config) -> int:
     require_file_system(config)
+    prepare_data_dir(config)  # with --meta, a machine's first command may make it
     lock = DataDirLock(config.lock_path)
     where = mountpoint_of(config)
     lock.acquire(f"it is mounted{' at ' + where if where else ''}; unmount it first")

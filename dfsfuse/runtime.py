@@ -66,6 +66,7 @@ class Components:
     replicator: Replicator
     nodes: list[NodeRecord]  # the registry when the stores were opened, by name
     access: NodeAccess  # how node servers are reached
+    config: Config  # the config, with the shard and block size the file system was made with
 
 
 @contextlib.asynccontextmanager
@@ -74,7 +75,10 @@ async def open_components(config: Config, cached: bool, create: bool = False) ->
     store that cannot be opened is stood in for by an UnreachableStore);
     with `create`, a file system is made if the metadata holds none.
 
-    An empty registry is seeded with the config's [[nodes]] first.
+    An empty registry is seeded with the config's [[nodes]] first. A config
+    that does not set shard_size and block_size takes the file system's (a
+    machine that only runs commands need not repeat them); one that sets
+    other values is refused.
     """
     engine = await open_engine(config.metadata, create=create)
     meta: MetadataStore = CachedMetadata(engine, config.metadata_entries) if cached else engine
@@ -82,10 +86,12 @@ async def open_components(config: Config, cached: bool, create: bool = False) ->
     try:
         recorded = await meta.layout(config.shard_size, config.block_size)
         if recorded != (config.shard_size, config.block_size):
-            raise UserError(
-                f"config: this file system was made with shard_size {recorded[0]} and block_size {recorded[1]}; "
-                "they cannot change (set them back in the config file)"
-            )
+            if config.layout_given:
+                raise UserError(
+                    f"config: this file system was made with shard_size {recorded[0]} and block_size {recorded[1]};"
+                    " they cannot change (set them back in the config file, or leave them out)"
+                )
+            config = dataclasses.replace(config, shard_size=recorded[0], block_size=recorded[1])
         nodes = await register_config_nodes(meta, config.nodes)
         if len(nodes) < config.replicas:
             raise UserError(
@@ -97,7 +103,7 @@ async def open_components(config: Config, cached: bool, create: bool = False) ->
             stores.append(await open_store_or_stand_in(node, access))
         replicator = Replicator(stores, config.replicas, config.block_size, write_quorum=config.write_quorum)
         replicator.update_nodes(stores, [node.name for node in nodes if node.state == NODE_ACTIVE])
-        yield Components(meta, stores, replicator, nodes, access)
+        yield Components(meta, stores, replicator, nodes, access, config)
     finally:
         with trio.CancelScope(shield=True):
             for store in stores:
@@ -150,6 +156,7 @@ def run_cluster_operation(config: Config, operation: str, output: Output, argume
     """Run a cluster operation in this process, holding the data dir's lock
     (the mount, the only other writer, is not running)."""
     require_file_system(config)
+    prepare_data_dir(config)  # with --meta, a machine's first command may make it
     lock = DataDirLock(config.lock_path)
     where = mountpoint_of(config)
     lock.acquire(f"it is mounted{' at ' + where if where else ''} but its control socket does not answer")
@@ -305,7 +312,7 @@ def _run_mount(config: Config, mountpoint: str, options: list[str], ready: Calla
                 await nursery.start(session.run)
                 await nursery.start(parts.replicator.run)
                 snapshots = await _start_cluster_services(nursery, parts, config)
-                async with running_file_system(parts.meta, parts.replicator, config, session) as file_system:
+                async with running_file_system(parts.meta, parts.replicator, parts.config, session) as file_system:
                     try:
                         await _serve(file_system.fs, parts.meta, session, config, mountpoint, options, ready)
                     finally:

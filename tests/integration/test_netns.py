@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import socket
 import struct
 import time
@@ -138,7 +139,7 @@ def cluster(network, test_root):
         finally:
             for server in servers:
                 server.stop()
-            postgres.stop()
+            postgres.stop(immediate=True)
 
 
 @pytest.fixture(scope="module")
@@ -257,3 +258,60 @@ def test_two_machines_mount_one_file_system_and_see_each_others_work(m1, m2):
     write_file(m2 / "from-m2", b"written on m2")
     assert read_file(m1 / "from-m2") == b"written on m2"
     assert m2.pid in m2.machine.pids()
+
+
+def test_node_commands_from_a_machine_without_a_mount_change_the_mounted_file_system(cluster, m1):
+    """An operator's machine with no mount (only the URL, the password file and the cluster
+    secret) adds a node server on a machine of its own, drains it and removes it while m1 is
+    mounted: m1 learns of the node without a remount and stores new data on it, the drain
+    moves that data off it, and m1 reads every byte back afterwards."""
+    ops = cluster.network.add("ops")
+    where = cluster.base / "ops"
+    where.mkdir()
+    config = where / "config.toml"
+    config.write_text(f'secret_file = "{cluster.secret}"\n')
+    n3 = cluster.network.add("n3")
+    server = NodeServer(cluster.base / "servers", "n3", cluster.secret, host=n3.address, command_prefix=n3.prefix)
+    cluster.servers.append(server)  # stopped with the others at the end of the module
+    server.start()
+
+    def on_ops(*args: str) -> str:
+        return dfsfuse_cli(*args, "--data-dir", where / "data", "--config", config, *cluster.meta_args,
+                           prefix=ops.prefix).stdout
+
+    # A config that names another shard size than the file system's is refused in one line;
+    # one that names none takes the file system's.
+    config.write_text(f'secret_file = "{cluster.secret}"\nshard_size = "4MiB"\n')
+    refused = one_line_error(dfsfuse_cli("node", "list", "--data-dir", where / "data", "--config", config,
+                                         *cluster.meta_args, prefix=ops.prefix, check=False))
+    assert f"made with shard_size {SHARD}" in refused, refused
+    config.write_text(f'secret_file = "{cluster.secret}"\n')
+
+    on_ops("node", "add", server.address, "--name", "n3")
+    listed = {line.split()[0]: line.split() for line in on_ops("node", "list").splitlines()[1:]}
+    assert set(listed) == {"n1", "n2", "n3"} and listed["n3"][1:3] == ["active", "yes"], listed
+
+    # m1 follows the registry (every few seconds): new shards land on n3 too.
+    deadline = time.monotonic() + 30
+    files: dict[str, bytes] = {}
+    while not _replica_files(server):
+        assert time.monotonic() < deadline, "m1 stored nothing on the node added from ops"
+        name = f"after-add-{len(files)}"
+        files[name] = os.urandom(2 * SHARD + 99)
+        write_file(m1 / name, files[name], fsync=True)
+        time.sleep(0.5)
+
+    drained = on_ops("node", "drain", "n3")
+    assert re.search(r"node n3 drained: [1-9]\d* shards moved", drained), drained
+    assert not _replica_files(server), "n3 still holds replicas after its drain"
+    assert on_ops("node", "remove", "n3").strip() == "removed node n3"
+    assert "n3" not in parse_status(m1.status())["nodes"]
+    drop_caches()
+    for name, data in files.items():
+        assert read_file(m1 / name) == data, name
+
+
+def _replica_files(server: NodeServer) -> list[Path]:
+    """The replica files in a node server's store (ROOT/shards/XX/ID, docs/formats.md)."""
+    shards = server.data / "shards"
+    return [path for path in shards.rglob("*") if path.is_file()] if shards.exists() else []
