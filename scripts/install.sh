@@ -68,14 +68,15 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import sys' 2>/dev/null; 
     "$python" -m venv .venv
 fi
 
-# --- pyfuse3 with the dfsfuse lock patch --------------------------------------
-# pyfuse3 3.5 hands no file locks to the file system (docs/pyfuse3-patch.md), so it
-# is built from its sdist with patches/pyfuse3 applied, once: again only when the
-# installed pyfuse3 lacks pyfuse3.DFSFUSE_LOCKS == $pyfuse3_patch_level (a new patch
-# revision raises both). Its version, 3.5.0+dfsfuse.N, satisfies pyproject.toml's
-# pyfuse3>=3.2, so the pip install below keeps it.
+# --- pyfuse3 with the dfsfuse patches -----------------------------------------
+# pyfuse3 3.5 hands no file locks and no fallocate to the file system
+# (docs/pyfuse3-patch.md), so it is built from its sdist with patches/pyfuse3 applied,
+# once: again only when the installed pyfuse3 lacks
+# pyfuse3.DFSFUSE_PATCHES == $pyfuse3_patch_level (a new or changed patch raises both).
+# Its version, 3.5.0+dfsfuse.N, satisfies pyproject.toml's pyfuse3>=3.2, so the pip
+# install below keeps it.
 pyfuse3_version=3.5.0
-pyfuse3_patch_level=1
+pyfuse3_patch_level=2
 cython_version=3.2.4  # the Cython that generated the C sources of pyfuse3 3.5.0
 
 build_pyfuse3() {
@@ -98,7 +99,7 @@ build_pyfuse3() {
         .venv/bin/python -m pip install --force-reinstall --no-deps "$build"/dist/pyfuse3-*.whl
 }
 
-if ! .venv/bin/python -c "import sys, pyfuse3; sys.exit(getattr(pyfuse3, 'DFSFUSE_LOCKS', 0) != $pyfuse3_patch_level)" \
+if ! .venv/bin/python -c "import sys, pyfuse3; sys.exit(getattr(pyfuse3, 'DFSFUSE_PATCHES', 0) != $pyfuse3_patch_level)" \
         >/dev/null 2>&1; then
     echo "install.sh: building pyfuse3 $pyfuse3_version with patches/pyfuse3"
     build="$(mktemp -d)"
