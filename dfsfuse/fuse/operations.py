@@ -261,6 +261,11 @@ class Operations(pyfuse3.Operations):
         return self.fs.locks
 
     @_translate_errors
+    async def fallocate(self, inode, fh, mode, offset, length):
+        """fallocate(2); reaches us through our patch of pyfuse3 (docs/pyfuse3-patch.md)."""
+        await self.fs.fallocate(fh, mode, offset, length)
+
+    @_translate_errors
     async def fsync(self, fh, datasync):
         await self.fs.fsync(fh, datasync)
 

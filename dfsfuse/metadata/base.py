@@ -398,10 +398,12 @@ class MetadataStore(abc.ABC):
         ctime_ns: int | None = None,
         *,
         changes: AttrChanges | None = None,
+        holes: Sequence[int] = (),
     ) -> InodeAttrs:
         """Atomically point shard indexes at new objects and set the file size.
 
-        First every object at an index >= `drop_from` (if given) is removed,
+        First every object at an index >= `drop_from` (if given) and at the
+        indexes in `holes` (a punched hole: they read as zeros) is removed,
         then each entry of `shards` is applied: a whole shard replaces every
         object at its index, a patch is added on top of them. Objects that
         are no longer referenced move to the garbage list. `blocks` is

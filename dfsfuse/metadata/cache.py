@@ -394,14 +394,18 @@ class CachedMetadata(MetadataStore):
         ctime_ns: int | None = None,
         *,
         changes: AttrChanges | None = None,
+        holes: Sequence[int] = (),
     ) -> InodeAttrs:
         async with self._changing():
-            attrs = await self._engine.commit_shards(inode, shards, size, drop_from, mtime_ns, ctime_ns, changes=changes)
+            attrs = await self._engine.commit_shards(
+                inode, shards, size, drop_from, mtime_ns, ctime_ns, changes=changes, holes=holes
+            )
             self._store_attrs(attrs)
             held = self._shard_maps.get(inode)
             if held is not None:
                 shard_map = self._shard_maps[inode] = dict(held)  # a new mapping: see shard_map
                 dropped = [index for index in shard_map if drop_from is not None and index >= drop_from]
+                dropped += [index for index in holes if index in shard_map]
                 dropped += [index for index, ref in shards.items() if not ref.is_patch and index in shard_map]
                 for index in dropped:
                     for old in shard_map.pop(index, ()):

@@ -203,8 +203,11 @@ class SqlMetadata(MetadataStore):
         ctime_ns: int | None = None,
         *,
         changes: AttrChanges | None = None,
+        holes: Sequence[int] = (),
     ) -> InodeAttrs:
-        return await self._write(_commit_shards, inode, dict(shards), size, drop_from, mtime_ns, ctime_ns, changes)
+        return await self._write(
+            _commit_shards, inode, dict(shards), size, drop_from, mtime_ns, ctime_ns, changes, list(holes)
+        )
 
     async def allocate_shard_ids(self, count: int) -> range:
         if count < 0:
@@ -737,6 +740,7 @@ def _commit_shards(
     mtime_ns: int | None,
     ctime_ns: int | None,
     changes: AttrChanges | None,
+    holes: list[int],
 ) -> InodeAttrs:
     if changes is not None and ctime_ns is None:
         raise InvalidArgument("commit_shards with attr changes needs ctime_ns (the setattr's now_ns)")
@@ -753,8 +757,12 @@ def _commit_shards(
         removed += tx.execute(
             "DELETE FROM shards WHERE inode = ? AND idx >= ? RETURNING id, length, nodes", (inode, drop_from)
         ).fetchall()
+    for index in holes:
+        removed += tx.execute(
+            "DELETE FROM shards WHERE inode = ? AND idx = ? RETURNING id, length, nodes", (inode, index)
+        ).fetchall()
     for index, ref in shards.items():
-        if not ref.is_patch:
+        if not ref.is_patch and index not in holes:
             removed += tx.execute(
                 "DELETE FROM shards WHERE inode = ? AND idx = ? RETURNING id, length, nodes", (inode, index)
             ).fetchall()

@@ -34,7 +34,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from ..cluster.session import MountSession
-from ..errors import DfsError, InvalidArgument, IsADirectory
+from ..errors import DfsError, InvalidArgument, IsADirectory, NoSpace
 from ..metadata.base import (
     NAME_MAX,
     REPLICAS_XATTR,
@@ -52,6 +52,11 @@ from .locking import FileLocks
 from .reader import ReadServices
 
 log = logging.getLogger("dfsfuse.vfs")
+
+# fallocate(2) modes (linux/falloc.h); Linux passes a FUSE file system no others.
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -443,6 +448,42 @@ class FileSystem:
 
     async def write(self, handle: int, offset: int, data: bytes) -> int:
         return await self._handle(handle).contents.write(offset, data)
+
+    async def fallocate(self, handle: int, mode: int, offset: int, length: int) -> None:
+        """fallocate(2) on an open file. Mode 0 and FALLOC_FL_KEEP_SIZE
+        allocate: ENOSPC unless the nodes have room for the bytes the range
+        adds past the end of the file (room is checked, not reserved: every
+        write stores a new object, as on any copy-on-write file system), and
+        mode 0 grows the file over a hole. FALLOC_FL_PUNCH_HOLE (always with
+        KEEP_SIZE) frees the range, FALLOC_FL_ZERO_RANGE zeros it (and, without
+        KEEP_SIZE, grows the file): both read as zeros after, and shards
+        they cover whole are deleted. COLLAPSE_RANGE and INSERT_RANGE would
+        shift every later shard's data: EOPNOTSUPP (the kernel answers them
+        so without asking)."""
+        if offset < 0 or length <= 0:
+            raise InvalidArgument("fallocate needs offset >= 0 and length > 0")
+        punch, zero, keep_size = mode & FALLOC_FL_PUNCH_HOLE, mode & FALLOC_FL_ZERO_RANGE, mode & FALLOC_FL_KEEP_SIZE
+        if mode & ~(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE) or (punch and zero):
+            raise DfsError(f"fallocate mode {mode:#x} is not supported", errno.EOPNOTSUPP)
+        if punch and not keep_size:
+            raise DfsError("FALLOC_FL_PUNCH_HOLE needs FALLOC_FL_KEEP_SIZE", errno.EOPNOTSUPP)
+        contents = self._handle(handle).contents
+        end = offset + length
+        grow_to = None if keep_size or end <= contents.size else end
+        if not punch:
+            await self._check_room(end - max(offset, contents.size))
+        if punch or zero:
+            await contents.writer.zero_range(offset, length, grow_to)
+        elif grow_to is not None:
+            await contents.truncate(grow_to)
+
+    async def _check_room(self, new_bytes: int) -> None:
+        """NoSpace unless the writable nodes have room for `new_bytes` more file data."""
+        if new_bytes <= 0:
+            return
+        _, free = await self._replicator.capacity()
+        if new_bytes > free // self._replicas:
+            raise NoSpace(f"fallocate of {new_bytes} bytes: the nodes have room for {free // self._replicas}")
 
     async def flush(self, handle: int) -> None:
         contents = self._handle(handle).contents

@@ -411,6 +411,85 @@ class FileWriter:
                 await self._drop_dirty(index)
             return attrs
 
+    # -- holes ---------------------------------------------------------------
+    async def zero_range(self, offset: int, length: int, grow_to: int | None = None) -> InodeAttrs:
+        """Make [offset, offset+length) read as zeros (fallocate's punch hole
+        and zero range), and with `grow_to` make the file at least that long,
+        in one commit. A shard index the range covers to the end of its data
+        loses its objects (their replicas become garbage: the space is
+        freed); one it covers in part is stored anew, cut where its data
+        would end in zeros, as truncate stores a cut tail. On failure
+        nothing changes."""
+        async with self._write_lock:
+            await self._wait_for_flushes()
+            shard_size = self._shard_size
+            end = min(offset + length, self.size)  # nothing past the end to zero
+            holes: list[int] = []
+            replacements: dict[int, ShardRef] = {}
+            try:
+                for index, inner, take in shard_span(offset, max(0, end - offset), shard_size):
+                    buffer, stored, held = await self._held_data(index)
+                    if held <= inner:
+                        continue  # nothing there to zero
+                    ref = None if inner == 0 and take >= held else await self._store_zeroed(
+                        index, buffer, stored, held, inner, take
+                    )
+                    if ref is None:
+                        holes.append(index)
+                    else:
+                        replacements[index] = ref
+                # As a flush would: the size covers the data the new objects hold.
+                ends = [index * shard_size + ref.length for index, ref in replacements.items()]
+                new_size = max(self._committed_size, grow_to or 0, min(self.size, max(ends, default=0)))
+                now = time.time_ns()
+                async with self._commit_lock:
+                    shard_map = await self._shard_map()
+                    gone = [shard_map.get(index, ()) for index in [*holes, *replacements]]
+                    attrs = await self._services.meta.commit_shards(
+                        self.inode, replacements, new_size, mtime_ns=now, ctime_ns=now, holes=holes
+                    )
+                    self._committed_size = new_size
+            except DfsError:
+                # Refused: nothing points at the new replicas (any other failure may
+                # have committed: fsck deals with what did not).
+                for ref in replacements.values():
+                    await self._services.storer.discard(ref)
+                raise
+            # Committed: the in-memory state follows, with no await between.
+            for layers in gone:
+                self._replaced(layers)
+            for ref in replacements.values():
+                self._services.unsynced.remember(self.inode, ref)
+            self.size = max(self.size, new_size)
+            self.mtime_ns, self.ctime_ns = attrs.mtime_ns, attrs.ctime_ns
+            for index in [*holes, *replacements]:
+                if index in self._dirty:  # merged into the new object, or zeroed
+                    await self._drop_dirty(index)
+            return attrs
+
+    async def _held_data(self, index: int) -> tuple[ShardBuffer, int, int]:
+        """Shard `index`'s dirty buffer (an empty one if none), how many of its
+        stored bytes count, and how far its data reaches (buffered or stored,
+        within the file's size)."""
+        buffer = self._dirty.get(index, ShardBuffer())
+        limit = shard_length(index, self.size, self._shard_size)
+        stored = min(stored_length((await self._shard_map()).get(index, ())), limit)
+        return buffer, stored, max(stored, min(buffer.end, limit))
+
+    async def _store_zeroed(
+        self, index: int, buffer: ShardBuffer, stored: int, held: int, inner: int, take: int
+    ) -> ShardRef | None:
+        """Shard `index` (`held` bytes of it) with [inner, inner+take) zeroed,
+        stored as a new whole shard; None if nothing but zeros is left."""
+        data = await self._merged(index, buffer, stored, held)
+        if inner + take >= held:
+            del data[inner:]  # bytes past an object's length read as zeros
+        else:
+            data[inner : inner + take] = bytes(take)
+        if not data.strip(b"\0"):
+            return None
+        return await self._services.storer.store(data, sync=False, replicas=self.replicas)
+
     async def _drop_dirty(self, index: int) -> None:
         self._failed.discard(index)
         buffer = self._dirty.pop(index)
@@ -420,10 +499,8 @@ class FileWriter:
     async def _store_cut_tail(self, index: int, length: int) -> ShardRef | None:
         """Store the first `length` bytes of shard `index` as a new shard, if
         what the shard holds now (buffered or stored) is longer."""
-        buffer = self._dirty.get(index, ShardBuffer())
-        limit = shard_length(index, self.size, self._shard_size)
-        stored = min(stored_length((await self._shard_map()).get(index, ())), limit)
-        if max(stored, min(buffer.end, limit)) <= length:
+        buffer, stored, held = await self._held_data(index)
+        if held <= length:
             return None
         data = await self._merged(index, buffer, stored, length)
         return await self._services.storer.store(data, sync=False, replicas=self.replicas)

@@ -189,8 +189,10 @@ class ObservedSqlite(SqliteMetadata):
         await wait_at_gate(self, self.setattr_gate, "setattrs_waiting")
         return attrs
 
-    async def commit_shards(self, inode, shards, size, drop_from=None, mtime_ns=None, ctime_ns=None, *, changes=None):
-        attrs = await super().commit_shards(inode, shards, size, drop_from, mtime_ns, ctime_ns, changes=changes)
+    async def commit_shards(self, inode, shards, size, drop_from=None, mtime_ns=None, ctime_ns=None, *, changes=None,
+                            holes=()):
+        attrs = await super().commit_shards(inode, shards, size, drop_from, mtime_ns, ctime_ns, changes=changes,
+                                            holes=holes)
         self.events.append(("commit", inode))
         return attrs
 

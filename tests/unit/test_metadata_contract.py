@@ -859,6 +859,26 @@ def test_patches_stack_on_a_shard_until_a_whole_shard_replaces_them(harness):
     run_with_store(harness, body)
 
 
+def test_commit_shards_punches_holes(harness):
+    """`holes` (fallocate's punch hole) empties indexes anywhere in the file, patches
+    included, in the same transaction as new objects at other indexes."""
+    async def body(store: MetadataStore) -> None:
+        file = await mkfile(store, ROOT_INODE, b"file")
+        await store.commit_shards(file.inode, {0: ref(1, 4096), 1: ref(2, 4096), 2: ref(3, 4096)}, 3 * 4096)
+        await store.commit_shards(file.inode, {1: patch(4, (0,))}, 3 * 4096)
+        t = now()
+        after = await store.commit_shards(file.inode, {0: ref(5, 100)}, 3 * 4096, mtime_ns=t, ctime_ns=t, holes=[1, 7])
+        assert (after.size, after.blocks, after.mtime_ns) == (3 * 4096, (100 + 4096 + 511) // 512, t)
+        assert await store.shard_map(file.inode) == {0: (ref(5, 100),), 2: (ref(3, 4096),)}
+        assert sorted(shard_id for shard_id, _ in await store.garbage(10)) == [1, 2, 4]
+        # A hole and a new object at one index: the index holds just the new one.
+        await store.commit_shards(file.inode, {2: ref(6, 10)}, 3 * 4096, holes=[2])
+        assert await store.shard_map(file.inode) == {0: (ref(5, 100),), 2: (ref(6, 10),)}
+        assert sorted(shard_id for shard_id, _ in await store.garbage(10)) == [1, 2, 3, 4]
+
+    run_with_store(harness, body)
+
+
 def test_patches_apply_in_commit_order_whatever_their_ids(harness):
     """Each mount takes shard ids in batches, so a later patch may carry a
     smaller id than an earlier one of another mount: the later commit still
