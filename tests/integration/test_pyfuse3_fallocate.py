@@ -1,7 +1,8 @@
 """The patched pyfuse3 (patches/pyfuse3/0002-fallocate.patch) hands fallocate(2) to the file system.
 
-A tiny one-file pyfuse3 file system defined here (AllocFS) runs in a subprocess
-of its own (`python test_pyfuse3_fallocate.py serve MOUNTPOINT CALLS [KIND]`).
+A tiny one-file pyfuse3 file system defined here (AllocFS, built on the one of
+onefile_fs.py, which also starts and stops it) runs in a subprocess of its own
+(`python test_pyfuse3_fallocate.py serve MOUNTPOINT CALLS [KIND]`).
 It keeps its one file, "f", in memory and writes every fallocate call it gets
 (mode, offset, length and its answer) to CALLS (JSON lines). A call without
 FALLOC_FL_KEEP_SIZE grows the file, FALLOC_FL_PUNCH_HOLE and
@@ -20,24 +21,28 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import json
 import os
-import select
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from onefile_fs import (
+    FILE_INODE,
+    TIMEOUT,
+    OneFileMount,
+    mounted,
+    operations_class,
+    recorder,
+    run,
+)
 
 pytestmark = pytest.mark.mounted
 
-FILE_INODE = 2
 CAPACITY = 64 * 1024 * 1024  # the space of AllocFS: an allocation beyond it fails with ENOSPC
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
-TIMEOUT = 20.0
 MiB = 1024 * 1024
 
 
@@ -46,40 +51,19 @@ MiB = 1024 * 1024
 
 def serve(mountpoint: str, calls_path: str, kind: str) -> None:
     import pyfuse3
-    import trio
 
-    calls = open(calls_path, "a", buffering=1)  # noqa: SIM115 - open while the file system runs
+    record = recorder(calls_path)
 
-    def record(op: str, **fields) -> None:
-        calls.write(json.dumps({"op": op, **fields}) + "\n")
-
-    class PlainFS(pyfuse3.Operations):
-        """One file, "f", in memory; no fallocate method."""
-
-        def __init__(self):
-            super().__init__()
-            self.data = bytearray()
-            self.next_fh = 1
+    class PlainFS(operations_class()):
+        """The one file, "f", in memory, with sizes and room (statfs); no fallocate method."""
 
         def attrs(self, inode):
-            entry = pyfuse3.EntryAttributes()
-            entry.st_ino = inode
-            entry.st_mode = (0o40755 if inode == pyfuse3.ROOT_INODE else 0o100644)
-            entry.st_size = len(self.data) if inode == FILE_INODE else 0
+            entry = super().attrs(inode)
             entry.st_blksize = 4096
             entry.st_blocks = (entry.st_size + 511) // 512
             # Every stat asks the file system: the sizes the tests see are its own
             entry.attr_timeout = 0
-            entry.entry_timeout = 60
             return entry
-
-        async def lookup(self, parent_inode, name, ctx):
-            if parent_inode != pyfuse3.ROOT_INODE or name != b"f":
-                raise pyfuse3.FUSEError(errno.ENOENT)
-            return self.attrs(FILE_INODE)
-
-        async def getattr(self, inode, ctx):
-            return self.attrs(inode)
 
         async def setattr(self, inode, attr, fields, fh, ctx):
             if fields.update_size:
@@ -89,24 +73,13 @@ def serve(mountpoint: str, calls_path: str, kind: str) -> None:
         async def open(self, inode, flags, ctx):
             if flags & os.O_TRUNC:  # libfuse asks the kernel for FUSE_ATOMIC_O_TRUNC
                 self.resize(0)
-            self.next_fh += 1
-            return pyfuse3.FileInfo(fh=self.next_fh)
-
-        async def read(self, fh, off, size):
-            return bytes(self.data[off:off + size])
+            return await super().open(inode, flags, ctx)
 
         async def write(self, fh, off, buf):
             if kind == "plain":
                 record("write", offset=off, length=len(buf))
             self.resize(max(len(self.data), off))
-            self.data[off:off + len(buf)] = buf
-            return len(buf)
-
-        async def flush(self, fh):
-            pass
-
-        async def release(self, fh):
-            pass
+            return await super().write(fh, off, buf)
 
         async def statfs(self, ctx):
             stat = pyfuse3.StatvfsData()
@@ -145,52 +118,20 @@ def serve(mountpoint: str, calls_path: str, kind: str) -> None:
             record("fallocate", result="ENOSYS", inode=inode, mode=mode, offset=offset, length=length)
             raise pyfuse3.FUSEError(errno.ENOSYS)
 
-    operations = {"alloc": AllocFS, "plain": PlainFS, "enosys": EnosysFS}[kind]()
-    options = set(pyfuse3.default_options) | {"fsname=fallocatetest"}
-    pyfuse3.init(operations, mountpoint, options)
-    print("ready", flush=True)
-    try:
-        trio.run(pyfuse3.main)
-    except BaseException:
-        pyfuse3.close(unmount=False)
-        raise
-    pyfuse3.close()
+    run({"alloc": AllocFS, "plain": PlainFS, "enosys": EnosysFS}[kind](), mountpoint, "fallocatetest")
 
 
 # --------------------------------------------------------------- fixtures and helpers
 
 
-class AllocMount:
+class AllocMount(OneFileMount):
+    """The file system of this module of KIND *kind*; calls() are its fallocate calls unless told."""
+
     def __init__(self, base: Path, kind: str):
-        self.base = base
-        self.kind = kind
-        self.mountpoint = base / "mnt"
-        self.calls_path = base / "calls.jsonl"
-        self.log_path = base / "fs.log"
-        self.mountpoint.mkdir(parents=True)
-        self.file = self.mountpoint / "f"
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, __file__, "serve", str(self.mountpoint), str(self.calls_path), self.kind],
-                stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, text=True)
-        assert self.process.stdout is not None
-        ready, _, _ = select.select([self.process.stdout], [], [], TIMEOUT)
-        line = self.process.stdout.readline() if ready else ""
-        self.process.stdout.close()
-        assert line == "ready\n", f"the file system did not start: {line!r}\n{self.log()}"
-        self.file.stat()
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
+        super().__init__(__file__, base, kind)
 
     def calls(self, op: str | None = "fallocate") -> list[dict]:
-        if not self.calls_path.exists():
-            return []
-        lines = self.calls_path.read_text().splitlines()
-        return [c for c in map(json.loads, lines) if op is None or c["op"] == op]
+        return super().calls(op)
 
     def reset(self, data: bytes = b"") -> int:
         """Give the file *data*; the number of fallocate calls so far (for `calls_since`)."""
@@ -200,38 +141,13 @@ class AllocMount:
     def calls_since(self, mark: int) -> list[tuple[int, int, int, str]]:
         return [(c["mode"], c["offset"], c["length"], c["result"]) for c in self.calls()[mark:]]
 
-    def stop(self) -> None:
-        if self.process is None:
-            return
-        try:
-            for _ in range(100):
-                result = subprocess.run(["fusermount3", "-u", str(self.mountpoint)], capture_output=True, text=True,
-                                        check=False)
-                if result.returncode == 0 or "busy" not in result.stderr.lower():
-                    break
-                time.sleep(0.1)
-            assert result.returncode == 0, f"unmount failed: {result.stderr}"
-            status = self.process.wait(TIMEOUT)
-            assert status == 0, f"the file system exited with {status}\n{self.log()}"
-            assert "Traceback" not in self.log(), self.log()
-        finally:
-            if self.process.poll() is None:
-                subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)], capture_output=True, check=False)
-                self.process.kill()
-                self.process.wait(TIMEOUT)
-
 
 def _mount(test_root: Path, kind: str):
     import pyfuse3
 
     if getattr(pyfuse3, "DFSFUSE_PATCHES", 0) < 2:
         pytest.skip(f"pyfuse3 {pyfuse3.__version__} lacks the dfsfuse fallocate patch: run scripts/install.sh")
-    fs = AllocMount(test_root / "pyfuse3_fallocate" / kind, kind)
-    try:
-        fs.start()
-        yield fs
-    finally:
-        fs.stop()
+    yield from mounted(AllocMount(test_root / "pyfuse3_fallocate" / kind, kind))
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,12 @@
 """The patched pyfuse3 (patches/pyfuse3) hands flock and fcntl locks to the file system.
 
-A tiny one-file pyfuse3 file system defined here (LockFS) runs in a subprocess
-of its own (`python test_pyfuse3_locks.py serve MOUNTPOINT CALLS [plain]`),
-keeps the locks in memory with dfsfuse.metadata.locks, and writes every lock,
-flush and release call it gets to CALLS (JSON lines). It also holds a lock
-that no process of this machine holds, as a lock taken on another machine
-would be: only a file system that really gets the calls can report it.
+A tiny one-file pyfuse3 file system defined here (LockFS, built on the one of
+onefile_fs.py, which also starts and stops it) runs in a subprocess of its own
+(`python test_pyfuse3_locks.py serve MOUNTPOINT CALLS [plain]`), keeps the
+locks in memory with dfsfuse.metadata.locks, and writes every lock, flush and
+release call it gets to CALLS (JSON lines). It also holds a lock that no
+process of this machine holds, as a lock taken on another machine would be:
+only a file system that really gets the calls can report it.
 
 The lock calls come from Locker processes (`... locker`), one per POSIX lock
 owner, that run real fcntl(F_SETLK/F_SETLKW/F_GETLK) and flock calls on
@@ -32,16 +33,15 @@ import time
 from pathlib import Path
 
 import pytest
+from onefile_fs import TIMEOUT, OneFileMount, mounted, operations_class, recorder, run
 
 pytestmark = pytest.mark.mounted
 
-FILE_INODE = 2
 # Held by an owner of another machine: no process here has its pid.
 REMOTE_LOCK = (fcntl.F_WRLCK, 1000, 1999)
 REMOTE_PID = 0x7FFFFFF0
 OFFSET_MAX = 2**63 - 1
 MAX_TASKS = 3  # fewer workers than the waiters of test_more_waiters_than_workers
-TIMEOUT = 20.0
 
 
 # --------------------------------------------------------------- the file system (subprocess)
@@ -53,45 +53,10 @@ def serve(mountpoint: str, calls_path: str, plain: bool) -> None:
 
     from dfsfuse.metadata.locks import POSIX, LockRecord, apply, conflict, release
 
-    calls = open(calls_path, "a", buffering=1)  # noqa: SIM115 - open while the file system runs
+    record = recorder(calls_path)
 
-    def record(op: str, **fields) -> None:
-        calls.write(json.dumps({"op": op, **fields}) + "\n")
-
-    class PlainFS(pyfuse3.Operations):
-        """One file, "f", and flush and release as before the patch: without lock owners."""
-
-        def __init__(self):
-            super().__init__()
-            self.data = bytearray()
-            self.next_fh = 1
-
-        def attrs(self, inode):
-            entry = pyfuse3.EntryAttributes()
-            entry.st_ino = inode
-            entry.st_mode = (0o40755 if inode == pyfuse3.ROOT_INODE else 0o100644)
-            entry.st_size = len(self.data) if inode == FILE_INODE else 0
-            entry.attr_timeout = entry.entry_timeout = 60
-            return entry
-
-        async def lookup(self, parent_inode, name, ctx):
-            if parent_inode != pyfuse3.ROOT_INODE or name != b"f":
-                raise pyfuse3.FUSEError(errno.ENOENT)
-            return self.attrs(FILE_INODE)
-
-        async def getattr(self, inode, ctx):
-            return self.attrs(inode)
-
-        async def open(self, inode, flags, ctx):
-            self.next_fh += 1
-            return pyfuse3.FileInfo(fh=self.next_fh)
-
-        async def read(self, fh, off, size):
-            return bytes(self.data[off:off + size])
-
-        async def write(self, fh, off, buf):
-            self.data[off:off + len(buf)] = buf
-            return len(buf)
+    class PlainFS(operations_class()):
+        """The one file, "f", with flush and release recorded, as before the patch: without lock owners."""
 
         async def flush(self, fh):
             record("flush", plain=True)
@@ -159,16 +124,7 @@ def serve(mountpoint: str, calls_path: str, plain: bool) -> None:
                 locks = release(locks, owner)
             self.set_locks(locks)
 
-    operations = PlainFS() if plain else LockFS()
-    options = set(pyfuse3.default_options) | {"fsname=locktest"}
-    pyfuse3.init(operations, mountpoint, options)
-    print("ready", flush=True)
-    try:
-        trio.run(pyfuse3.main, 1, MAX_TASKS)
-    except BaseException:
-        pyfuse3.close(unmount=False)
-        raise
-    pyfuse3.close()
+    run(PlainFS() if plain else LockFS(), mountpoint, "locktest", 1, MAX_TASKS)
 
 
 # --------------------------------------------------------------- lock owners (subprocesses)
@@ -256,43 +212,16 @@ class Locker:
 # --------------------------------------------------------------- fixtures and helpers
 
 
-class LockMount:
+class LockMount(OneFileMount):
+    """The file system of this module (LockFS, or PlainFS if *plain*) and its Locker processes."""
+
     def __init__(self, base: Path, plain: bool):
-        self.base = base
-        self.mountpoint = base / "mnt"
-        self.calls_path = base / "calls.jsonl"
-        self.log_path = base / "fs.log"
-        self.mountpoint.mkdir(parents=True)
-        self.file = self.mountpoint / "f"
-        self.plain = plain
+        super().__init__(__file__, base, *(["plain"] if plain else []))
         self.lockers: list[Locker] = []
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, __file__, "serve", str(self.mountpoint), str(self.calls_path),
-                 *(["plain"] if self.plain else [])],
-                stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, text=True)
-        assert self.process.stdout is not None
-        ready, _, _ = select.select([self.process.stdout], [], [], TIMEOUT)
-        line = self.process.stdout.readline() if ready else ""
-        self.process.stdout.close()
-        assert line == "ready\n", f"the file system did not start: {line!r}\n{self.log()}"
-        self.file.stat()
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
 
     def locker(self) -> Locker:
         self.lockers.append(Locker(self.file))
         return self.lockers[-1]
-
-    def calls(self, op: str | None = None) -> list[dict]:
-        if not self.calls_path.exists():
-            return []
-        lines = self.calls_path.read_text().splitlines()
-        return [c for c in map(json.loads, lines) if op is None or c["op"] == op]
 
     def wait_for_call(self, predicate, what: str) -> dict:
         deadline = time.monotonic() + TIMEOUT
@@ -304,26 +233,11 @@ class LockMount:
         raise AssertionError(f"the file system got no {what} within {TIMEOUT}s: {self.calls()}")
 
     def stop(self) -> None:
-        for locker in self.lockers:
-            locker.stop()
-        if self.process is None:
-            return
         try:
-            for _ in range(100):
-                result = subprocess.run(["fusermount3", "-u", str(self.mountpoint)], capture_output=True, text=True,
-                                        check=False)
-                if result.returncode == 0 or "busy" not in result.stderr.lower():
-                    break
-                time.sleep(0.1)
-            assert result.returncode == 0, f"unmount failed: {result.stderr}"
-            status = self.process.wait(TIMEOUT)
-            assert status == 0, f"the file system exited with {status}\n{self.log()}"
-            assert "Traceback" not in self.log(), self.log()
+            for locker in self.lockers:
+                locker.stop()
         finally:
-            if self.process.poll() is None:
-                subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)], capture_output=True, check=False)
-                self.process.kill()
-                self.process.wait(TIMEOUT)
+            super().stop()
 
 
 def _mount(test_root, request, plain: bool):
@@ -332,12 +246,7 @@ def _mount(test_root, request, plain: bool):
     if getattr(pyfuse3, "DFSFUSE_LOCKS", 0) < 1:
         pytest.fail(f"pyfuse3 {pyfuse3.__version__} lacks the dfsfuse lock patch: run scripts/install.sh",
                     pytrace=False)
-    fs = LockMount(test_root / "pyfuse3_locks" / request.node.name, plain)
-    try:
-        fs.start()
-        yield fs
-    finally:
-        fs.stop()
+    yield from mounted(LockMount(test_root / "pyfuse3_locks" / request.node.name, plain))
 
 
 @pytest.fixture
