@@ -1,4 +1,4 @@
-"""The dfsfuse command line: format, mount, status, fsck, repair, scrub, rebalance, restore, node.
+"""The dfsfuse command line: format, mount, status, stats, fsck, repair, scrub, rebalance, restore, node.
 
 Mistakes a person can fix end as one line on stderr and a non-zero exit
 code, never a traceback.
@@ -43,10 +43,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_options(mount)
     mount.add_argument("--foreground", action="store_true", help="stay in the foreground, logging to stderr")
     mount.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT...]",
-                       help="mount options: allow_other, ro, nosuid, nodev, noexec, noatime")
+                       help="mount options: allow_other, ro, nosuid, nodev, noexec, noatime;"
+                       " metrics=HOST:PORT serves Prometheus metrics there")
 
     status = commands.add_parser("status", help="node stores, usage and under-replicated shards")
     _add_data_options(status)
+
+    stats = commands.add_parser("stats", help="a mount's live figures: operations, bytes, cache, nodes")
+    stats.add_argument("mountpoint", metavar="MOUNTPOINT")
+    stats.add_argument("--interval", type=float, default=1.0, metavar="SECONDS", help="between two lines (default 1)")
+    stats.add_argument("--count", type=int, metavar="N", help="stop after N lines (default: until interrupted)")
 
     fsck = commands.add_parser("fsck", help="check metadata against the node stores and repair")
     _add_data_options(fsck)
@@ -85,6 +91,10 @@ def run(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "node" and args.node_command == "serve":
         return run_node_command(args)
+    if args.command == "stats":  # needs only the mount point
+        from .stats import stats
+
+        return stats(args.mountpoint, args.interval, args.count)
     overrides = {}
     if args.command == "format":
         names = {"replicas": args.replicas, "shard_size": args.shard_size, "block_size": args.block_size}

@@ -44,6 +44,7 @@ from .metadata.engines import DEFAULT_ENGINE, ENGINE_NAMES, MetadataSettings
 from .metadata.postgres import ENGINE_NAME as POSTGRES_ENGINE
 from .metadata.postgres import URL_SCHEMES as POSTGRES_URL_SCHEMES
 from .metadata.postgres import redacted
+from .storage.addresses import split_host_port
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -78,6 +79,7 @@ class Config:
     metadata_url: str | None = None  # postgresql: the database (--meta, DFSFUSE_META, [metadata] url)
     metadata_password_file: Path | None = None  # postgresql: --meta-password-file, [metadata] password_file
     session_timeout: float = 60.0  # [metadata] session_timeout (dfsfuse.cluster.session)
+    metrics_listen: str | None = None  # HOST:PORT of the Prometheus endpoint ([metrics] listen, -o metrics=)
     # Whether shard_size or block_size were set (config file, format flags): if
     # not, a command takes the ones the file system was made with.
     layout_given: bool = False
@@ -158,7 +160,7 @@ def load(
 
     known = {
         "data_dir", "replicas", "write_quorum", "secret_file", "tls_ca_file", "shard_size", "block_size", "cache", "nodes",
-        "snapshot_interval", "metadata",
+        "snapshot_interval", "metadata", "metrics",
     }
     _reject_unknown(settings, known, "")
     cache = settings.get("cache", {})
@@ -200,6 +202,7 @@ def load(
         tls_ca_file=_tls_ca_file(settings, root),
         snapshot_interval=_snapshot_interval(settings),
         layout_given="shard_size" in settings or "block_size" in settings,
+        metrics_listen=_metrics_listen(settings),
         **_metadata_settings(settings, meta_url, meta_password_file),
     )
 
@@ -231,6 +234,29 @@ def _metadata_settings(settings: dict, meta_url: str | None, meta_password_file:
         "metadata_password_file": None if password_file is None else Path(password_file).expanduser().absolute(),
         "session_timeout": float(session_timeout),
     }
+
+
+def _metrics_listen(settings: dict) -> str | None:
+    """[metrics] listen: where the mount serves Prometheus metrics; None: nowhere (the default)."""
+    table = settings.get("metrics", {})
+    if not isinstance(table, dict):
+        raise UserError("config: [metrics] must be a table")
+    _reject_unknown(table, {"listen"}, "metrics.")
+    listen = _expect(table, "listen", str, default="") or None
+    if listen is not None:
+        parse_metrics_listen(listen)
+    return listen
+
+
+def parse_metrics_listen(text: str) -> tuple[str, int]:
+    """HOST:PORT of the metrics endpoint, or UserError saying how to write it."""
+    try:
+        where = split_host_port(text)
+    except ValueError as error:
+        raise UserError(f"metrics address {text!r}: {error}") from None
+    if where is None or not where[0] or where[1] == 0:
+        raise UserError(f"metrics address {text!r} must be HOST:PORT, e.g. 127.0.0.1:9567")
+    return where
 
 
 def _snapshot_interval(settings: dict) -> int:

@@ -22,6 +22,7 @@ from typing import Any
 
 import trio
 
+from . import metrics
 from .cluster.autorepair import background_repair
 from .cluster.control import ControlServer
 from .cluster.heartbeat import probe
@@ -36,7 +37,7 @@ from .cluster.operations import (
 from .cluster.registry import NodeAccess, open_store_or_stand_in, register_config_nodes
 from .cluster.session import MountSession
 from .cluster.snapshots import SnapshotWriter
-from .config import Config
+from .config import Config, parse_metrics_listen
 from .datadir import DataDirLock, mountpoint_of, prepare_data_dir, require_file_system
 from .errors import UserError
 from .metadata.base import NODE_ACTIVE, MetadataStore, NodeRecord
@@ -133,6 +134,8 @@ async def running_file_system(
     async with trio.open_nursery() as nursery:
         flush_requests, flusher_inbox = flush_channel()
         budget = WriteBudget(config.write_buffer_bytes, flush_requests)
+        metrics.watch(metrics.WRITE_BUFFER_BYTES, lambda: budget.used)
+        metrics.watch(metrics.FLUSH_QUEUE, lambda: budget.flushes)
         cache = ShardCache(config.shard_cache_bytes)
         garbage = GarbageCollector(meta, replicator)
         writes = WriteServices(
@@ -220,18 +223,26 @@ def _is_dead_mount(path: str) -> bool:
     return False
 
 
-def parse_mount_options(raw: list[str]) -> list[str]:
+def parse_mount_options(raw: list[str]) -> tuple[list[str], str | None]:
+    """The FUSE mount options of the -o lists, and the metrics address that
+    `metrics=HOST:PORT` among them asks for (dfsfuse's own, not the kernel's)."""
     options = [opt for group in raw for opt in group.split(",") if opt]
+    metrics_listen = None
     for option in options:
-        if option not in MOUNT_OPTIONS:
-            allowed = ", ".join(sorted(MOUNT_OPTIONS))
+        if option.startswith("metrics="):
+            metrics_listen = option.removeprefix("metrics=")
+            parse_metrics_listen(metrics_listen)
+        elif option not in MOUNT_OPTIONS:
+            allowed = ", ".join(sorted([*MOUNT_OPTIONS, "metrics=HOST:PORT"]))
             raise UserError(f"unsupported mount option {option!r} (supported: {allowed})")
-    return [opt for opt in options if opt != "rw"]
+    return [opt for opt in options if opt != "rw" and not opt.startswith("metrics=")], metrics_listen
 
 
 def mount(config: Config, mountpoint: str, options: list[str], foreground: bool) -> int:
     mountpoint = check_mountpoint(mountpoint)
-    options = parse_mount_options(options)
+    options, metrics_listen = parse_mount_options(options)
+    if metrics_listen is not None:
+        config = dataclasses.replace(config, metrics_listen=metrics_listen)
     if is_shared(config.metadata):
         from .fuse.operations import shares_locks
 
@@ -306,6 +317,12 @@ def _log_to(stream) -> None:
 
 def _run_mount(config: Config, mountpoint: str, options: list[str], ready: Callable[[], None]) -> int:
     async def main() -> int:
+        with metrics.serve(config.metrics_listen):
+            if config.metrics_listen is not None:
+                log.info("metrics at %s", metrics.describe_listen(config.metrics_listen))
+            return await mounted()
+
+    async def mounted() -> int:
         async with open_components(config, cached=True, create=mount_creates(config.metadata)) as parts:
             session = await MountSession.open(parts.meta, mountpoint, config.session_timeout)
             async with trio.open_nursery() as nursery:

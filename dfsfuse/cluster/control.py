@@ -11,6 +11,8 @@ ask). One request per connection, JSON lines both ways:
     <- {"exit": 0}                                 last; or {"error": "...", "exit": 1}
 
 Operations run one at a time; a second request waits for the first.
+`{"operation": "stats"}` is answered at once, never waiting for one:
+`{"stats": {SAMPLE: VALUE, ...}, "exit": 0}` (dfsfuse.metrics.snapshot).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Any
 
 import trio
 
+from dfsfuse import metrics
 from dfsfuse.cluster.operations import (
     MAINTENANCE_BUSY,
     OPERATIONS,
@@ -39,6 +42,7 @@ from dfsfuse.errors import UserError
 log = logging.getLogger("dfsfuse.control")
 
 MAX_REQUEST_BYTES = 64 * 1024
+STATS = "stats"  # the mount's metrics now: read-only, answered beside any running operation
 PROGRESS_BACKLOG = 100  # progress messages queued for a slow client beyond this are dropped
 
 
@@ -79,6 +83,9 @@ class ControlServer:
         async with stream:
             try:
                 request = await _receive_request(stream)
+                if request.get("operation") == STATS:
+                    await _send(stream, {"stats": metrics.snapshot(), "exit": 0})
+                    return
                 operation = OPERATIONS[request["operation"]]
                 arguments = request.get("arguments", {})
                 if not isinstance(arguments, dict):
@@ -195,3 +202,16 @@ def request(
             elif "exit" in message:
                 return int(message["exit"])
     raise UserError("the mount closed the control connection before the operation finished (see its log)")
+
+
+def read_stats(client: socket.socket) -> dict[str, float]:
+    """The mount's metrics now (dfsfuse.metrics.snapshot), over `client`."""
+    with client, client.makefile("rb") as replies:
+        client.sendall(json.dumps({"operation": STATS}).encode() + b"\n")
+        for raw in replies:
+            message = json.loads(raw)
+            if "error" in message:
+                raise UserError(message["error"], message.get("exit", 1))
+            if "stats" in message:
+                return {str(name): float(value) for name, value in message["stats"].items()}
+    raise UserError("the mount closed the control connection without an answer (see its log)")

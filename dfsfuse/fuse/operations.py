@@ -23,12 +23,14 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import pyfuse3
 import trio
 
+from .. import metrics
 from ..errors import DfsError
 from ..metadata.base import ROOT_INODE, AttrChanges, ChangeNotice, InodeAttrs
 from ..vfs.filesystem import Caller, FileSystem
@@ -56,19 +58,33 @@ T = TypeVar("T")
 
 
 def _translate_errors(handler: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """The request's errors as errnos (module docstring), and its count,
+    time and errors in the metrics (dfsfuse/metrics.py)."""
+    operation = handler.__name__
+    requests = metrics.FUSE_REQUESTS.labels(operation)
+    seconds = metrics.FUSE_SECONDS.labels(operation)
+
     @functools.wraps(handler)
     async def wrapper(self, *args, **kwargs):
-        if self.fs.session_lost:
-            raise pyfuse3.FUSEError(errno.EIO)
+        started = time.perf_counter()
         try:
-            return await handler(self, *args, **kwargs)
-        except DfsError as error:
-            raise pyfuse3.FUSEError(error.errno) from None
-        except pyfuse3.FUSEError:
+            if self.fs.session_lost:
+                raise pyfuse3.FUSEError(errno.EIO)
+            try:
+                return await handler(self, *args, **kwargs)
+            except DfsError as error:
+                raise pyfuse3.FUSEError(error.errno) from None
+            except pyfuse3.FUSEError:
+                raise
+            except Exception:
+                log.exception("internal error in %s", operation)
+                raise pyfuse3.FUSEError(errno.EIO) from None
+        except pyfuse3.FUSEError as error:
+            metrics.FUSE_ERRORS.labels(operation, errno.errorcode.get(error.errno, str(error.errno))).inc()
             raise
-        except Exception:
-            log.exception("internal error in %s", handler.__name__)
-            raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            requests.inc()
+            seconds.observe(time.perf_counter() - started)
 
     return wrapper
 
@@ -193,11 +209,15 @@ class Operations(pyfuse3.Operations):
 
     @_translate_errors
     async def read(self, fh, off, size):
-        return await self.fs.read(fh, off, size)
+        data = await self.fs.read(fh, off, size)
+        metrics.READ_BYTES.inc(len(data))
+        return data
 
     @_translate_errors
     async def write(self, fh, off, buf):
-        return await self.fs.write(fh, off, buf)
+        written = await self.fs.write(fh, off, buf)
+        metrics.WRITTEN_BYTES.inc(written)
+        return written
 
     @_translate_errors
     async def flush(self, fh, lock_owner=None):

@@ -23,13 +23,16 @@ relocate=True to move replicas off stores that stay away.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import TypeVar
 
 import trio
 
+from dfsfuse import metrics
 from dfsfuse.errors import DataError, DfsError, NoSpace, ShardMissing, StoreUnavailable
 from dfsfuse.metadata.base import ShardRef
 from dfsfuse.shards import replica
@@ -167,6 +170,7 @@ class Replicator:
                 raise NoSpace(message)
             raise DataError(message)
         if len(placed) < wanted:
+            metrics.UNDER_REPLICATED_WRITES.inc()
             logger.warning("shard %d: stored %d of %d replicas; under-replicated until repaired",
                            shard_id, len(placed), wanted)
         return ShardRef(shard_id, len(view), checksum, tuple(name for name in order if name in placed))
@@ -191,11 +195,14 @@ class Replicator:
             # to the next store that no task has tried yet.
             for name in remaining:
                 try:
-                    await self._stores[name].put(shard_id, parts, sync)
+                    with _timed(name, "put"):
+                        await self._stores[name].put(shard_id, parts, sync)
                 except (StoreUnavailable, NoSpace) as exc:
                     logger.warning("shard %d: node %r cannot take a replica: %s", shard_id, name, exc)
+                    metrics.NODE_ERRORS.labels(name, "full" if isinstance(exc, NoSpace) else "unavailable").inc()
                     failures.append(exc)
                 else:
+                    metrics.NODE_BYTES.labels(name, "put").inc(sum(len(part) for part in parts))
                     placed.append(name)
                     return
 
@@ -227,18 +234,22 @@ class Replicator:
                 failures.append(f"{node}: not a configured store")
                 continue
             try:
-                if whole:
-                    data = await self._read_whole(store, ref)
-                else:
-                    data = await self._read_range(store, ref, offset, length)
+                with _timed(node, "read"):
+                    if whole:
+                        data = await self._read_whole(store, ref)
+                    else:
+                        data = await self._read_range(store, ref, offset, length)
             except StoreUnavailable as exc:
                 logger.warning("shard %d: node %r unavailable, trying the next replica: %s", ref.shard_id, node, exc)
+                metrics.NODE_ERRORS.labels(node, "unavailable").inc()
                 failures.append(f"{node}: {exc}")
             except (ShardMissing, replica.ReplicaCorrupt) as exc:
                 logger.warning("shard %d: bad replica on node %r, trying the next one: %s", ref.shard_id, node, exc)
+                metrics.NODE_ERRORS.labels(node, "bad replica").inc()
                 failures.append(f"{node}: {exc}")
                 found_bad_replica = True
             else:
+                metrics.NODE_BYTES.labels(node, "read").inc(len(data))
                 if found_bad_replica:
                     self._queue_repair(ref)
                 return data
@@ -348,6 +359,7 @@ class Replicator:
             )
             nodes += tuple(name for name in candidates if name in relocated)
             logger.info("shard %d: new replicas on %s", ref.shard_id, relocated)
+        metrics.REPAIRED_REPLICAS.inc(len(rewritten) + len(relocated))
         return RepairResult(
             ref.shard_id,
             good=len(good),
@@ -496,3 +508,13 @@ class Replicator:
 
 def _describe(failures: dict[str, str]) -> str:
     return "; ".join(f"{node}: {error}" for node, error in failures.items())
+
+
+@contextlib.contextmanager
+def _timed(node: str, operation: str) -> Iterator[None]:
+    """Time one request to a node store for the metrics, failed ones too."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        metrics.NODE_REQUEST_SECONDS.labels(node, operation).observe(time.perf_counter() - started)

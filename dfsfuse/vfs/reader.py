@@ -17,6 +17,7 @@ import logging
 
 import trio
 
+from .. import metrics
 from ..errors import DataError
 from ..layout import PAGE_SIZE
 from ..metadata.base import MetadataStore, ShardLayers, ShardRef
@@ -76,7 +77,9 @@ class FileReader:
             await self._read_ahead(following)
         cached = self._services.cache.get(layers[-1].shard_id)
         if cached is not None:
+            metrics.SHARD_CACHE_HITS.inc()
             return cached[inner : inner + length]
+        metrics.SHARD_CACHE_MISSES.inc()
         if ahead:
             return (await self._merged(layers))[inner : inner + length]
         base = base_of(layers)

@@ -144,6 +144,11 @@ class WriteBudget:
     def used(self) -> int:
         return self._used
 
+    @property
+    def flushes(self) -> int:
+        """Flushes requested or under way and not yet ended."""
+        return self._flushes
+
     def track(self, key: BufferKey) -> None:
         """Note that an evictable dirty buffer exists for `key` (oldest first)."""
         self._oldest_first.setdefault(key, None)

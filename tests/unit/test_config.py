@@ -59,6 +59,9 @@ def test_file_settings_and_sizes(tmp_path):
         ('[metadata]\nengine = "postgresql"', "'postgresql' needs a URL: [metadata] url, --meta or DFSFUSE_META"),
         ('[metadata]\nengine = "sqlite"\nurl = "postgresql://h/db"', "'sqlite' takes no URL"),
         ('[metadata]\nurl = "mysql://u:pw@h/db"', "metadata URL mysql://u:***@h/db must start with postgresql://"),
+        ('[metrics]\nlisten = "9567"', "metrics address '9567' must be HOST:PORT"),
+        ('[metrics]\nlisten = "::1:9567"', "write an IPv6 address in brackets"),
+        ('[metrics]\nport = 9567', "unknown setting metrics.port"),
     ],
 )
 def test_mistakes_are_one_line_user_errors(tmp_path, text, message):
@@ -130,3 +133,11 @@ def test_a_metadata_url_means_postgresql_and_the_flag_wins(tmp_path):
     flagged = config.load(str(tmp_path / "data"), str(path), meta_url="postgres://other/fs", meta_password_file="/p")
     assert (flagged.metadata.url, flagged.metadata.password_file) == ("postgres://other/fs", Path("/p"))
     assert flagged.metadata.where == "postgres://other/fs"
+
+
+def test_metrics_listen_is_off_by_default(tmp_path):
+    assert config.load(str(tmp_path)).metrics_listen is None
+    path = tmp_path / "c.toml"
+    path.write_text('[metrics]\nlisten = "[::1]:9567"\n')
+    assert config.load(str(tmp_path), str(path)).metrics_listen == "[::1]:9567"
+    assert config.parse_metrics_listen("[::1]:9567") == ("::1", 9567)
