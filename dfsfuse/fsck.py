@@ -20,6 +20,7 @@ import dataclasses
 
 import trio
 
+from .cluster.commands import TerminalOutput
 from .cluster.inventory import SHARD_PAGE, ReplicaTargets, live_shards, replica_ids
 from .cluster.maintenance import RepairTally, repair_shard
 from .cluster.snapshots import is_snapshot_id
@@ -89,9 +90,12 @@ async def _fsck(config: Config) -> FsckReport:
         live: set[int] = set()
         tally = RepairTally()
         targets = ReplicaTargets(meta, config.replicas)
+        output = TerminalOutput()
+        total = (await meta.usage()).shards
         async for record in live_shards(meta):
             live.add(record.ref.shard_id)
             await repair_shard(meta, replicator, record, await targets.of(record.inode), tally)
+            output.progress(tally.shards, max(total, tally.shards), "shards verified")
         report.shards, report.missing, report.corrupt = tally.shards, tally.missing, tally.corrupt
         report.repaired, report.unrecoverable = tally.repaired, tally.unrecoverable
         for line in tally.lost:

@@ -26,25 +26,48 @@ from dfsfuse.storage.base import StoreStat
 
 
 class TerminalOutput:
-    """Lines on stdout; progress as a bar redrawn in place on stderr, if it is a terminal."""
+    """Lines on stdout; progress on stderr: in a terminal a bar redrawn in
+    place, with the rate and the time left, else a plain line now and then
+    (every PLAIN_EVERY seconds, and at the end) for logs and scripts."""
 
     WIDTH = 30
+    PLAIN_EVERY = 5.0  # seconds between two progress lines when stderr is not a terminal
 
     def __init__(self, stream: TextIO = sys.stderr):
         self._stream = stream
         self._visible = stream.isatty()
+        self._started: dict[str, tuple[float, int]] = {}  # what -> (monotonic time, done) at its first report
+        self._last_line = 0.0
 
     def line(self, text: str) -> None:
         print(text, flush=True)
 
     def progress(self, done: int, total: int, what: str) -> None:
-        if not self._visible or total <= 0:
+        if total <= 0:
             return
-        filled = self.WIDTH * done // total
-        self._stream.write(f"\r[{'#' * filled}{'.' * (self.WIDTH - filled)}] {done}/{total} {what}")
-        if done >= total:
-            self._stream.write("\n")
+        now = time.monotonic()
+        started_at, started_done = self._started.setdefault(what, (now, done))
+        finished = done >= total
+        pace = progress_pace(done - started_done, now - started_at, total - done)
+        if self._visible:
+            filled = self.WIDTH * min(done, total) // total
+            self._stream.write(f"\r[{'#' * filled}{'.' * (self.WIDTH - filled)}] {done}/{total} {what}{pace}\033[K")
+            if finished:
+                self._stream.write("\n")
+        elif finished or now - self._last_line >= self.PLAIN_EVERY:
+            self._last_line = now
+            self._stream.write(f"{done}/{total} {what}{pace}\n")
         self._stream.flush()
+
+
+def progress_pace(done: int, seconds: float, left: int) -> str:
+    """', 12.5/s, 0:42 left' once there is a rate to tell, else ''."""
+    if done <= 0 or seconds < 0.5:
+        return ""
+    rate = done / seconds
+    remaining = int(left / rate)
+    eta = f", {remaining // 60}:{remaining % 60:02d} left" if left > 0 else ""
+    return f", {rate:.1f}/s{eta}"
 
 
 def ask_mount(config: Config, operation: str, arguments: dict[str, Any], output: TerminalOutput) -> int | None:
