@@ -46,8 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="mount options: allow_other, ro, nosuid, nodev, noexec, noatime;"
                        " metrics=HOST:PORT serves Prometheus metrics there")
 
-    status = commands.add_parser("status", help="node stores, usage and under-replicated shards")
+    status = commands.add_parser("status", help="node stores, usage, under-replicated shards and mounts")
     _add_data_options(status)
+    status.add_argument("--json", action="store_true", help="as JSON, for scripts (exact numbers)")
 
     stats = commands.add_parser("stats", help="a mount's live figures: operations, bytes, cache, nodes")
     stats.add_argument("mountpoint", metavar="MOUNTPOINT")
@@ -126,7 +127,7 @@ def run(argv: list[str]) -> int:
     if args.command == "status":
         from .status import status
 
-        return status(config)
+        return status(config, args.json)
     if args.command == "restore":
         from .restore import restore
 

@@ -1,4 +1,5 @@
-"""`dfsfuse status`: the node stores, usage, and shards short of replicas.
+"""`dfsfuse status`: the node stores, usage, shards short of replicas, and
+the mounts, as tables for a person or as JSON for scripts (`--json`).
 
 It reads the metadata and lists each node store, so it works whether or not
 the file system is mounted (SQLite in WAL mode lets it read beside a mount).
@@ -11,7 +12,9 @@ metadata snapshots (dfsfuse.cluster.snapshots) are counted apart from its shards
 
 from __future__ import annotations
 
+import json
 import time
+from typing import Any
 
 import trio
 
@@ -22,51 +25,90 @@ from .cluster.snapshots import is_snapshot_id
 from .config import Config
 from .datadir import mount_state, require_file_system
 from .errors import DfsError
+from .report import size, table
 
 
-def status(config: Config) -> int:
+def status(config: Config, as_json: bool = False) -> int:
     require_file_system(config)
-    print(f"data dir {config.data_dir}: {mount_state(config)}")
-    return trio.run(_status, config)
+    report = trio.run(gather, config)
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        print("\n".join(render(report)))
+    return 0
 
 
-async def _status(config: Config) -> int:
+async def gather(config: Config) -> dict[str, Any]:
+    """Everything status shows, in exact numbers (the JSON of --json, docs/operations.md)."""
     from .runtime import open_components
 
+    report: dict[str, Any] = {"data_dir": str(config.data_dir), "mount": mount_state(config)}
     async with open_components(config, cached=False) as parts:
         answers = await probe(parts.stores)
         held: dict[str, set[int]] = {}
+        nodes = []
         for node, store in zip(parts.nodes, parts.stores):
-            where = describe_address(node.address)
+            row: dict[str, Any] = {"name": node.name, "address": describe_address(node.address), "state": node.state,
+                                   "alive": False, "capacity": None, "used": None, "free": None, "shards": None,
+                                   "metadata_snapshots": None, "error": None}
+            nodes.append(row)
             info = answers[store.name]
             if info is None:
-                print(f"node {store.name} {where}: unreachable: no answer; {node.state}, down")
+                row["error"] = "no answer"
                 continue
             try:
                 held[store.name] = await replica_ids(store)
             except DfsError as error:
-                print(f"node {store.name} {where}: unreachable: {error}; {node.state}, down")
+                row["error"] = str(error)
                 continue
             snapshots = sum(1 for shard_id in held[store.name] if is_snapshot_id(shard_id))
-            print(
-                f"node {store.name} {where}: {info.shards - snapshots} shards, {snapshots} metadata snapshots, "
-                f"{info.used} bytes used, {info.free} bytes free; {node.state}, alive"
-            )
+            row.update(alive=True, capacity=info.capacity, used=info.used, free=info.free,
+                       shards=info.shards - snapshots, metadata_snapshots=snapshots)
         usage = await parts.meta.usage()
         under = 0
         targets = ReplicaTargets(parts.meta, config.replicas)
         async for record in live_shards(parts.meta):
             if present_copies(record, held) < await targets.of(record.inode):
                 under += 1
-        print(f"inodes: {usage.inodes}")
-        print(f"logical bytes: {usage.logical_bytes}")
-        print(f"stored bytes: {usage.stored_bytes} (x{config.replicas} replicas)")
-        print(f"shards: {usage.shards}")
-        print(f"under-replicated shards: {under}")
-        for session in await parts.meta.list_sessions():
-            started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(session.started_ns / 1e9))
-            print(
-                f"session {session.id}: {session.host} pid {session.pid} at {session.mountpoint},"
-                f" since {started}, last heartbeat {max(0.0, (time.time_ns() - session.heartbeat_ns) / 1e9):.0f} s ago"
-            )
-    return 0
+        now_ns = time.time_ns()
+        sessions = [
+            {"id": session.id, "host": session.host, "pid": session.pid, "mountpoint": session.mountpoint,
+             "started_ns": session.started_ns, "heartbeat_age": round(max(0, now_ns - session.heartbeat_ns) / 1e9, 1)}
+            for session in await parts.meta.list_sessions()
+        ]
+    report.update(
+        nodes=nodes, inodes=usage.inodes, logical_bytes=usage.logical_bytes, stored_bytes=usage.stored_bytes,
+        replicas=config.replicas, shards=usage.shards, under_replicated=under, sessions=sessions,
+    )
+    return report
+
+
+def render(report: dict[str, Any]) -> list[str]:
+    """The report as a person reads it: tables of nodes and sessions, and the totals."""
+    lines = [f"data dir {report['data_dir']}: {report['mount']}", ""]
+    rows = []
+    for node in report["nodes"]:
+        known = node["alive"]
+        rows.append([
+            node["name"], node["state"], "yes" if known else "no", node["address"],
+            *(size(node[key]) if known else "-" for key in ("capacity", "used", "free")),
+            *(str(node[key]) if known else "-" for key in ("shards", "metadata_snapshots")),
+        ])
+    lines += table(["NODE", "STATE", "ALIVE", "ADDRESS", "CAPACITY", "USED", "FREE", "SHARDS", "SNAPSHOTS"], rows)
+    lines += [f"  {node['name']}: unreachable: {node['error']}" for node in report["nodes"] if node["error"]]
+    lines += [
+        "",
+        f"files: {report['inodes']} inodes, {size(report['logical_bytes'])} logical,"
+        f" {size(report['stored_bytes'])} stored (x{report['replicas']} replicas), {report['shards']} shards",
+        f"replication: {report['under_replicated']} under-replicated shards"
+        + (" (dfsfuse repair makes the missing replicas)" if report["under_replicated"] else ""),
+        "",
+    ]
+    if not report["sessions"]:
+        return [*lines, "sessions: none (not mounted anywhere)"]
+    session_rows = [
+        [str(s["id"]), s["host"], str(s["pid"]), s["mountpoint"],
+         time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["started_ns"] / 1e9)), f"{s['heartbeat_age']:.0f} s ago"]
+        for s in report["sessions"]
+    ]
+    return lines + table(["SESSION", "HOST", "PID", "MOUNT POINT", "SINCE", "HEARTBEAT"], session_rows)

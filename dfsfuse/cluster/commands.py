@@ -22,6 +22,7 @@ from dfsfuse.config import Config
 from dfsfuse.datadir import require_file_system
 from dfsfuse.errors import UserError
 from dfsfuse.metadata.base import NodeRecord
+from dfsfuse.report import table
 from dfsfuse.storage.base import StoreStat
 
 
@@ -112,10 +113,8 @@ def print_node_list(nodes: list[NodeRecord], answers: dict[str, StoreStat | None
             node.name, node.state, "yes" if info is not None else "no", describe_address(node.address),
             str(capacity), str(used), str(shards), _ago(seen_ns, now_ns),
         ])
-    header = ["NAME", "STATE", "ALIVE", "ADDRESS", "CAPACITY", "USED", "SHARDS", "LAST SEEN"]
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    for line in table(["NAME", "STATE", "ALIVE", "ADDRESS", "CAPACITY", "USED", "SHARDS", "LAST SEEN"], rows):
+        print(line)
     return 0
 
 

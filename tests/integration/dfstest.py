@@ -19,6 +19,7 @@ import contextlib
 import ctypes
 import errno
 import hashlib
+import json
 import os
 import re
 import shlex
@@ -379,8 +380,10 @@ class Mount:
     def fsck(self, check: bool = True) -> subprocess.CompletedProcess:
         return dfsfuse_cli("fsck", *self._data_args(), check=check, prefix=self.command_prefix)
 
-    def status(self) -> str:
-        return dfsfuse_cli("status", *self._data_args(), prefix=self.command_prefix).stdout
+    def status(self, as_json: bool = False) -> str:
+        """What `dfsfuse status` prints (with `as_json`, its --json: see parse_status)."""
+        return dfsfuse_cli("status", *self._data_args(), *(["--json"] if as_json else []),
+                           prefix=self.command_prefix).stdout
 
     # node stores ----------------------------------------------------------------
     def replica_files(self) -> dict[str, list[Path]]:
@@ -664,27 +667,15 @@ def renameat2(old, new, flags: int) -> None:
 
 
 def parse_status(text: str) -> dict:
-    """The numbers of `dfsfuse status`."""
-    info: dict = {"nodes": {}}
-    for line in text.splitlines():
-        match = re.match(r"\s*node (\S+) (.+?): (\d+) shards, (?:[^,]*, )*?(\d+) bytes used", line)
-        if match:
-            info["nodes"][match.group(1)] = {"path": match.group(2), "shards": int(match.group(3)), "bytes": int(match.group(4))}
-            continue
-        match = re.match(r"\s*under-replicated shards:\s*(\d+)", line)
-        if match:
-            info["under_replicated"] = int(match.group(1))
-            continue
-        match = re.match(r"\s*shards:\s*(\d+)", line)
-        if match:
-            info["shards"] = int(match.group(1))
-            continue
-        match = re.match(r"\s*logical bytes:\s*(\d+)", line)
-        if match:
-            info["logical_bytes"] = int(match.group(1))
-    missing = {"under_replicated", "shards", "logical_bytes"} - set(info)
-    assert not missing and info["nodes"], f"status output lacks {sorted(missing) or 'node lines'}:\n{text}"
-    return info
+    """The figures of `dfsfuse status --json`, with each node by name: {"path": its address,
+    "shards", "bytes" (used; 0 when unreachable), "alive", "error"}."""
+    report = json.loads(text)
+    nodes = {
+        node["name"]: {"path": node["address"], "shards": node["shards"] or 0, "bytes": node["used"] or 0,
+                       "alive": node["alive"], "error": node["error"]}
+        for node in report["nodes"]
+    }
+    return {**report, "nodes": nodes}
 
 
 FSCK_LINE = re.compile(

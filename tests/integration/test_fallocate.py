@@ -44,7 +44,7 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
 
 def _stored_bytes(mount) -> int:
     """Bytes of replicas on the node stores, as `dfsfuse status` reports them."""
-    return sum(node["bytes"] for node in parse_status(mount.status())["nodes"].values())
+    return sum(node["bytes"] for node in parse_status(mount.status(as_json=True))["nodes"].values())
 
 
 def _wait_for(condition, what: str, timeout: float = 15.0) -> None:

@@ -104,7 +104,7 @@ def assert_files(written: dict[Path, str]) -> None:
 
 
 def status(fs) -> dict:
-    return parse_status(fs.status())
+    return parse_status(fs.status(as_json=True))
 
 
 def cli(fs, *args, check=True):
@@ -175,7 +175,8 @@ def test_sigkill_of_a_node_during_a_large_copy(cluster, local_tmp):
     assert_files(before)
     info = status(fs)
     assert info["under_replicated"] > 0, info
-    assert re.search(rf"node {victim.name} .*unreachable", fs.status())
+    assert not parse_status(fs.status(as_json=True))["nodes"][victim.name]["alive"]
+    assert re.search(rf"^  {victim.name}: unreachable: ", fs.status(), re.MULTILINE)  # said under the table
 
     # Left dead, its replicas are re-made on the two nodes that answer.
     result = cli(fs, "repair")

@@ -31,6 +31,7 @@ from dfstest import (
     dfsfuse_cli,
     expect_errno,
     is_mounted,
+    parse_status,
     read_file,
     run,
     write_file,
@@ -162,9 +163,13 @@ def fusermount_u_lazy(mountpoint) -> None:
     run(["fusermount3", "-u", "-z", mountpoint])
 
 
+def _session_pids(mount) -> set[int]:
+    """The PIDs of the mounts `dfsfuse status` lists as sessions."""
+    return {session["pid"] for session in parse_status(mount.status(as_json=True))["sessions"]}
+
+
 def _shard_count(mount) -> int:
-    text = mount.status()
-    return int(next(line for line in text.splitlines() if line.startswith("shards:")).split()[1])
+    return parse_status(mount.status(as_json=True))["shards"]
 
 
 def test_lookups_on_b_while_a_renames_and_deletes_in_the_same_directory_never_hang(pair):
@@ -263,7 +268,7 @@ def test_a_killed_mount_is_reclaimed_and_mounts_again_cleanly(pair, test_root):
     with contextlib.suppress(OSError):
         os.close(fd)
     (a / "killed" / "after").write_text("A keeps working")
-    eventually(lambda: f"pid {killed} " not in a.status(), within=SESSION_TIMEOUT * 5, what="the reclaim")
+    eventually(lambda: killed not in _session_pids(a), within=SESSION_TIMEOUT * 5, what="the reclaim")
     assert "reclaimed stale session" in a.log_text()
     eventually(lambda: _shard_count(a) < shards, within=15, what="the collection of the file B held open")
     fusermount_u_lazy(b.mountpoint)
@@ -282,7 +287,7 @@ def test_a_stopped_mount_that_comes_back_after_it_was_reclaimed_is_fenced(pair):
     eventually(lambda: (b / "fenced").is_dir(), what="the directory")
     os.kill(b.pid, signal.SIGSTOP)
     try:
-        eventually(lambda: f"pid {b.pid} " not in a.status(), within=SESSION_TIMEOUT * 5, what="the reclaim")
+        eventually(lambda: b.pid not in _session_pids(a), within=SESSION_TIMEOUT * 5, what="the reclaim")
     finally:
         os.kill(b.pid, signal.SIGCONT)
     eventually(lambda: "was reclaimed as stale" in b.log_text(), within=SESSION_TIMEOUT, what="the fence")

@@ -199,7 +199,7 @@ def test_a_file_written_on_m1_reads_back_and_lands_on_both_node_servers(m1):
 def test_status_from_m1_sees_both_node_servers_at_their_addresses(cluster, m1):
     (m1 / "status-file").write_bytes(b"x" * 1000)
     os.sync()
-    text = m1.status()  # dfsfuse status --data-dir D --config C --meta URL --meta-password-file F, run on m1
+    text = m1.status(as_json=True)  # dfsfuse status --data-dir D --config C --meta URL --meta-password-file F --json, on m1
     info = parse_status(text)
     assert set(info["nodes"]) == {"n1", "n2"}, text
     for server in cluster.servers:
@@ -305,7 +305,7 @@ def test_node_commands_from_a_machine_without_a_mount_change_the_mounted_file_sy
     assert re.search(r"node n3 drained: [1-9]\d* shards moved", drained), drained
     assert not _replica_files(server), "n3 still holds replicas after its drain"
     assert on_ops("node", "remove", "n3").strip() == "removed node n3"
-    assert "n3" not in parse_status(m1.status())["nodes"]
+    assert "n3" not in parse_status(m1.status(as_json=True))["nodes"]
     drop_caches()
     for name, data in files.items():
         assert read_file(m1 / name) == data, name

@@ -20,6 +20,7 @@ from dfstest import (
     dfsfuse_cli,
     is_mounted,
     one_line_error,
+    parse_status,
     run,
 )
 
@@ -61,13 +62,15 @@ def test_format_then_mount_from_the_url_and_a_password_file(database, mount_fact
     second.extra_args = meta
     second.start()
     assert (second / "dir" / "file").read_bytes() == b"in postgres\n" * 1000
-    assert f"{socket.gethostname()} pid {second.pid} at {second.mountpoint}" in first.status()
+    sessions = parse_status(first.status(as_json=True))["sessions"]
+    assert {"host": socket.gethostname(), "pid": second.pid, "mountpoint": str(second.mountpoint)}.items() <= next(
+        session for session in sessions if session["pid"] == second.pid).items(), sessions
     second.stop(fsck=False)  # fsck runs when no mount uses the file system
     assert os.getxattr(first / "dir" / "file", "user.dfs.replicas") == b"3"  # from format --replicas
     first.remount()
     assert (first / "dir" / "file").read_bytes() == b"in postgres\n" * 1000
-    status = first.status()
-    assert "inodes: 3" in status
+    assert parse_status(first.status(as_json=True))["inodes"] == 3
+    assert "files: 3 inodes" in first.status()
     first.stop()  # also runs fsck with the same --meta: it must be clean
 
 

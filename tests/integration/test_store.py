@@ -257,7 +257,7 @@ def test_status_counts(fs):
     os.mkdir(fs / "d")
     logical = 2 * MiB + 512 * KiB + MiB
     for when in ("mounted", "unmounted"):
-        info = parse_status(fs.status())
+        info = parse_status(fs.status(as_json=True))
         assert info["shards"] == 4, f"{when}: {info}"
         assert info["logical_bytes"] == logical, f"{when}: {info}"
         assert info["under_replicated"] == 0, f"{when}: {info}"
@@ -270,7 +270,7 @@ def test_status_counts(fs):
         if when == "mounted":
             fs.stop()
     next(iter(fs.replica_files().values()))[0].unlink()
-    info = parse_status(fs.status())
+    info = parse_status(fs.status(as_json=True))
     assert info["under_replicated"] == 1 and info["shards"] == 4, info
     fs.start()  # the final fsck repairs it
 
@@ -320,7 +320,7 @@ def test_rm_rf_leaves_node_stores_empty(fs):
     os.truncate(root / "truncated", 10)
     open_fd = os.open(root / "sub" / "small", os.O_RDONLY)
     assert len(fs.replica_files()) > 0
-    assert parse_status(fs.status())["shards"] > 0
+    assert parse_status(fs.status(as_json=True))["shards"] > 0
     run(["rm", "-rf", root])
     assert os.listdir(fs.mountpoint) == []
     assert os.read(open_fd, 10) == b"s"
@@ -332,7 +332,7 @@ def test_rm_rf_leaves_node_stores_empty(fs):
         files = [p for p in (node / "shards").rglob("*") if p.is_file()] if (node / "shards").exists() else []
         files = [p for p in files if not is_snapshot_id(int(p.name, 16))]  # the metadata snapshot stays
         assert files == [], f"files left in {node}/shards: {files[:10]}"
-    info = parse_status(fs.status())
+    info = parse_status(fs.status(as_json=True))
     assert info["shards"] == 0 and info["logical_bytes"] == 0
     assert all(node["shards"] == 0 for node in info["nodes"].values())
     summary = parse_fsck(fs.fsck())
