@@ -186,8 +186,7 @@ def load(
     if metadata_entries < 1000:
         raise UserError("config: cache.metadata_entries must be at least 1000")
     write_buffer = parse_size(cache.get("write_buffer", 128 * MiB), "cache.write_buffer")
-    if write_buffer < 2 * shard_size:
-        raise UserError("config: cache.write_buffer must hold at least two shards")
+    check_write_buffer(write_buffer, shard_size)
     return Config(
         data_dir=root,
         nodes=nodes,
@@ -234,6 +233,12 @@ def _metadata_settings(settings: dict, meta_url: str | None, meta_password_file:
         "metadata_password_file": None if password_file is None else Path(password_file).expanduser().absolute(),
         "session_timeout": float(session_timeout),
     }
+
+
+def check_write_buffer(write_buffer: int, shard_size: int) -> None:
+    """The write buffer must hold two shards (one filling while one is stored)."""
+    if write_buffer < 2 * shard_size:
+        raise UserError(f"config: cache.write_buffer must hold at least two shards (shard_size {shard_size})")
 
 
 def _metrics_listen(settings: dict) -> str | None:

@@ -96,6 +96,8 @@ async def _fsck(config: Config) -> FsckReport:
             live.add(record.ref.shard_id)
             await repair_shard(meta, replicator, record, await targets.of(record.inode), tally)
             output.progress(tally.shards, max(total, tally.shards), "shards verified")
+        if tally.shards < total:  # fewer than counted (deleted meanwhile): end the bar all the same
+            output.progress(tally.shards, tally.shards, "shards verified")
         report.shards, report.missing, report.corrupt = tally.shards, tally.missing, tally.corrupt
         report.repaired, report.unrecoverable = tally.repaired, tally.unrecoverable
         for line in tally.lost:

@@ -37,7 +37,7 @@ from .cluster.operations import (
 from .cluster.registry import NodeAccess, open_store_or_stand_in, register_config_nodes
 from .cluster.session import MountSession
 from .cluster.snapshots import SnapshotWriter
-from .config import Config, parse_metrics_listen
+from .config import Config, check_write_buffer, parse_metrics_listen
 from .datadir import DataDirLock, mountpoint_of, prepare_data_dir, require_file_system
 from .errors import UserError
 from .metadata.base import NODE_ACTIVE, MetadataStore, NodeRecord
@@ -93,6 +93,7 @@ async def open_components(config: Config, cached: bool, create: bool = False) ->
                     " they cannot change (set them back in the config file, or leave them out)"
                 )
             config = dataclasses.replace(config, shard_size=recorded[0], block_size=recorded[1])
+            check_write_buffer(config.write_buffer_bytes, config.shard_size)
         nodes = await register_config_nodes(meta, config.nodes)
         if len(nodes) < config.replicas:
             raise UserError(

@@ -27,9 +27,14 @@ COLUMNS = (
 Samples = dict[str, float]
 
 
+MAX_INTERVAL = 3600.0
+
+
 def stats(mountpoint: str, interval: float, count: int | None, out: TextIO = sys.stdout) -> int:
-    if interval <= 0:
-        raise UserError("--interval must be more than 0 seconds")
+    if not 0 < interval <= MAX_INTERVAL:  # also refuses nan
+        raise UserError(f"--interval must be more than 0 and at most {MAX_INTERVAL:.0f} seconds")
+    if count is not None and count < 1:
+        raise UserError("--count must be at least 1")
     data_dir = data_dir_of(mountpoint)
     socket_path = data_dir / "control.sock"
     previous, previous_at = _read(socket_path, mountpoint), time.monotonic()
@@ -50,12 +55,13 @@ def figures(before: Samples, after: Samples, seconds: float) -> list[str]:
     """One line's cells: rates over `seconds` between two snapshots, and gauges as of `after`."""
 
     def rate(name: str) -> float:
-        return (_total(after, name) - _total(before, name)) / seconds
+        # Never below 0: a mount started again between two samples counts from 0.
+        return max(0.0, _total(after, name) - _total(before, name)) / seconds
 
     def mean_ms(histogram: str, label: str = "") -> str:
         count = _total(after, f"{histogram}_count", label) - _total(before, f"{histogram}_count", label)
         spent = _total(after, f"{histogram}_sum", label) - _total(before, f"{histogram}_sum", label)
-        return f"{1000 * spent / count:.2f}" if count else "-"
+        return f"{1000 * spent / count:.2f}" if count > 0 else "-"
 
     hits = _total(after, "dfsfuse_shard_cache_lookups_total", 'result="hit"') - _total(
         before, "dfsfuse_shard_cache_lookups_total", 'result="hit"')
@@ -66,7 +72,7 @@ def figures(before: Samples, after: Samples, seconds: float) -> list[str]:
         mean_ms("dfsfuse_fuse_request_seconds"),
         f"{rate('dfsfuse_read_bytes_total') / 1e6:.1f}",
         f"{rate('dfsfuse_written_bytes_total') / 1e6:.1f}",
-        f"{100 * hits / lookups:.0f}%" if lookups else "-",
+        f"{100 * hits / lookups:.0f}%" if lookups > 0 and hits >= 0 else "-",
         f"{_total(after, 'dfsfuse_flush_queue'):.0f}",
         f"{_total(after, 'dfsfuse_write_buffer_bytes') / 2**20:.1f}",
         mean_ms("dfsfuse_node_request_seconds", 'operation="put"'),
@@ -90,10 +96,13 @@ def _row(cells: list[str]) -> str:
 
 
 def _read(socket_path: Path, mountpoint: str) -> Samples:
-    client = control.connect(socket_path)
-    if client is None:
-        raise UserError(f"the mount at {mountpoint} does not answer on {socket_path} (has it been unmounted?)")
-    return control.read_stats(client)
+    try:
+        client = control.connect(socket_path)
+        if client is None:
+            raise UserError(f"the mount at {mountpoint} does not answer on {socket_path} (has it been unmounted?)")
+        return control.read_stats(client)
+    except OSError as error:  # EACCES: the socket is its owner's alone (mode 0600)
+        raise UserError(f"cannot ask the mount at {mountpoint} ({socket_path}): {error.strerror or error}") from None
 
 
 def data_dir_of(mountpoint: str) -> Path:

@@ -80,37 +80,47 @@ class ControlServer:
                 await trio.serve_listeners(self._serve, [listener])
 
     async def _serve(self, stream: trio.SocketStream) -> None:
+        """One connection; whatever becomes of it, the mount goes on."""
         async with stream:
             try:
-                request = await _receive_request(stream)
-                if request.get("operation") == STATS:
-                    await _send(stream, {"stats": metrics.snapshot(), "exit": 0})
-                    return
-                operation = OPERATIONS[request["operation"]]
-                arguments = request.get("arguments", {})
-                if not isinstance(arguments, dict):
-                    raise ValueError("arguments must be an object")
-                inspect.signature(operation).bind(self._cluster, None, **arguments)  # TypeError if they do not fit
-            except (ValueError, KeyError, TypeError) as error:
-                await _send(stream, {"error": f"bad control request: {error}", "exit": 2})
+                await self._answer(stream)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                log.info("control: the client went away before its answer")
+            except Exception:  # noqa: BLE001 - a connection must never end the mount
+                log.exception("control: a request failed")
+
+    async def _answer(self, stream: trio.SocketStream) -> None:
+        """Read one request and answer it (the operation's messages as it runs)."""
+        try:
+            request = await _receive_request(stream)
+            if request.get("operation") == STATS:
+                await _send(stream, {"stats": metrics.snapshot(), "exit": 0})
                 return
-            send, receive = trio.open_memory_channel[dict[str, Any]](math.inf)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_forward, receive, stream)
-                async with send:
-                    async with maintenance_turn(self._cluster.meta, self._lock) as held:
-                        log.info("control: %s %s", request["operation"], arguments)
-                        try:
-                            if not held:
-                                raise UserError(MAINTENANCE_BUSY)
-                            code = await operation(self._cluster, _StreamOutput(send), **arguments)
-                        except UserError as error:
-                            send.send_nowait({"error": str(error), "exit": error.exit_code})
-                        except Exception as error:  # noqa: BLE001 - a request must never end the mount
-                            log.exception("control: %s failed", request["operation"])
-                            send.send_nowait({"error": f"{request['operation']} failed: {error}", "exit": 1})
-                        else:
-                            send.send_nowait({"exit": code})
+            operation = OPERATIONS[request["operation"]]
+            arguments = request.get("arguments", {})
+            if not isinstance(arguments, dict):
+                raise ValueError("arguments must be an object")
+            inspect.signature(operation).bind(self._cluster, None, **arguments)  # TypeError if they do not fit
+        except (ValueError, KeyError, TypeError) as error:
+            await _send(stream, {"error": f"bad control request: {error}", "exit": 2})
+            return
+        send, receive = trio.open_memory_channel[dict[str, Any]](math.inf)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_forward, receive, stream)
+            async with send:
+                async with maintenance_turn(self._cluster.meta, self._lock) as held:
+                    log.info("control: %s %s", request["operation"], arguments)
+                    try:
+                        if not held:
+                            raise UserError(MAINTENANCE_BUSY)
+                        code = await operation(self._cluster, _StreamOutput(send), **arguments)
+                    except UserError as error:
+                        send.send_nowait({"error": str(error), "exit": error.exit_code})
+                    except Exception as error:  # noqa: BLE001 - a request must never end the mount
+                        log.exception("control: %s failed", request["operation"])
+                        send.send_nowait({"error": f"{request['operation']} failed: {error}", "exit": 1})
+                    else:
+                        send.send_nowait({"exit": code})
 
 
 @contextlib.contextmanager
@@ -178,6 +188,9 @@ def connect(path: Path) -> socket.socket | None:
     except (FileNotFoundError, ConnectionRefusedError):
         client.close()
         return None
+    except PermissionError:
+        client.close()
+        raise UserError(f"{path}: permission denied (only the user who mounted may ask the mount)") from None
     return client
 
 
@@ -214,4 +227,4 @@ def read_stats(client: socket.socket) -> dict[str, float]:
                 raise UserError(message["error"], message.get("exit", 1))
             if "stats" in message:
                 return {str(name): float(value) for name, value in message["stats"].items()}
-    raise UserError("the mount closed the control connection without an answer (see its log)")
+    raise UserError("the mount closed the control connection without an answer (an older dfsfuse? see its log)")

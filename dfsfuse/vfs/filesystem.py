@@ -467,23 +467,23 @@ class FileSystem:
             raise DfsError(f"fallocate mode {mode:#x} is not supported", errno.EOPNOTSUPP)
         if punch and not keep_size:
             raise DfsError("FALLOC_FL_PUNCH_HOLE needs FALLOC_FL_KEEP_SIZE", errno.EOPNOTSUPP)
-        contents = self._handle(handle).contents
+        writer = self._handle(handle).contents.writer
         end = offset + length
-        grow_to = None if keep_size or end <= contents.size else end
         if not punch:
-            await self._check_room(end - max(offset, contents.size))
+            await self._check_room(end - max(offset, writer.size), writer.replicas or self._replicas)
+        grow_to = None if keep_size else end  # the writer never shrinks the file for it
         if punch or zero:
-            await contents.writer.zero_range(offset, length, grow_to)
-        elif grow_to is not None:
-            await contents.truncate(grow_to)
+            await writer.zero_range(offset, length, grow_to)
+        elif grow_to is not None and grow_to > writer.size:
+            await writer.zero_range(grow_to, 0, grow_to)  # nothing to zero: grows, under the writer's locks
 
-    async def _check_room(self, new_bytes: int) -> None:
-        """NoSpace unless the writable nodes have room for `new_bytes` more file data."""
+    async def _check_room(self, new_bytes: int, replicas: int) -> None:
+        """NoSpace unless the nodes have room for `new_bytes` more file data of `replicas` copies."""
         if new_bytes <= 0:
             return
         _, free = await self._replicator.capacity()
-        if new_bytes > free // self._replicas:
-            raise NoSpace(f"fallocate of {new_bytes} bytes: the nodes have room for {free // self._replicas}")
+        if new_bytes > free // replicas:
+            raise NoSpace(f"fallocate of {new_bytes} bytes: the nodes have room for {free // replicas}")
 
     async def flush(self, handle: int) -> None:
         contents = self._handle(handle).contents

@@ -414,35 +414,42 @@ class FileWriter:
     # -- holes ---------------------------------------------------------------
     async def zero_range(self, offset: int, length: int, grow_to: int | None = None) -> InodeAttrs:
         """Make [offset, offset+length) read as zeros (fallocate's punch hole
-        and zero range), and with `grow_to` make the file at least that long,
-        in one commit. A shard index the range covers to the end of its data
-        loses its objects (their replicas become garbage: the space is
-        freed); one it covers in part is stored anew, cut where its data
-        would end in zeros, as truncate stores a cut tail. On failure
-        nothing changes."""
+        and zero range), and with `grow_to` make the file at least that long
+        (with `length` 0 that is all it does), in one commit. A shard index
+        the range covers to the end of its data loses its objects (their
+        replicas become garbage: the space is freed); one it covers in part
+        is stored anew with the range zeroed and its trailing zeros cut, as
+        truncate stores a cut tail. Only indexes that hold data are visited,
+        so a range over a huge sparse file costs what the file holds. On
+        failure nothing changes."""
         async with self._write_lock:
             await self._wait_for_flushes()
             shard_size = self._shard_size
             end = min(offset + length, self.size)  # nothing past the end to zero
+            held = {*(await self._shard_map()), *self._dirty}
             holes: list[int] = []
             replacements: dict[int, ShardRef] = {}
             try:
-                for index, inner, take in shard_span(offset, max(0, end - offset), shard_size):
-                    buffer, stored, held = await self._held_data(index)
-                    if held <= inner:
+                for index in sorted(i for i in held if offset < (i + 1) * shard_size and i * shard_size < end):
+                    start = index * shard_size
+                    inner = max(offset, start) - start
+                    take = min(end, start + shard_size) - start - inner
+                    buffer, stored, data_end = await self._held_data(index)
+                    if data_end <= inner:
                         continue  # nothing there to zero
-                    ref = None if inner == 0 and take >= held else await self._store_zeroed(
-                        index, buffer, stored, held, inner, take
+                    ref = None if inner == 0 and take >= data_end else await self._store_zeroed(
+                        index, buffer, stored, data_end, inner, take
                     )
                     if ref is None:
                         holes.append(index)
                     else:
                         replacements[index] = ref
-                # As a flush would: the size covers the data the new objects hold.
-                ends = [index * shard_size + ref.length for index, ref in replacements.items()]
-                new_size = max(self._committed_size, grow_to or 0, min(self.size, max(ends, default=0)))
                 now = time.time_ns()
                 async with self._commit_lock:
+                    # As a flush would: the size covers the data the new objects
+                    # hold, and never goes below what another commit recorded.
+                    ends = [index * shard_size + ref.length for index, ref in replacements.items()]
+                    new_size = max(self._committed_size, grow_to or 0, min(self.size, max(ends, default=0)))
                     shard_map = await self._shard_map()
                     gone = [shard_map.get(index, ()) for index in [*holes, *replacements]]
                     attrs = await self._services.meta.commit_shards(
@@ -471,7 +478,9 @@ class FileWriter:
         """Shard `index`'s dirty buffer (an empty one if none), how many of its
         stored bytes count, and how far its data reaches (buffered or stored,
         within the file's size)."""
-        buffer = self._dirty.get(index, ShardBuffer())
+        buffer = self._dirty.get(index)
+        if buffer is None:
+            buffer = ShardBuffer()
         limit = shard_length(index, self.size, self._shard_size)
         stored = min(stored_length((await self._shard_map()).get(index, ())), limit)
         return buffer, stored, max(stored, min(buffer.end, limit))
@@ -479,15 +488,15 @@ class FileWriter:
     async def _store_zeroed(
         self, index: int, buffer: ShardBuffer, stored: int, held: int, inner: int, take: int
     ) -> ShardRef | None:
-        """Shard `index` (`held` bytes of it) with [inner, inner+take) zeroed,
-        stored as a new whole shard; None if nothing but zeros is left."""
+        """Shard `index` (`held` bytes of it) with [inner, inner+take) zeroed
+        and its trailing zeros cut (they read as zeros past an object's
+        length), stored as a new whole shard; None if nothing but zeros is left."""
         data = await self._merged(index, buffer, stored, held)
-        if inner + take >= held:
-            del data[inner:]  # bytes past an object's length read as zeros
-        else:
-            data[inner : inner + take] = bytes(take)
-        if not data.strip(b"\0"):
+        data[inner : min(inner + take, held)] = bytes(min(take, held - inner))
+        kept = len(data.rstrip(b"\0"))
+        if not kept:
             return None
+        del data[kept:]
         return await self._services.storer.store(data, sync=False, replicas=self.replicas)
 
     async def _drop_dirty(self, index: int) -> None:

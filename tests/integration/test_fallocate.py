@@ -145,6 +145,23 @@ def test_allocating_more_than_the_free_space_is_enospc_and_changes_nothing(workd
     assert read_file(path) == bytes(5)
 
 
+def test_a_punch_over_a_huge_sparse_file_costs_what_the_file_holds(workdir):
+    path = workdir / "sparse"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.pwrite(fd, b"start", 0)
+        os.pwrite(fd, b"far", 2**50)
+        os.ftruncate(fd, 2**62)
+        started = time.monotonic()
+        fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 2, 2**62 - 2)
+        fallocate(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, 0, 2**62)
+        assert time.monotonic() - started < 10, "a punch visited every shard index of the range"
+        assert os.fstat(fd).st_size == 2**62
+        assert os.pread(fd, 5, 0) == bytes(5) and os.pread(fd, 3, 2**50) == bytes(3)
+    finally:
+        os.close(fd)
+
+
 def test_collapse_and_insert_range_are_not_supported(workdir):
     path = workdir / "shifts"
     path.write_bytes(os.urandom(4 * SHARD))

@@ -12,6 +12,8 @@ import pytest
 from dfstest import MiB, dfsfuse_cli, drop_caches, one_line_error, read_file, write_file
 from pgserver import free_port
 
+from dfsfuse.cluster import control
+
 PORT = free_port()
 MOUNT_OPTIONS = [f"metrics=127.0.0.1:{PORT}"]
 MOUNT_CONFIG = 'shard_size = "1MiB"\n'
@@ -94,9 +96,27 @@ def test_stats_shows_a_line_per_interval_with_the_writes(workdir, mount):
     assert max(write_rates) > 0, result.stdout
 
 
-def test_stats_of_a_directory_that_is_not_a_mount_is_one_line(tmp_path):
+def test_stats_of_a_directory_that_is_not_a_mount_is_one_line(tmp_path, mount):
     line = one_line_error(dfsfuse_cli("stats", tmp_path, "--count", "1", check=False))
     assert f"{tmp_path} is not a dfsfuse mount point" in line, line
+    for interval in ("0", "nan", "inf", "1e300"):
+        line = one_line_error(dfsfuse_cli("stats", mount.mountpoint, "--interval", interval, check=False))
+        assert "--interval must be more than 0" in line, line
+    line = one_line_error(dfsfuse_cli("stats", mount.mountpoint, "--count", "0", check=False))
+    assert "--count must be at least 1" in line, line
+
+
+def test_clients_that_hang_up_before_the_answer_leave_the_mount_running(workdir, mount):
+    for request in (b'{"operation": "stats"}\n', b"not json\n", b'{"operation": "format"}\n'):
+        for _ in range(10):
+            client = control.connect(mount.data_dir / "control.sock")
+            assert client is not None
+            client.sendall(request)
+            client.close()  # before the answer: the mount's reply meets a broken pipe
+    samples = control.read_stats(control.connect(mount.data_dir / "control.sock"))
+    assert samples["dfsfuse_write_buffer_bytes"] >= 0
+    (workdir / "still-here").write_bytes(b"yes")
+    assert read_file(workdir / "still-here") == b"yes"
 
 
 def test_a_bad_or_taken_metrics_address_is_one_line_and_nothing_is_mounted(mount_factory):
