@@ -3,18 +3,36 @@
 the one-line errors of a bad address or a port that is taken."""
 
 import os
+import random
 import re
 import socket
 import threading
 import urllib.request
+from pathlib import Path
 
 import pytest
 from dfstest import MiB, dfsfuse_cli, drop_caches, one_line_error, read_file, write_file
-from pgserver import free_port
 
 from dfsfuse.cluster import control
 
-PORT = free_port()
+
+def _port_outside_the_ephemeral_range() -> int:
+    """A free port below the kernel's ephemeral range, so that no connection the tests
+    open meanwhile (they take ephemeral ports) can take it before the mount binds it."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    rng = random.Random()
+    for _ in range(100):
+        port = rng.randrange(max(1024, low - 12000), low)
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range")
+
+
+PORT = _port_outside_the_ephemeral_range()
 MOUNT_OPTIONS = [f"metrics=127.0.0.1:{PORT}"]
 MOUNT_CONFIG = 'shard_size = "1MiB"\n'
 
