@@ -35,7 +35,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 import trio
@@ -383,33 +383,10 @@ class FileWriter:
             tail: ShardRef | None = None
             if new_size < self.size and tail_length:
                 tail = await self._store_cut_tail(tail_index, tail_length)
-            now = time.time_ns()
-            replacement = {} if tail is None else {tail_index: tail}
-            try:
-                async with self._commit_lock:
-                    shard_map = await self._shard_map()
-                    gone = [layers for index, layers in shard_map.items() if index >= keep]
-                    if tail is not None:
-                        gone.append(shard_map.get(tail_index, ()))
-                    attrs = await self._services.meta.commit_shards(
-                        self.inode, replacement, new_size, drop_from=keep, mtime_ns=now, ctime_ns=now, changes=changes
-                    )
-                    self._committed_size = new_size
-            except DfsError:
-                if tail is not None:
-                    await self._services.storer.discard(tail)
-                raise
-            # Committed: now the in-memory state follows, with no await between.
-            for layers in gone:
-                self._replaced(layers)
-            dropped = [i for i in self._dirty if i >= keep or (tail is not None and i == tail_index)]
-            if tail is not None:
-                self._services.unsynced.remember(self.inode, tail)
-            self.size = new_size
-            self.mtime_ns, self.ctime_ns = attrs.mtime_ns, attrs.ctime_ns
-            for index in dropped:
-                await self._drop_dirty(index)
-            return attrs
+            return await self._commit_reshaped(
+                {} if tail is None else {tail_index: tail}, lambda: new_size, drop_from=keep, changes=changes,
+                exact_size=True,
+            )
 
     # -- holes ---------------------------------------------------------------
     async def zero_range(self, offset: int, length: int, grow_to: int | None = None) -> InodeAttrs:
@@ -444,35 +421,62 @@ class FileWriter:
                         holes.append(index)
                     else:
                         replacements[index] = ref
-                now = time.time_ns()
-                async with self._commit_lock:
-                    # As a flush would: the size covers the data the new objects
-                    # hold, and never goes below what another commit recorded.
-                    ends = [index * shard_size + ref.length for index, ref in replacements.items()]
-                    new_size = max(self._committed_size, grow_to or 0, min(self.size, max(ends, default=0)))
-                    shard_map = await self._shard_map()
-                    gone = [shard_map.get(index, ()) for index in [*holes, *replacements]]
-                    attrs = await self._services.meta.commit_shards(
-                        self.inode, replacements, new_size, mtime_ns=now, ctime_ns=now, holes=holes
-                    )
-                    self._committed_size = new_size
             except DfsError:
-                # Refused: nothing points at the new replicas (any other failure may
-                # have committed: fsck deals with what did not).
-                for ref in replacements.values():
+                for ref in replacements.values():  # stored for nothing
                     await self._services.storer.discard(ref)
                 raise
-            # Committed: the in-memory state follows, with no await between.
-            for layers in gone:
-                self._replaced(layers)
+
+            def new_size() -> int:
+                # As a flush would: the size covers the data the new objects
+                # hold, and never goes below what another commit recorded.
+                ends = [index * shard_size + ref.length for index, ref in replacements.items()]
+                return max(self._committed_size, grow_to or 0, min(self.size, max(ends, default=0)))
+
+            return await self._commit_reshaped(replacements, new_size, holes=holes)
+
+    async def _commit_reshaped(
+        self, replacements: dict[int, ShardRef], size: Callable[[], int], *, holes: Sequence[int] = (),
+        drop_from: int | None = None, changes: AttrChanges | None = None, exact_size: bool = False,
+    ) -> InodeAttrs:
+        """One commit that reshapes the file (truncate, punch): the new whole
+        shards `replacements` (stored already), the indexes in `holes` and from
+        `drop_from` on emptied, the size `size()` (taken under the commit lock),
+        the times now, and `changes`. Then the in-memory state follows: what
+        the commit replaced becomes garbage, the new objects are remembered
+        for fsync, the dirty buffers of every index it touched go (they were
+        merged into the new objects or cut away), and the size becomes the
+        committed one (`exact_size`) or grows to it. The caller holds
+        `_write_lock` with no flush in flight. If the engine refuses, the new
+        objects are deleted and nothing changes."""
+        now = time.time_ns()
+        try:
+            async with self._commit_lock:
+                committed = size()
+                shard_map = await self._shard_map()
+                touched = {*holes, *replacements, *(i for i in shard_map if drop_from is not None and i >= drop_from)}
+                gone = [shard_map[index] for index in touched if index in shard_map]
+                attrs = await self._services.meta.commit_shards(
+                    self.inode, replacements, committed, drop_from=drop_from, mtime_ns=now, ctime_ns=now,
+                    changes=changes, holes=holes,
+                )
+                self._committed_size = committed
+        except DfsError:
+            # Refused: nothing points at the new replicas (any other failure may
+            # have committed: fsck deals with what did not).
             for ref in replacements.values():
-                self._services.unsynced.remember(self.inode, ref)
-            self.size = max(self.size, new_size)
-            self.mtime_ns, self.ctime_ns = attrs.mtime_ns, attrs.ctime_ns
-            for index in [*holes, *replacements]:
-                if index in self._dirty:  # merged into the new object, or zeroed
-                    await self._drop_dirty(index)
-            return attrs
+                await self._services.storer.discard(ref)
+            raise
+        # Committed: the in-memory state follows, with no await before the size is set.
+        for layers in gone:
+            self._replaced(layers)
+        for ref in replacements.values():
+            self._services.unsynced.remember(self.inode, ref)
+        dropped = [i for i in self._dirty if i in touched or (drop_from is not None and i >= drop_from)]
+        self.size = committed if exact_size else max(self.size, committed)
+        self.mtime_ns, self.ctime_ns = attrs.mtime_ns, attrs.ctime_ns
+        for index in dropped:
+            await self._drop_dirty(index)
+        return attrs
 
     async def _held_data(self, index: int) -> tuple[ShardBuffer, int, int]:
         """Shard `index`'s dirty buffer (an empty one if none), how many of its
