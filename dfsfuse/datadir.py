@@ -75,10 +75,24 @@ def mount_state(config: Config) -> str:
 
 
 def mountpoint_of(config: Config) -> str | None:
-    fsname = f"dfsfuse:{config.data_dir}"
+    """Where the data dir is mounted, if it is."""
+    return next((mountpoint for data_dir, mountpoint in dfsfuse_mounts() if data_dir == config.data_dir), None)
+
+
+def dfsfuse_mounts() -> list[tuple[Path, str]]:
+    """(data dir, mount point) of every dfsfuse mount, from /proc/mounts (the
+    fsname of a mount is dfsfuse:DATA_DIR)."""
+    found = []
     with open("/proc/mounts") as mounts:
         for line in mounts:
             fields = line.split()
-            if len(fields) > 1 and fields[0] == fsname:
-                return fields[1].replace("\\040", " ")
-    return None
+            if len(fields) > 1 and fields[0].startswith("dfsfuse:"):
+                found.append((Path(_unescape(fields[0].removeprefix("dfsfuse:"))), _unescape(fields[1])))
+    return found
+
+
+def _unescape(field: str) -> str:
+    """/proc/mounts writes space, tab, newline and backslash as octal escapes."""
+    for escaped, plain in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
+        field = field.replace(escaped, plain)
+    return field

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TextIO
 
 from .cluster import control
+from .datadir import dfsfuse_mounts
 from .errors import UserError
 
 HEADER_EVERY = 20  # lines between two headers in a terminal
@@ -106,18 +107,9 @@ def _read(socket_path: Path, mountpoint: str) -> Samples:
 
 
 def data_dir_of(mountpoint: str) -> Path:
-    """The data dir of the dfsfuse mount at `mountpoint` (its fsname in /proc/mounts)."""
+    """The data dir of the dfsfuse mount at `mountpoint`."""
     wanted = os.path.realpath(mountpoint)
-    with open("/proc/mounts") as mounts:
-        for line in mounts:
-            fields = line.split()
-            if len(fields) > 2 and _unescape(fields[1]) == wanted and fields[0].startswith("dfsfuse:"):
-                return Path(_unescape(fields[0].removeprefix("dfsfuse:")))
+    for data_dir, where in dfsfuse_mounts():
+        if where == wanted:
+            return data_dir
     raise UserError(f"{mountpoint} is not a dfsfuse mount point (see `mount -t fuse.dfsfuse`)")
-
-
-def _unescape(field: str) -> str:
-    """/proc/mounts writes space, tab, newline and backslash as octal escapes."""
-    for escaped, plain in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
-        field = field.replace(escaped, plain)
-    return field
