@@ -36,6 +36,10 @@ RENAME_EXCHANGE = 2
 XATTR_CREATE = 1
 XATTR_REPLACE = 2
 
+# An inode of a read-only snapshot: every change of it, or of the entries of
+# such a directory, is refused (EROFS).
+INODE_READONLY = 1
+
 # How many replicas a file's shards get (ASCII digits); on a directory,
 # inherited by the files and subdirectories created in it. Absent: the
 # configured R.
@@ -72,7 +76,8 @@ class InodeAttrs:
 
     `blocks` counts 512-byte units of file data actually stored (the sum of
     the lengths of the inode's shards, once, not per replica), so holes take
-    no space. `target` is the link target of a symlink, else b"".
+    no space. `target` is the link target of a symlink, else b"". `flags` is
+    a bit set of INODE_* flags.
     """
 
     inode: int
@@ -87,6 +92,11 @@ class InodeAttrs:
     mtime_ns: int
     ctime_ns: int
     target: bytes = b""
+    flags: int = 0
+
+    @property
+    def readonly(self) -> bool:
+        return bool(self.flags & INODE_READONLY)
 
 
 def same_file_state(before: InodeAttrs, after: InodeAttrs) -> bool:

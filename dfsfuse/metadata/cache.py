@@ -182,7 +182,9 @@ class CachedMetadata(MetadataStore):
         self._listings: dict[int, _Listing] = {}
         self._xattrs: dict[int, _Xattrs] = {}
         self._shard_maps: dict[int, Mapping[int, ShardLayers]] = {}
-        self._shard_places: dict[int, tuple[int, int]] = {}  # shard id -> (inode, index) in _shard_maps
+        # shard id -> {inode: index} of the held maps that have the object
+        # (more than one file when snapshots share it)
+        self._shard_places: dict[int, dict[int, int]] = {}
 
     @property
     def shared(self) -> bool:  # type: ignore[override]
@@ -380,7 +382,7 @@ class CachedMetadata(MetadataStore):
             self._shard_maps[inode] = shard_map
             for index, layers in shard_map.items():
                 for ref in layers:
-                    self._shard_places[ref.shard_id] = (inode, index)
+                    self._place_shard(ref.shard_id, inode, index)
             self._account((_SHARD_MAP, inode), 1 + _object_count(shard_map))
             return shard_map
 
@@ -409,10 +411,10 @@ class CachedMetadata(MetadataStore):
                 dropped += [index for index, ref in shards.items() if not ref.is_patch and index in shard_map]
                 for index in dropped:
                     for old in shard_map.pop(index, ()):
-                        del self._shard_places[old.shard_id]
+                        self._unplace_shard(old.shard_id, inode)
                 for index, ref in shards.items():
                     shard_map[index] = shard_map.get(index, ()) + (ref,)
-                    self._shard_places[ref.shard_id] = (inode, index)
+                    self._place_shard(ref.shard_id, inode, index)
                 self._account((_SHARD_MAP, inode), 1 + _object_count(shard_map))
             return attrs
 
@@ -434,9 +436,7 @@ class CachedMetadata(MetadataStore):
     async def set_shard_nodes(self, shard_id: int, nodes: tuple[str, ...]) -> None:
         async with self._changing():
             await self._engine.set_shard_nodes(shard_id, nodes)
-            place = self._shard_places.get(shard_id)
-            if place is not None:
-                inode, index = place
+            for inode, index in self._shard_places.get(shard_id, {}).items():
                 shard_map = self._shard_maps[inode] = dict(self._shard_maps[inode])  # see shard_map
                 shard_map[index] = tuple(
                     dataclasses.replace(ref, nodes=tuple(nodes)) if ref.shard_id == shard_id else ref
@@ -828,7 +828,16 @@ class CachedMetadata(MetadataStore):
         else:
             for layers in self._shard_maps.pop(inode).values():
                 for ref in layers:
-                    del self._shard_places[ref.shard_id]
+                    self._unplace_shard(ref.shard_id, inode)
+
+    def _place_shard(self, shard_id: int, inode: int, index: int) -> None:
+        self._shard_places.setdefault(shard_id, {})[inode] = index
+
+    def _unplace_shard(self, shard_id: int, inode: int) -> None:
+        places = self._shard_places[shard_id]
+        del places[inode]
+        if not places:
+            del self._shard_places[shard_id]
 
     def _forget_everything(self) -> None:
         self._lru.clear()

@@ -25,7 +25,7 @@ their own, which PostgreSQL releases when the holder dies.
 Commits are durable when they return (PostgreSQL's synchronous_commit, on by
 default), so `sync()` has nothing to do.
 
-_SCHEMA_V1 to _SCHEMA_V3 are the definition of the tables. They have the names, columns and
+_SCHEMA_V1 to _SCHEMA_V4 are the definition of the tables. They have the names, columns and
 meaning of the SQLite engine's (dfsfuse/metadata/sqlite.py documents every
 column); here integers are BIGINT, byte strings BYTEA, and the ids that only
 grow are identity columns, whose sequences never hand a number out twice.
@@ -173,9 +173,22 @@ ALTER TABLE shards ADD COLUMN layer BIGINT NOT NULL DEFAULT 0;
 UPDATE shards SET layer = id;
 ALTER TABLE shards ALTER COLUMN layer DROP DEFAULT;
 """
+_SCHEMA_V4 = """
+ALTER TABLE inodes ADD COLUMN flags BIGINT NOT NULL DEFAULT 0;
+CREATE INDEX entries_by_inode ON entries (inode);
+ALTER TABLE shards DROP CONSTRAINT shards_pkey;
+CREATE UNIQUE INDEX shards_by_id ON shards (id, inode);
+CREATE TABLE quotas (
+    dir         BIGINT PRIMARY KEY,
+    max_bytes   BIGINT,
+    max_inodes  BIGINT,
+    used_bytes  BIGINT NOT NULL,
+    used_inodes BIGINT NOT NULL
+);
+"""
 # _MIGRATIONS[n] turns a database at schema version n - 1 (0: empty) into one
 # at version n, inside the transaction that records version n.
-_MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3}
+_MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3, 4: _SCHEMA_V4}
 SCHEMA_VERSION = max(_MIGRATIONS)
 _HAS_SCHEMA = "SELECT to_regclass('meta') IS NOT NULL"  # whether the database holds a file system
 # The identity columns, whose sequences must move past rows loaded with ids.

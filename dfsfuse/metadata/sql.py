@@ -75,13 +75,14 @@ TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
     "meta": ("key", "value"),
     "inodes": (
         "id", "mode", "nlink", "uid", "gid", "rdev", "size", "stored_bytes",
-        "atime_ns", "mtime_ns", "ctime_ns", "target", "parent",
+        "atime_ns", "mtime_ns", "ctime_ns", "target", "parent", "flags",
     ),
     "entries": ("id", "parent", "name", "inode"),
     "shards": ("id", "inode", "idx", "length", "checksum", "nodes", "pages", "layer"),
     "garbage": ("shard_id", "nodes", "inode", "since_ns"),
     "xattrs": ("inode", "name", "value"),
     "nodes": ("name", "address", "state", "capacity", "used", "shard_count", "last_seen_ns"),
+    "quotas": ("dir", "max_bytes", "max_inodes", "used_bytes", "used_inodes"),
 }
 
 
@@ -316,8 +317,10 @@ def insert_statement(table: str) -> str:
 
 def create_root(tx: Transaction, uid: int, gid: int, now_ns: int) -> None:
     """A new file system's root directory, and the first shard id, 1."""
+    # The columns of schema 1, which this runs in (the migrations after add to them).
     tx.execute(
-        insert_statement("inodes"),
+        "INSERT INTO inodes (id, mode, nlink, uid, gid, rdev, size, stored_bytes, atime_ns, mtime_ns, ctime_ns,"
+        " target, parent) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (ROOT_INODE, stat.S_IFDIR | 0o755, 2, uid, gid, 0, 0, 0, now_ns, now_ns, now_ns, b"", ROOT_INODE),
     )
     tx.execute("INSERT INTO meta (key, value) VALUES ('next_shard_id', 1)")
@@ -352,7 +355,7 @@ def table_rows(tx: Transaction, table: str) -> list[tuple[Any, ...]]:
 # InodeAttrs(*row) builds the attributes; `blocks` is computed here.
 _ATTR_COLUMNS = (
     "{t}id, {t}mode, {t}nlink, {t}uid, {t}gid, {t}rdev, {t}size, ({t}stored_bytes + 511) / 512,"
-    " {t}atime_ns, {t}mtime_ns, {t}ctime_ns, {t}target"
+    " {t}atime_ns, {t}mtime_ns, {t}ctime_ns, {t}target, {t}flags"
 )
 _ATTRS = _ATTR_COLUMNS.format(t="")
 _ATTRS_OF_I = _ATTR_COLUMNS.format(t="i.")
@@ -685,11 +688,8 @@ def _delete_inodes(tx: Transaction, inodes: list[int]) -> None:
         if row is None or row[0] > 0 or row[1]:
             continue
         tx.changed(inode)
-        tx.execute(
-            "INSERT INTO garbage (shard_id, nodes, inode, since_ns) SELECT id, nodes, inode, ? FROM shards WHERE inode = ?",
-            (tx.clock_ns(), inode),
-        )
-        tx.execute("DELETE FROM shards WHERE inode = ?", (inode,))
+        removed = tx.execute("DELETE FROM shards WHERE inode = ? RETURNING id, nodes", (inode,)).fetchall()
+        _collect_unshared(tx, inode, removed)
         tx.execute("DELETE FROM xattrs WHERE inode = ?", (inode,))
         tx.execute("DELETE FROM inodes WHERE id = ?", (inode,))
 
@@ -768,22 +768,19 @@ def _commit_shards(
             ).fetchall()
     for index, ref in shards.items():
         inserted = tx.execute(
-            "INSERT INTO shards (id, inode, idx, length, checksum, nodes, pages, layer) VALUES (?, ?, ?, ?, ?, ?, ?,"
-            " (SELECT COALESCE(MAX(layer), 0) + 1 FROM shards WHERE inode = ? AND idx = ?))"
-            " ON CONFLICT (id) DO NOTHING RETURNING id",
+            # A new object: in no other file's map (snapshots share objects
+            # only through snapshot_tree).
+            "INSERT INTO shards (id, inode, idx, length, checksum, nodes, pages, layer) SELECT ?, ?, ?, ?, ?, ?, ?,"
+            " (SELECT COALESCE(MAX(layer), 0) + 1 FROM shards WHERE inode = ? AND idx = ?)"
+            " WHERE NOT EXISTS (SELECT 1 FROM shards WHERE id = ? AND inode <> ?)"
+            " ON CONFLICT (id, inode) DO NOTHING RETURNING id",
             (ref.shard_id, inode, index, ref.length, ref.checksum, _encode_nodes(ref.nodes), _encode_pages(ref.pages),
-             inode, index),
+             inode, index, ref.shard_id, inode),
         ).fetchone()
         if inserted is None:
             raise InvalidArgument(f"shard id {ref.shard_id} committed to inode {inode} is already in use")
     kept = {ref.shard_id for ref in shards.values()}
-    garbage = [(shard_id, nodes) for shard_id, _, nodes in removed if shard_id not in kept]
-    if garbage:
-        since_ns = tx.clock_ns()
-        tx.executemany(
-            "INSERT INTO garbage (shard_id, nodes, inode, since_ns) VALUES (?, ?, ?, ?)",
-            [(shard_id, nodes, inode, since_ns) for shard_id, nodes in garbage],
-        )
+    _collect_unshared(tx, inode, [(shard_id, nodes) for shard_id, _, nodes in removed if shard_id not in kept])
     stored_delta = sum(ref.length for ref in shards.values()) - sum(length for _, length, _ in removed)
     assignments = ["size = ?", "stored_bytes = stored_bytes + ?"]
     params: list[Any] = [size, stored_delta]
@@ -793,6 +790,22 @@ def _commit_shards(
     if ctime_ns is not None:
         _add_attr_changes(assignments, params, changes or AttrChanges(), ctime_ns)
     return _update_inode(tx, inode, ", ".join(assignments), params)
+
+
+def _collect_unshared(tx: Transaction, inode: int, removed: Sequence[tuple[int, str]]) -> None:
+    """Make garbage of the objects (shard id, nodes) just removed from
+    `inode`'s map that no other file (a snapshot) still has in its map."""
+    garbage = [
+        (shard_id, nodes, inode)
+        for shard_id, nodes in removed
+        if tx.execute("SELECT 1 FROM shards WHERE id = ? LIMIT 1", (shard_id,)).fetchone() is None
+    ]
+    if garbage:
+        since_ns = tx.clock_ns()
+        tx.executemany(
+            "INSERT INTO garbage (shard_id, nodes, inode, since_ns) VALUES (?, ?, ?, ?)",
+            [(*row, since_ns) for row in garbage],
+        )
 
 
 def _allocate_shard_ids(tx: Transaction, count: int) -> range:
@@ -825,29 +838,35 @@ def _forget_garbage(tx: Transaction, shard_ids: list[int]) -> None:
 
 
 def _shards(tx: Transaction, after_shard_id: int, limit: int) -> list[ShardRecord]:
+    # One row per object: the one of the file with the lowest inode number.
     rows = tx.execute(
-        f"SELECT inode, idx, {_SHARD_COLUMNS} FROM shards WHERE id > ? ORDER BY id LIMIT ?",
+        f"SELECT inode, idx, {_SHARD_COLUMNS} FROM shards s WHERE id > ? AND NOT EXISTS"
+        " (SELECT 1 FROM shards t WHERE t.id = s.id AND t.inode < s.inode) ORDER BY id LIMIT ?",
         (after_shard_id, max(limit, 0)),
     )
     return [ShardRecord(row[0], row[1], _shard_ref(row[2:])) for row in rows]
 
 
 def _set_shard_nodes(tx: Transaction, shard_id: int, nodes: tuple[str, ...]) -> None:
-    row = tx.execute(
+    rows = tx.execute(
         "UPDATE shards SET nodes = ? WHERE id = ? RETURNING inode", (_encode_nodes(nodes), shard_id)
-    ).fetchone()
-    if row is None:
+    ).fetchall()
+    if not rows:
         raise NotFound(f"no live shard {shard_id}")
-    tx.changed(row[0])
+    for (inode,) in rows:
+        tx.changed(inode)
 
 
 def _usage(tx: Transaction) -> UsageCounts:
-    inodes, logical_bytes, stored_bytes = tx.execute(
-        "SELECT COUNT(*), CAST(COALESCE(SUM(CASE WHEN mode & ? = ? THEN size ELSE 0 END), 0) AS BIGINT),"
-        " CAST(COALESCE(SUM(stored_bytes), 0) AS BIGINT) FROM inodes",
+    inodes, logical_bytes = tx.execute(
+        "SELECT COUNT(*), CAST(COALESCE(SUM(CASE WHEN mode & ? = ? THEN size ELSE 0 END), 0) AS BIGINT) FROM inodes",
         (FILE_TYPE_BITS, stat.S_IFREG),
     ).fetchone()
-    (shards,) = tx.execute("SELECT COUNT(*) FROM shards").fetchone()
+    # Each object once, however many files (snapshots) share it.
+    shards, stored_bytes = tx.execute(
+        "SELECT COUNT(*), CAST(COALESCE(SUM(length), 0) AS BIGINT) FROM shards s"
+        " WHERE NOT EXISTS (SELECT 1 FROM shards t WHERE t.id = s.id AND t.inode < s.inode)"
+    ).fetchone()
     return UsageCounts(inodes, logical_bytes, stored_bytes, shards)
 
 

@@ -13,8 +13,8 @@ the death of the process, not of the machine; `sync()` makes it survive the
 machine. `allocate_shard_ids` alone commits with synchronous=FULL, because a
 shard id handed out must never be handed out again.
 
-_SCHEMA_V1 to _SCHEMA_V4 below are the only definition of the tables (V2 and
-V4 add to the ones before, V3 replaces V1's shards table), and their comments are
+_SCHEMA_V1 to _SCHEMA_V6 below are the only definition of the tables (V2, V4
+and V5 add to the ones before, V3 and V6 replace the shards table and V6 adds), and their comments are
 the reference for what each column holds (docs/formats.md mirrors them).
 """
 
@@ -282,6 +282,54 @@ _SCHEMA_V5 = """
 ALTER TABLE shards ADD COLUMN layer INTEGER NOT NULL DEFAULT 0;
 UPDATE shards SET layer = id;
 """
+_SCHEMA_V6 = """
+-- Flags of an inode, a bit set: 1 (INODE_READONLY in dfsfuse/metadata/base.py)
+-- marks an inode of a read-only snapshot, which refuses every change with
+-- EROFS. 0 for every inode from before.
+ALTER TABLE inodes ADD COLUMN flags INTEGER NOT NULL DEFAULT 0;
+
+-- Which entries name an inode: the path of a directory or file from its
+-- inode (the original path of a file in the trash, the quota directories
+-- above a file).
+CREATE INDEX entries_by_inode ON entries (inode);
+
+-- The shard maps again, now with a shard id in more than one file: a
+-- snapshot shares its source's objects instead of copying them. An object's
+-- rows all hold the same length, checksum, nodes and pages; it becomes
+-- garbage when its last row goes. A shard id is in shards or in garbage,
+-- never both, and at most once per file.
+CREATE TABLE shards_v6 (
+    id       INTEGER NOT NULL,
+    inode    INTEGER NOT NULL,
+    idx      INTEGER NOT NULL,
+    length   INTEGER NOT NULL,
+    checksum BLOB NOT NULL,
+    nodes    TEXT NOT NULL,
+    pages    BLOB,
+    layer    INTEGER NOT NULL
+);
+INSERT INTO shards_v6 (id, inode, idx, length, checksum, nodes, pages, layer)
+    SELECT id, inode, idx, length, checksum, nodes, pages, layer FROM shards;
+DROP TABLE shards;
+ALTER TABLE shards_v6 RENAME TO shards;
+CREATE INDEX shards_by_index ON shards (inode, idx);
+-- The files that share an object (garbage, repair), and one row per file.
+CREATE UNIQUE INDEX shards_by_id ON shards (id, inode);
+
+-- Directory quotas: limits on the bytes and inodes below a directory, and
+-- what is used there now, kept in the transaction of every change of it.
+CREATE TABLE quotas (
+    -- inodes.id of the directory the quota is set on.
+    dir         INTEGER PRIMARY KEY,
+    -- The limits; NULL: no limit of that kind.
+    max_bytes   INTEGER,
+    max_inodes  INTEGER,
+    -- The sum of the sizes of the regular files, and the number of inodes,
+    -- below the directory (the directory itself not counted).
+    used_bytes  INTEGER NOT NULL,
+    used_inodes INTEGER NOT NULL
+) WITHOUT ROWID;
+"""
 # References between tables (entries.parent, entries.inode, shards.inode,
 # xattrs.inode -> inodes.id) are kept by the code, not by SQLite foreign keys:
 # enforcing them would need an index on entries.inode and a check on every
@@ -324,6 +372,11 @@ def _add_schema_v5(db: sqlite3.Connection) -> None:
         db.execute(statement)
 
 
+def _add_schema_v6(db: sqlite3.Connection) -> None:
+    for statement in _statements(_SCHEMA_V6):
+        db.execute(statement)
+
+
 # _MIGRATIONS[n] turns a database at schema version n - 1 (0: empty) into one
 # at version n, inside the transaction that records version n.
 _MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
@@ -332,6 +385,7 @@ _MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
     3: _add_schema_v3,
     4: _add_schema_v4,
     5: _add_schema_v5,
+    6: _add_schema_v6,
 }
 SCHEMA_VERSION = max(_MIGRATIONS)
 

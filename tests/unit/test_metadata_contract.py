@@ -1314,6 +1314,9 @@ def test_a_schema_1_database_gains_the_node_registry_and_patches(tmp_path):
     db = sqlite3.connect(path, isolation_level=None)
     db.execute("BEGIN")
     db.execute("DROP TABLE nodes")
+    db.execute("DROP TABLE quotas")
+    db.execute("DROP INDEX entries_by_inode")
+    db.execute("ALTER TABLE inodes DROP COLUMN flags")
     for table in ("sessions", "open_files", "locks"):
         db.execute(f"DROP TABLE {table}")
     db.execute("ALTER TABLE garbage DROP COLUMN inode")
@@ -1342,7 +1345,7 @@ def test_a_schema_1_database_gains_the_node_registry_and_patches(tmp_path):
 
     trio.run(main)
     version = sqlite3.connect(path).execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-    assert version == (engine.SCHEMA_VERSION,) == (5,)
+    assert version == (engine.SCHEMA_VERSION,) == (6,)
 
 
 def test_a_snapshot_opens_as_the_metadata_of_its_instant(harness, tmp_path):
