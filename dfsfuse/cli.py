@@ -55,6 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--interval", type=float, default=1.0, metavar="SECONDS", help="between two lines (default 1)")
     stats.add_argument("--count", type=int, metavar="N", help="stop after N lines (default: until interrupted)")
 
+    snapshot = commands.add_parser(
+        "snapshot", help="a copy-on-write snapshot of a directory tree: SRC DST, or --delete DST"
+    )
+    snapshot.add_argument("paths", nargs="+", metavar="SRC DST", help="paths inside a dfsfuse mount")
+    snapshot.add_argument("--readonly", action="store_true", help="a snapshot that refuses every change (EROFS)")
+    snapshot.add_argument("--delete", action="store_true",
+                          help="remove the snapshot DST (read-only or not) and free what only it holds")
+
     fsck = commands.add_parser("fsck", help="check metadata against the node stores and repair")
     _add_data_options(fsck)
     repair = commands.add_parser("repair", help="bring every shard back to R replicas, most-endangered first")
@@ -96,6 +104,8 @@ def run(argv: list[str]) -> int:
         from .stats import stats
 
         return stats(args.mountpoint, args.interval, args.count)
+    if args.command == "snapshot":  # needs only paths inside a mount
+        return _snapshot(args)
     overrides = {}
     if args.command == "format":
         names = {"replicas": args.replicas, "shard_size": args.shard_size, "block_size": args.block_size}
@@ -135,6 +145,18 @@ def run(argv: list[str]) -> int:
     from .fsck import fsck
 
     return fsck(config)
+
+
+def _snapshot(args: argparse.Namespace) -> int:
+    from .snapshot import delete_snapshot, snapshot
+
+    if args.delete:
+        if len(args.paths) != 1 or args.readonly:
+            raise UserError("usage: dfsfuse snapshot --delete DST")
+        return delete_snapshot(args.paths[0])
+    if len(args.paths) != 2:
+        raise UserError("usage: dfsfuse snapshot SRC DST [--readonly]")
+    return snapshot(args.paths[0], args.paths[1], args.readonly)
 
 
 def _cluster_operation(config: config_module.Config, operation: str, arguments: dict[str, str]) -> int:

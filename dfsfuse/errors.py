@@ -62,6 +62,12 @@ class NoSpace(DfsError):
     errno = errno.ENOSPC
 
 
+class ReadOnly(DfsError):
+    """A change of an inode of a read-only snapshot (EROFS)."""
+
+    errno = errno.EROFS
+
+
 class DataError(DfsError):
     """No good copy of some data could be read or written (EIO)."""
 

@@ -37,6 +37,7 @@ from .cluster.operations import (
 from .cluster.registry import NodeAccess, open_store_or_stand_in, register_config_nodes
 from .cluster.session import MountSession
 from .cluster.snapshots import SnapshotWriter
+from .cluster.tree import TREE_OPERATIONS, MountedTree
 from .config import Config, check_write_buffer, parse_metrics_listen
 from .datadir import DataDirLock, mountpoint_of, prepare_data_dir, require_file_system
 from .errors import UserError
@@ -329,10 +330,10 @@ def _run_mount(config: Config, mountpoint: str, options: list[str], ready: Calla
             async with trio.open_nursery() as nursery:
                 await nursery.start(session.run)
                 await nursery.start(parts.replicator.run)
-                snapshots = await _start_cluster_services(nursery, parts, config)
+                cluster, snapshots = await _start_cluster_services(nursery, parts, config)
                 async with running_file_system(parts.meta, parts.replicator, parts.config, session) as file_system:
                     try:
-                        await _serve(file_system.fs, parts.meta, session, config, mountpoint, options, ready)
+                        await _serve(file_system.fs, cluster, session, config, mountpoint, options, ready)
                     finally:
                         with trio.CancelScope(shield=True):
                             await snapshots.write_at_unmount()  # after shutdown: every file's data is committed
@@ -347,29 +348,33 @@ def _run_mount(config: Config, mountpoint: str, options: list[str], ready: Calla
         raise _single_user_error(group) from None
 
 
-async def _start_cluster_services(nursery: trio.Nursery, parts: Components, config: Config) -> SnapshotWriter:
+async def _start_cluster_services(
+    nursery: trio.Nursery, parts: Components, config: Config
+) -> tuple[Cluster, SnapshotWriter]:
     """The mount's cluster side: following the node registry, the control
     socket, background repair and periodic metadata snapshots."""
     nodes = NodeSet(parts.meta, parts.access, parts.replicator, parts.stores)
     await nursery.start(nodes.run)
     cluster = Cluster(parts.meta, parts.replicator, nodes, config.replicas, parts.access)
     maintenance_lock = trio.Lock()  # one cluster operation or repair pass at a time
-    await nursery.start(ControlServer(config.control_socket_path, cluster, maintenance_lock).run)
+    await nursery.start(ControlServer(config.control_socket_path, cluster, maintenance_lock, TREE_OPERATIONS).run)
     await nursery.start(background_repair, cluster, maintenance_lock)
     snapshots = SnapshotWriter(parts.meta, parts.replicator)
     if config.snapshot_interval:
         await nursery.start(snapshots.run, config.snapshot_interval)
-    return snapshots
+    return cluster, snapshots
 
 
 async def _serve(
-    fs: FileSystem, meta: MetadataStore, session: MountSession, config: Config, mountpoint: str,
+    fs: FileSystem, cluster: Cluster, session: MountSession, config: Config, mountpoint: str,
     options: list[str], ready: Callable[[], None],
 ) -> None:
     """Mount, serve the kernel until it lets go (an unmount, or a signal),
     then store everything and end the FUSE session. Meanwhile other mounts'
-    changes are applied to the kernel's caches; that ends first, since
-    pyfuse3 must not be asked to invalidate anything once its session ends."""
+    changes are applied to the kernel's caches, and the control socket's
+    operations on the tree run; both end first, since pyfuse3 must not be
+    asked to invalidate anything once its session ends."""
+    meta = cluster.meta
     from .fuse import operations as fuse  # here, so status and fsck never load pyfuse3
 
     try:
@@ -396,9 +401,11 @@ async def _serve(
             kernel_side.start_soon(stop_on_signal)
             await kernel_side.start(operations.invalidator.run)
             await kernel_side.start(meta.follow_changes, session.id, operations.invalidator)
+            cluster.tree = MountedTree(fs, operations.invalidator)
             await fuse.serve()
             kernel_side.cancel_scope.cancel()
     finally:
+        cluster.tree = None
         with trio.CancelScope(shield=True):
             await fs.shutdown()
             fuse.stop(unmount=stopped_by_signal)

@@ -10,8 +10,9 @@ ask). One request per connection, JSON lines both ways:
     <- {"line": "rebalance: 40 of 900 shards moved ..."}
     <- {"exit": 0}                                 last; or {"error": "...", "exit": 1}
 
-Operations run one at a time; a second request waits for the first.
-`{"operation": "stats"}` is answered at once, never waiting for one:
+Cluster operations run one at a time; a second request waits for the first.
+Operations on the mounted tree (dfsfuse.cluster.tree: "snapshot", ...) do
+not wait for them. `{"operation": "stats"}` is answered at once, never waiting for one:
 `{"stats": {SAMPLE: VALUE, ...}, "exit": 0}` (dfsfuse.metrics.snapshot).
 """
 
@@ -24,7 +25,7 @@ import logging
 import math
 import os
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from dfsfuse.cluster.operations import (
     MAINTENANCE_BUSY,
     OPERATIONS,
     Cluster,
+    Operation,
     maintenance_turn,
 )
 from dfsfuse.errors import UserError
@@ -61,11 +63,16 @@ class _StreamOutput:
 
 
 class ControlServer:
-    def __init__(self, path: Path, cluster: Cluster, lock: trio.Lock):
-        """`lock` serializes operations with the mount's own maintenance (background repair)."""
+    def __init__(
+        self, path: Path, cluster: Cluster, lock: trio.Lock, tree_operations: Mapping[str, Operation] | None = None
+    ):
+        """`lock` serializes operations with the mount's own maintenance
+        (background repair); `tree_operations` (dfsfuse.cluster.tree) are
+        answered too, without waiting for it."""
         self._path = path
         self._cluster = cluster
         self._lock = lock
+        self._tree_operations = tree_operations or {}
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled; the socket file goes with it."""
@@ -96,7 +103,9 @@ class ControlServer:
             if request.get("operation") == STATS:
                 await _send(stream, {"stats": metrics.snapshot(), "exit": 0})
                 return
-            operation = OPERATIONS[request["operation"]]
+            name = request["operation"]
+            maintains = name in OPERATIONS
+            operation = OPERATIONS[name] if maintains else self._tree_operations[name]
             arguments = request.get("arguments", {})
             if not isinstance(arguments, dict):
                 raise ValueError("arguments must be an object")
@@ -108,7 +117,8 @@ class ControlServer:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_forward, receive, stream)
             async with send:
-                async with maintenance_turn(self._cluster.meta, self._lock) as held:
+                turn = maintenance_turn(self._cluster.meta, self._lock) if maintains else contextlib.nullcontext(True)
+                async with turn as held:
                     log.info("control: %s %s", request["operation"], arguments)
                     try:
                         if not held:

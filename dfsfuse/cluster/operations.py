@@ -10,7 +10,7 @@ import contextlib
 import dataclasses
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import trio
 
@@ -41,6 +41,9 @@ from dfsfuse.metadata.base import (
 from dfsfuse.shards.placement import place
 from dfsfuse.shards.replicator import Replicator
 
+if TYPE_CHECKING:
+    from dfsfuse.cluster.tree import MountedTree
+
 
 class Output(Protocol):
     def line(self, text: str) -> None:
@@ -60,6 +63,7 @@ class Cluster:
     nodes: NodeSet
     replicas: int  # the configured R
     access: NodeAccess  # how to reach a node being added
+    tree: MountedTree | None = None  # in a mount, once it serves the kernel
 
 
 Operation = Callable[..., Awaitable[int]]

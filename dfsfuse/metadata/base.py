@@ -202,6 +202,26 @@ class RenameChange:
 
 
 @dataclasses.dataclass(frozen=True)
+class TreeChange:
+    """What snapshot_tree and remove_tree did. `entry` is as for create (the
+    snapshot's top inode, its parent after, the entry's offset and the top
+    inode's xattrs) or unlink (the top inode after, nlink 0 if it has no name
+    left). `inodes` is every inode the tree holds, the top one included, and
+    `logical_bytes` the sum of its regular files' sizes. `unlinked` are
+    the inodes remove_tree left without a name (to delete once unreferenced)."""
+
+    entry: EntryChange
+    inodes: tuple[int, ...]
+    logical_bytes: int
+    unlinked: tuple[int, ...] = ()
+
+
+# Progress of a long engine call: (done, total), called from the thread the
+# transaction runs on, every few thousand entries.
+ProgressReport = Callable[[int, int], None]
+
+
+@dataclasses.dataclass(frozen=True)
 class UsageCounts:
     inodes: int
     logical_bytes: int  # sum of file sizes (regular files)
@@ -375,6 +395,25 @@ class MetadataStore(abc.ABC):
         for a bad parent."""
 
     @abc.abstractmethod
+    @abc.abstractmethod
+    async def snapshot_tree(
+        self, source: int, parent: int, name: bytes, readonly: bool, now_ns: int,
+        report: ProgressReport | None = None,
+    ) -> TreeChange:
+        """Make `name` in `parent` a copy of the inode `source` and, if it is a
+        directory, of everything below it, as of one instant: new inodes with
+        the same attributes (ctime now), xattrs and names, hard links within
+        the tree kept, and the same shard objects, shared rather than copied
+        (objects are immutable; a later write to either side replaces objects
+        in its own map only). `readonly`: every new inode gets INODE_READONLY.
+        InvalidArgument for a directory into itself; Exists if `name` is taken."""
+
+    @abc.abstractmethod
+    async def remove_tree(self, parent: int, name: bytes, now_ns: int, report: ProgressReport | None = None) -> TreeChange:
+        """Remove `name` in `parent` and, if it is a directory, every name below
+        it, read-only or not, in one transaction. Inodes left without a name
+        are returned in TreeChange.unlinked, to delete_inodes once unreferenced."""
+
     async def delete_inodes(self, inodes: Sequence[int]) -> None:
         """Remove inodes with nlink 0 for good, all in one transaction: their
         xattrs go, their shards move to the garbage list. Skips an inode that

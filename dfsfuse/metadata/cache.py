@@ -81,11 +81,13 @@ from dfsfuse.metadata.base import (
     InodeAttrs,
     MetadataStore,
     NodeRecord,
+    ProgressReport,
     RenameChange,
     SessionRecord,
     ShardLayers,
     ShardRecord,
     ShardRef,
+    TreeChange,
     UsageCounts,
     same_file_state,
 )
@@ -291,6 +293,30 @@ class CachedMetadata(MetadataStore):
             self._name_removed(parent, name)
             self._store_attrs(change.attrs)
             self._refresh_attrs(change.parent)
+            return change
+
+    async def snapshot_tree(
+        self, source: int, parent: int, name: bytes, readonly: bool, now_ns: int,
+        report: ProgressReport | None = None,
+    ) -> TreeChange:
+        async with self._changing():
+            change = await self._engine.snapshot_tree(source, parent, name, readonly, now_ns, report)
+            top = change.entry
+            self._name_added(parent, name, top.attrs, top.offset)
+            self._refresh_attrs(top.parent)
+            self._set_xattr_names(top.attrs.inode, list(top.xattrs))
+            for xattr, value in top.xattrs.items():
+                self._remember_xattr(top.attrs.inode, xattr, value)
+            return change
+
+    async def remove_tree(self, parent: int, name: bytes, now_ns: int, report: ProgressReport | None = None) -> TreeChange:
+        async with self._changing():
+            change = await self._engine.remove_tree(parent, name, now_ns, report)
+            self._name_removed(parent, name)
+            self._refresh_attrs(change.entry.parent)
+            for inode in change.inodes:
+                self._forget_inode(inode)
+                self._directory_removed(inode)
             return change
 
     async def rmdir(self, parent: int, name: bytes, now_ns: int) -> EntryChange:

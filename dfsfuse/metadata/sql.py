@@ -39,6 +39,7 @@ from dfsfuse.errors import (
     SessionLost,
 )
 from dfsfuse.metadata.base import (
+    INODE_READONLY,
     NODE_ACTIVE,
     NODE_STATES,
     RENAME_EXCHANGE,
@@ -54,11 +55,13 @@ from dfsfuse.metadata.base import (
     InodeAttrs,
     MetadataStore,
     NodeRecord,
+    ProgressReport,
     RenameChange,
     SessionRecord,
     ShardLayers,
     ShardRecord,
     ShardRef,
+    TreeChange,
     UsageCounts,
     check_name,
 )
@@ -183,6 +186,15 @@ class SqlMetadata(MetadataStore):
 
     async def readdir(self, parent: int, after: int, limit: int) -> list[DirEntry]:
         return await self._read(_readdir, parent, after, limit)
+
+    async def snapshot_tree(
+        self, source: int, parent: int, name: bytes, readonly: bool, now_ns: int,
+        report: ProgressReport | None = None,
+    ) -> TreeChange:
+        return await self._write(_snapshot_tree, source, parent, name, readonly, now_ns, report)
+
+    async def remove_tree(self, parent: int, name: bytes, now_ns: int, report: ProgressReport | None = None) -> TreeChange:
+        return await self._write(_remove_tree, parent, name, now_ns, report)
 
     async def delete_inodes(self, inodes: Sequence[int]) -> None:
         await self._write(_delete_inodes, sorted(inodes))
@@ -674,6 +686,121 @@ def _readdir(tx: Transaction, parent: int, after: int, limit: int) -> list[DirEn
     if not rows:
         _require_directory(tx, parent, live=False)  # a removed directory lists as empty
     return [DirEntry(row[1], InodeAttrs(*row[2:]), row[0]) for row in rows]
+
+
+# How many entries a tree snapshot or removal copies or removes between two
+# progress reports.
+_REPORT_EVERY = 2000
+
+
+def _tree_below(tx: Transaction, top: int) -> tuple[list[tuple[int, int, bytes, int, int]], int]:
+    """Every entry below directory `top`, parents before children, as
+    (entry id, parent, name, inode, mode); and the sum of the sizes of the
+    regular files there. One query per directory."""
+    entries: list[tuple[int, int, bytes, int, int]] = []
+    sizes: dict[int, int] = {}  # each regular file once, however many names it has here
+    directories = [top]
+    while directories:
+        directory = directories.pop()
+        for entry_id, name, inode, mode, size in tx.execute(
+            "SELECT e.id, e.name, e.inode, i.mode, i.size FROM entries e JOIN inodes i ON i.id = e.inode"
+            " WHERE e.parent = ? ORDER BY e.id",
+            (directory,),
+        ):
+            entries.append((entry_id, directory, name, inode, mode))
+            if stat.S_ISDIR(mode):
+                directories.append(inode)
+            elif stat.S_ISREG(mode):
+                sizes[inode] = size
+    return entries, sum(sizes.values())
+
+
+def _copy_inode(tx: Transaction, source: int, parent: int | None, flags: int, now_ns: int) -> int:
+    """A new inode like `source` (ctime now, `parent` for a directory, its
+    xattrs, and its shard objects shared); its id."""
+    inode: int = tx.execute(
+        "INSERT INTO inodes (mode, nlink, uid, gid, rdev, size, stored_bytes, atime_ns, mtime_ns, ctime_ns,"
+        " target, parent, flags) SELECT mode, nlink, uid, gid, rdev, size, stored_bytes, atime_ns, mtime_ns, ?,"
+        " target, ?, ? FROM inodes WHERE id = ? RETURNING id",
+        (now_ns, parent, flags, source),
+    ).fetchone()[0]
+    tx.execute("INSERT INTO xattrs (inode, name, value) SELECT ?, name, value FROM xattrs WHERE inode = ?", (inode, source))
+    tx.execute(
+        "INSERT INTO shards (id, inode, idx, length, checksum, nodes, pages, layer)"
+        " SELECT id, ?, idx, length, checksum, nodes, pages, layer FROM shards WHERE inode = ?",
+        (inode, source),
+    )
+    return inode
+
+
+def _snapshot_tree(
+    tx: Transaction, source: int, parent: int, name: bytes, readonly: bool, now_ns: int,
+    report: ProgressReport | None,
+) -> TreeChange:
+    check_name(name)
+    top = _inode_attrs(tx, source)
+    if top.nlink == 0:
+        raise NotFound(f"inode {source} has no name left to snapshot")
+    is_directory = stat.S_ISDIR(top.mode)
+    _require_directory(tx, parent)
+    if is_directory and _is_within(tx, parent, source):
+        raise InvalidArgument(f"cannot snapshot directory {source} into itself")
+    below, logical_bytes = _tree_below(tx, source) if is_directory else ([], 0)
+    if stat.S_ISREG(top.mode):
+        logical_bytes = top.size
+    flags = INODE_READONLY if readonly else 0
+    tx.lock_inodes((parent,))
+    parent_attrs = _touch_directory(tx, parent, now_ns, 1 if is_directory else 0)
+    copy_of = {source: _copy_inode(tx, source, parent if is_directory else None, flags, now_ns)}
+    offset = _add_entry(tx, parent, name, copy_of[source])
+    links: dict[int, int] = {}  # copy -> its names in the snapshot, for the non-directories
+    for done, (_, directory, entry_name, inode, mode) in enumerate(below, 1):
+        if inode not in copy_of:  # else a hard link to a file already copied
+            copy_of[inode] = _copy_inode(tx, inode, copy_of[directory] if stat.S_ISDIR(mode) else None, flags, now_ns)
+        tx.execute(
+            "INSERT INTO entries (parent, name, inode) VALUES (?, ?, ?)", (copy_of[directory], entry_name, copy_of[inode])
+        )
+        if not stat.S_ISDIR(mode):
+            links[copy_of[inode]] = links.get(copy_of[inode], 0) + 1
+        if report is not None and done % _REPORT_EVERY == 0:
+            report(done, len(below))
+    if not is_directory:
+        links[copy_of[source]] = 1
+    tx.executemany("UPDATE inodes SET nlink = ? WHERE id = ?", [(count, inode) for inode, count in links.items()])
+    attrs = _inode_attrs(tx, copy_of[source])
+    xattrs = dict(tx.execute("SELECT name, value FROM xattrs WHERE inode = ?", (attrs.inode,)).fetchall())
+    return TreeChange(EntryChange(attrs, parent_attrs, offset, xattrs), tuple(copy_of.values()), logical_bytes)
+
+
+def _remove_tree(tx: Transaction, parent: int, name: bytes, now_ns: int, report: ProgressReport | None) -> TreeChange:
+    entry_id, top = _existing_entry(tx, parent, name)
+    is_directory = stat.S_ISDIR(top.mode)
+    below, logical_bytes = _tree_below(tx, top.inode) if is_directory else ([], 0)
+    if stat.S_ISREG(top.mode):
+        logical_bytes = top.size
+    tx.lock_inodes([parent, top.inode, *(entry[3] for entry in below)])
+    names_removed: dict[int, int] = {top.inode: 1}
+    for done, (below_entry, directory, entry_name, inode, _) in enumerate(reversed(below), 1):
+        _remove_entry(tx, below_entry, directory, entry_name)
+        names_removed[inode] = names_removed.get(inode, 0) + 1
+        if report is not None and done % _REPORT_EVERY == 0:
+            report(done, len(below))
+    _remove_entry(tx, entry_id, parent, name)
+    parent_attrs = _touch_directory(tx, parent, now_ns, -1 if is_directory else 0)
+    unlinked = []
+    for inode, count in names_removed.items():
+        tx.changed(inode)
+        (nlink,) = tx.execute(
+            "UPDATE inodes SET nlink = CASE WHEN mode & ? = ? THEN 0 ELSE nlink - ? END, ctime_ns = ?"
+            " WHERE id = ? RETURNING nlink",
+            (FILE_TYPE_BITS, stat.S_IFDIR, count, now_ns, inode),
+        ).fetchone()
+        if nlink == 0:
+            unlinked.append(inode)
+    attrs = _inode_attrs(tx, top.inode)
+    return TreeChange(
+        EntryChange(attrs, parent_attrs, entry_id), tuple(names_removed), logical_bytes, tuple(unlinked)
+    )
 
 
 _OPEN_ANYWHERE = "EXISTS (SELECT 1 FROM open_files o WHERE o.inode = {inode})"

@@ -34,7 +34,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from ..cluster.session import MountSession
-from ..errors import DfsError, InvalidArgument, IsADirectory, NoSpace
+from ..errors import DfsError, InvalidArgument, IsADirectory, NoSpace, ReadOnly
 from ..metadata.base import (
     NAME_MAX,
     REPLICAS_XATTR,
@@ -43,6 +43,8 @@ from ..metadata.base import (
     DirEntry,
     EntryChange,
     InodeAttrs,
+    ProgressReport,
+    TreeChange,
     check_name,
     same_file_state,
 )
@@ -218,6 +220,7 @@ class FileSystem:
         open as open in `opened_by`, a session."""
         check_name(name)
         parent_attrs = await self._meta.getattr(parent)
+        _check_writable(parent_attrs)
         mode, gid = _new_mode_and_group(parent_attrs, mode, caller)
         created = await self._meta.create(
             parent, name, mode, caller.uid, gid, time.time_ns(), rdev=rdev, target=target, opened_by=opened_by
@@ -233,6 +236,7 @@ class FileSystem:
 
     async def link(self, inode: int, new_parent: int, new_name: bytes) -> InodeAttrs:
         check_name(new_name)
+        await self._check_writable(inode, new_parent)  # a link changes the inode's nlink and ctime
         attrs = self._overlay((await self._meta.link(inode, new_parent, new_name, time.time_ns())).attrs)
         self._unlinked.discard(inode)
         self.add_ref(inode)
@@ -240,12 +244,14 @@ class FileSystem:
 
     async def unlink(self, parent: int, name: bytes) -> None:
         check_name(name)
+        await self._check_writable(parent)
         attrs = (await self._meta.unlink(parent, name, time.time_ns())).attrs
         self._note_links(attrs)
         self._delete_if_unreferenced(attrs.inode)
 
     async def rmdir(self, parent: int, name: bytes) -> None:
         check_name(name)  # also refuses '.' and '..' (EINVAL)
+        await self._check_writable(parent)
         attrs = (await self._meta.rmdir(parent, name, time.time_ns())).attrs
         self._note_links(attrs)
         self._delete_if_unreferenced(attrs.inode)
@@ -253,6 +259,7 @@ class FileSystem:
     async def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, flags: int) -> None:
         check_name(old_name)
         check_name(new_name)
+        await self._check_writable(old_parent, new_parent)
         change = await self._meta.rename(old_parent, old_name, new_parent, new_name, flags, time.time_ns())
         if change is not None and change.replaced is not None:
             self._note_links(change.replaced)
@@ -268,9 +275,15 @@ class FileSystem:
         entries = await self._meta.readdir(inode, after, limit)
         return [dataclasses.replace(entry, attrs=self._overlay(entry.attrs)) for entry in entries]
 
+    async def _check_writable(self, *inodes: int) -> None:
+        """ReadOnly (EROFS) if any of these inodes belongs to a read-only snapshot."""
+        for inode in inodes:
+            _check_writable(await self._meta.getattr(inode))
+
     # -- attributes ------------------------------------------------------------
     async def setattr(self, inode: int, changes: AttrChanges, size: int | None) -> InodeAttrs:
         """One engine call: with a size, the truncate commits the other changes too."""
+        await self._check_writable(inode)
         if size is not None:
             await self._truncate(inode, size, None if changes == AttrChanges() else changes)
         else:
@@ -315,6 +328,7 @@ class FileSystem:
     # -- extended attributes ---------------------------------------------------
     async def setxattr(self, inode: int, name: bytes, value: bytes, flags: int) -> None:
         _check_xattr_name(name)
+        await self._check_writable(inode)
         if name == REPLICAS_XATTR:
             value = _check_replicas_value(value, len(self._replicator.writable))
         await self._meta.setxattr(inode, name, value, flags, time.time_ns())
@@ -328,10 +342,13 @@ class FileSystem:
 
     async def removexattr(self, inode: int, name: bytes) -> None:
         _check_xattr_name(name)
+        await self._check_writable(inode)
         await self._meta.removexattr(inode, name, time.time_ns())
 
     # -- open files ------------------------------------------------------------
     async def open(self, inode: int, flags: int) -> int:
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
+            await self._check_writable(inode)
         contents = self._files.get(inode)
         changed = False
         if contents is None or not contents.open_count:
@@ -497,6 +514,31 @@ class FileSystem:
         """fsyncdir: directory changes are committed per call; make them durable."""
         await self._meta.sync()
 
+    # -- whole trees (dfsfuse snapshot) -------------------------------------------
+    async def snapshot_tree(
+        self, source: int, parent: int, name: bytes, readonly: bool, report: ProgressReport | None = None
+    ) -> TreeChange:
+        """Snapshot `source` as `name` in `parent` (MetadataStore.snapshot_tree),
+        after committing what this mount's open files hold buffered, so the
+        snapshot has every write made here before it was asked for."""
+        check_name(name)
+        await self._check_writable(parent)
+        for contents in list(self._files.values()):
+            if not contents.is_clean:
+                await contents.flush(sync=False)
+        return await self._meta.snapshot_tree(source, parent, name, readonly, time.time_ns(), report)
+
+    async def remove_tree(self, parent: int, name: bytes, report: ProgressReport | None = None) -> TreeChange:
+        """Remove `name` in `parent` and everything below it, read-only or not
+        (a snapshot); the inodes left without a name go as an unlink's do."""
+        check_name(name)
+        await self._check_writable(parent)
+        change = await self._meta.remove_tree(parent, name, time.time_ns(), report)
+        for inode in change.unlinked:
+            self._unlinked.add(inode)
+            self._delete_if_unreferenced(inode)
+        return change
+
     async def release(self, handle: int) -> None:
         entry = self._handles.pop(handle, None)
         if entry is None:
@@ -527,6 +569,11 @@ class FileSystem:
             if self._session is not None:
                 self._session.closed(contents.inode)
             self._delete_if_unreferenced(contents.inode)
+
+
+def _check_writable(attrs: InodeAttrs) -> None:
+    if attrs.readonly:
+        raise ReadOnly(f"inode {attrs.inode} belongs to a read-only snapshot")
 
 
 def _check_replicas_value(value: bytes, writable_nodes: int) -> bytes:

@@ -1526,3 +1526,93 @@ def test_a_dump_of_any_engine_loads_into_postgresql(harness, second_postgres_url
                 pass
 
     trio.run(check)
+
+
+# -- tree snapshots ----------------------------------------------------------
+
+
+def test_snapshot_tree_copies_names_attrs_xattrs_and_shares_objects(harness):
+    async def body(store: MetadataStore) -> None:
+        top = await mkdir(store, ROOT_INODE, b"top")
+        sub = await mkdir(store, top.inode, b"sub")
+        file = await mkfile(store, sub.inode, b"file")
+        await store.commit_shards(file.inode, {0: ref(1, 4096), 1: ref(2, 100)}, 4096 + 100)
+        await store.commit_shards(file.inode, {0: patch(3, (0,))}, 4196)
+        await store.link(file.inode, top.inode, b"hardlink", now())
+        await store.create(top.inode, b"symlink", stat.S_IFLNK | 0o777, 0, 0, now(), target=b"sub/file")
+        await store.setxattr(sub.inode, b"user.color", b"blue", 0, now())
+        t = now()
+
+        change = await store.snapshot_tree(top.inode, ROOT_INODE, b"snap", False, t)
+        copy = change.entry.attrs
+        assert stat.S_ISDIR(copy.mode) and copy.nlink == top.nlink + 1 == 3 and copy.ctime_ns == t
+        assert change.entry.parent.nlink == 4  # root: 2 + top + snap
+        assert len(change.inodes) == 4 and change.logical_bytes == 4196  # the hard link is one inode
+        assert await names_in(store, copy.inode) == {b"sub", b"hardlink", b"symlink"}
+        sub_copy = await store.lookup(copy.inode, b"sub")
+        file_copy = await store.lookup(sub_copy.inode, b"file")
+        assert file_copy.inode != file.inode
+        assert file_copy == await store.lookup(copy.inode, b"hardlink")
+        assert (file_copy.nlink, file_copy.size, file_copy.blocks) == (2, 4196, (4096 + 100 + PAGE_SIZE + 511) // 512)
+        assert await store.shard_map(file_copy.inode) == await store.shard_map(file.inode)
+        assert await store.getxattr(sub_copy.inode, b"user.color") == b"blue"
+        assert (await store.lookup(copy.inode, b"symlink")).target == b"sub/file"
+        assert (await store.lookup(sub_copy.inode, b"..")).inode == copy.inode
+        await check_nlinks(store)
+
+        # A write on either side replaces objects in its own map only.
+        await store.commit_shards(file.inode, {0: ref(4, 10)}, 10, drop_from=1)
+        assert await store.shard_map(file_copy.inode) == {0: (ref(1, 4096), patch(3, (0,))), 1: (ref(2, 100),)}
+        assert await store.garbage(10) == []  # the snapshot still has 1, 2 and 3
+        usage = await store.usage()
+        assert (usage.shards, usage.stored_bytes) == (4, 4096 + 100 + PAGE_SIZE + 10)
+
+        # Removing the snapshot frees what only it held, and nothing else.
+        removed = await store.remove_tree(ROOT_INODE, b"snap", now())
+        assert sorted(removed.unlinked) == sorted(change.inodes)
+        await store.delete_inodes(removed.unlinked)
+        assert sorted(shard_id for shard_id, _ in await store.garbage(10)) == [1, 2, 3]
+        assert await store.shard_map(file.inode) == {0: (ref(4, 10),)}
+        assert await names_in(store, ROOT_INODE) == {b"top"}
+        assert (await store.getattr(ROOT_INODE)).nlink == 3
+        await check_nlinks(store)
+
+    run_with_store(harness, body)
+
+
+def test_snapshot_tree_read_only_marks_every_inode_and_refuses_bad_targets(harness):
+    async def body(store: MetadataStore) -> None:
+        top = await mkdir(store, ROOT_INODE, b"top")
+        file = await mkfile(store, top.inode, b"file")
+        await store.commit_shards(file.inode, {0: ref(1)}, 1000)
+        change = await store.snapshot_tree(top.inode, ROOT_INODE, b"ro", True, now())
+        assert change.entry.attrs.readonly
+        assert (await store.lookup(change.entry.attrs.inode, b"file")).readonly
+        assert not (await store.getattr(top.inode)).readonly and not (await store.getattr(file.inode)).readonly
+
+        single = await store.snapshot_tree(file.inode, top.inode, b"file-copy", False, now())
+        assert (single.entry.attrs.nlink, single.entry.attrs.size) == (1, 1000)
+        assert single.logical_bytes == 1000
+
+        before = await store.getattr(ROOT_INODE)
+        with pytest.raises(Exists):
+            await store.snapshot_tree(top.inode, ROOT_INODE, b"ro", False, now())
+        with pytest.raises(InvalidArgument):
+            await store.snapshot_tree(top.inode, top.inode, b"inside", False, now())
+        with pytest.raises(NotFound):
+            await store.snapshot_tree(10**9, ROOT_INODE, b"nothing", False, now())
+        with pytest.raises(NotADirectory):
+            await store.snapshot_tree(top.inode, file.inode, b"x", False, now())
+        assert await store.getattr(ROOT_INODE) == before
+        assert await names_in(store, top.inode) == {b"file", b"file-copy"}
+
+        # Removing a tree whose file has a name outside it keeps that file.
+        await store.link(file.inode, ROOT_INODE, b"outside", now())
+        removed = await store.remove_tree(ROOT_INODE, b"top", now())
+        assert file.inode not in removed.unlinked and single.entry.attrs.inode in removed.unlinked
+        assert (await store.lookup(ROOT_INODE, b"outside")).nlink == 1
+        with pytest.raises(NotFound):
+            await store.remove_tree(ROOT_INODE, b"top", now())
+        await check_nlinks(store)
+
+    run_with_store(harness, body)
