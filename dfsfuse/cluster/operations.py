@@ -60,6 +60,8 @@ class Cluster:
     nodes: NodeSet
     replicas: int  # the configured R
     access: NodeAccess  # how to reach a node being added
+    # Called after a quota is set or removed (the mount's write path caches them).
+    quotas_changed: Callable[[], None] = lambda: None
 
 
 Operation = Callable[..., Awaitable[int]]
