@@ -20,7 +20,8 @@ usage and this mount's view of it must not count a commit twice or miss it:
   and no longer in the uncommitted growth);
 - a commit still in flight may be in what a refresh read and still in the
   uncommitted growth: counted twice, which can only refuse too early, so a
-  refusal waits for this mount's commits in flight and is decided again.
+  refusal waits for the commits in flight then (not for later ones, which
+  could go on for ever) and is decided once more, on a fresh reading.
 
 What is cached: every quota (one `quotas()` read, none if there are none:
 then a growth costs one dict lookup), and for each file written under one
@@ -69,8 +70,8 @@ class QuotaGuard:
         self._claims: dict[int, int] = {}  # inode -> end of a growth admitted, being written
         self._generation = 0  # moves on when a commit ends
         self._fresh_generation = -1  # the generation the cached usage is as of
-        self._in_flight = 0
-        self._commits_done = trio.Event()
+        self._in_flight: dict[int, trio.Event] = {}  # commits under way: set when each ends
+        self._next_commit = 0
 
     # -- admitting growth ---------------------------------------------------
     async def admit(self, file: GrowingFile, end: int) -> None:
@@ -79,6 +80,7 @@ class QuotaGuard:
         does not grow. The growth counts as uncommitted until `written`."""
         if end <= max(file.size, self._claims.get(file.inode, 0)):
             return
+        waited = False
         while True:
             if self.none_anywhere:
                 return
@@ -94,9 +96,11 @@ class QuotaGuard:
                 self._files[file.inode] = file
                 self._claims[file.inode] = end
                 return
-            if not self._in_flight:
+            if waited or not self._in_flight:
                 raise QuotaExceeded(exceeded)
-            await self._commits_done.wait()  # the refusal may count a commit twice
+            for ended in list(self._in_flight.values()):  # the refusal may count one of them twice
+                await ended.wait()
+            waited = True
 
     def written(self, file: GrowingFile) -> None:
         """The write or truncate that was admitted is done (its growth is in
@@ -163,15 +167,15 @@ class QuotaGuard:
     @contextlib.contextmanager
     def committing(self) -> Iterator[None]:
         """Around a commit of a file's size: the usage read before it ends is stale."""
-        self._in_flight += 1
+        ticket = self._next_commit
+        self._next_commit += 1
+        ended = self._in_flight[ticket] = trio.Event()
         try:
             yield
         finally:
-            self._in_flight -= 1
+            del self._in_flight[ticket]
             self._generation += 1
-            if not self._in_flight:
-                self._commits_done.set()
-                self._commits_done = trio.Event()
+            ended.set()
 
     def names_changed(self) -> None:
         """A name was moved, added or removed here: files may lie under other quotas now."""
