@@ -791,14 +791,17 @@ def _commit_shards(
     if changes is not None and ctime_ns is None:
         raise InvalidArgument("commit_shards with attr changes needs ctime_ns (the setattr's now_ns)")
     tx.lock_inodes((inode,))  # commits to one file in turn: each layer is above the last
-    row = tx.execute("SELECT mode, size, nlink FROM inodes WHERE id = ?", (inode,)).fetchone()
+    # Whether any quota exists comes along, so a write without quotas costs no extra statement.
+    row = tx.execute(
+        "SELECT mode, size, nlink, EXISTS (SELECT 1 FROM quotas) FROM inodes WHERE id = ?", (inode,)
+    ).fetchone()
     if row is None:
         raise NotFound(f"no inode {inode}")
     if stat.S_ISDIR(row[0]):
         raise IsADirectory(f"inode {inode} is a directory")
     if not stat.S_ISREG(row[0]):
         raise InvalidArgument(f"inode {inode} is not a regular file")
-    if size != row[1] and row[2] > 0:  # an unnamed file is charged to no quota
+    if size != row[1] and row[2] > 0 and row[3]:  # an unnamed file is charged to no quota
         _charge_quotas(tx, quotas_of_inode(tx, inode), size - row[1], 0, enforce=False)
     removed: list[tuple[int, int, str]] = []  # (shard id, length, nodes)
     if drop_from is not None:
