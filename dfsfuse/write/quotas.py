@@ -43,7 +43,7 @@ from typing import Protocol
 
 import trio
 
-from ..errors import QuotaExceeded
+from ..errors import NotFound, QuotaExceeded
 from ..metadata.base import MetadataStore, QuotaRecord
 
 
@@ -89,7 +89,7 @@ class QuotaGuard:
                 continue
             missing = self._missing_domain(file)
             if missing is not None:
-                self._domains[missing] = frozenset(quota.directory for quota in await self._meta.quotas_of(missing))
+                self._domains[missing] = await self._domain_of(missing)
                 continue
             exceeded = self._exceeded(file, end)
             if exceeded is None:
@@ -112,6 +112,14 @@ class QuotaGuard:
         self._files.pop(inode, None)
         self._claims.pop(inode, None)
         self._domains.pop(inode, None)
+
+    async def _domain_of(self, inode: int) -> frozenset[int]:
+        """The quota directories above `inode`; none if it is gone (deleted by
+        another mount: its data counts nowhere)."""
+        try:
+            return frozenset(quota.directory for quota in await self._meta.quotas_of(inode))
+        except NotFound:
+            return frozenset()
 
     async def _refresh(self) -> None:
         generation = self._generation

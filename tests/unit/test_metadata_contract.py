@@ -1720,3 +1720,37 @@ def test_hard_links_are_charged_once_and_stay_in_their_quotas(harness):
 
     run_with_store(harness, body)
 
+
+
+def test_concurrent_creates_and_commits_keep_usage_exact(harness):
+    """Transactions in flight at once (PostgreSQL runs them on connections of
+    their own, SERIALIZABLE): exactly the limit's worth of creates succeeds,
+    and concurrent size commits add up."""
+
+    async def body(store: MetadataStore) -> None:
+        top = await mkdir(store, ROOT_INODE, b"top")
+        await store.set_quota(top.inode, None, 10)
+        made: list[InodeAttrs] = []
+        refused = 0
+
+        async def make(index: int) -> None:
+            nonlocal refused
+            try:
+                made.append(await mkfile(store, top.inode, b"f%d" % index))
+            except QuotaExceeded:
+                refused += 1
+
+        async with trio.open_nursery() as nursery:
+            for index in range(25):
+                nursery.start_soon(make, index)
+        assert (len(made), refused) == (10, 15)
+
+        async def grow(file: InodeAttrs, shard_id: int) -> None:
+            await store.commit_shards(file.inode, {0: ref(shard_id, 100 + shard_id)}, 100 + shard_id)
+
+        async with trio.open_nursery() as nursery:
+            for shard_id, file in enumerate(made, start=1):
+                nursery.start_soon(grow, file, shard_id)
+        assert await quota_usage(store, top.inode) == (sum(100 + i for i in range(1, 11)), 10)
+
+    run_with_store(harness, body)
