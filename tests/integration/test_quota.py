@@ -1,8 +1,9 @@
 """Directory quotas through the mount, with ordinary tools: `dfsfuse quota
 set|get|list|remove`, EDQUOT from dd, cp, touch, mkdir and mv past a limit
 (with nothing already stored damaged), EXDEV for hard links across quotas,
-df on a quota directory, exact usage after concurrent writers, and fsck's
-recount after a crash with a wrong usage on disk.
+df on a quota directory, exact usage after concurrent writers, two mounts
+on PostgreSQL sharing quotas, and fsck's recount after a crash with a wrong
+usage on disk.
 
 Small shards (64 KiB) so that a few hundred KiB cross shard boundaries and
 background flushes commit while writers go on.
@@ -15,8 +16,11 @@ import re
 import sqlite3
 import stat
 import subprocess
+import threading
+import time
 from pathlib import Path
 
+from conftest import MountFactory, postgres_config
 from dfstest import (
     PYTHON,
     KiB,
@@ -256,3 +260,59 @@ def test_fsck_reports_and_repairs_a_wrong_usage_after_a_crash(mount_factory):
     (limited / "more").write_bytes(b"y" * 10)
     assert usage_of(limited) == (300 * KiB + 10, 2)
 
+
+
+def test_two_mounts_on_postgresql_share_their_quotas(postgres_server, test_root):
+    """A quota set through one mount holds on the other at once (its write path
+    hears of it through the change notices), and creates from both mounts
+    at the same moment stop exactly at the limit."""
+    base = test_root / "quota_two_mounts"
+    base.mkdir(parents=True, exist_ok=True)
+    database = "quota_two_mounts"
+    postgres_server.create_database(database)
+    config = postgres_config(postgres_server, database, base / "pgpassword", MOUNT_CONFIG)
+    factory = MountFactory(base, "quota_two_mounts")
+    a = factory.new("a", config=config, start=False)
+    b = factory.new("b", config=config, start=False)
+    try:
+        dfsfuse_cli("format", "--data-dir", a.data_dir, "--config", a.config_path)
+        a.start()
+        b.start()
+        (a.mountpoint / "shared").mkdir()
+        (b.mountpoint / "shared" / "early").write_bytes(b"before any quota")  # b knows of no quota yet
+        quota("set", a.mountpoint / "shared", "--bytes", "256KiB", "--inodes", "20")
+        # b hears of it through the change notice: then its df, and its write path, see the quota.
+        deadline = time.monotonic() + 10
+        while (seen := os.statvfs(b.mountpoint / "shared")).f_blocks * seen.f_frsize != 256 * KiB:
+            assert time.monotonic() < deadline, "mount b did not hear of the quota"
+            time.sleep(0.05)
+        result = run(["dd", "if=/dev/zero", f"of={b.mountpoint / 'shared' / 'big'}", "bs=64k", "count=8"],
+                     check=False)
+        assert result.returncode != 0 and "Disk quota exceeded" in result.stderr, result.stderr
+        assert dd_copied(result) <= 256 * KiB - len(b"before any quota")
+
+        made = {a: 0, b: 0}
+
+        def create_many(mount) -> None:
+            for index in range(20):
+                try:
+                    (mount.mountpoint / "shared" / f"{mount.mountpoint.parent.name}-{index}").touch()
+                    made[mount] += 1
+                except OSError as error:
+                    assert error.errno == errno.EDQUOT, error
+
+        threads = [threading.Thread(target=create_many, args=(mount,)) for mount in (a, b)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        assert made[a] + made[b] == 20 - 2, made  # early and big took two
+        assert usage_of(b.mountpoint / "shared") == counted(a.mountpoint / "shared")
+        assert usage_of(a.mountpoint / "shared")[1] == 20
+        b.stop(fsck=False)  # fsck runs once no mount uses the file system
+        a.stop()
+    finally:
+        for mount in (b, a):
+            mount.kill()
+        factory.mounts.clear()
+        postgres_server.drop_database(database)
