@@ -1,4 +1,4 @@
-"""The dfsfuse command line: format, mount, status, stats, fsck, repair, scrub, rebalance, restore, node.
+"""The dfsfuse command line: format, mount, status, stats, quota, fsck, repair, scrub, rebalance, restore, node.
 
 Mistakes a person can fix end as one line on stderr and a non-zero exit
 code, never a traceback.
@@ -62,6 +62,20 @@ def build_parser() -> argparse.ArgumentParser:
     snapshot.add_argument("--readonly", action="store_true", help="a snapshot that refuses every change (EROFS)")
     snapshot.add_argument("--delete", action="store_true",
                           help="remove the snapshot DST (read-only or not) and free what only it holds")
+    quota = commands.add_parser("quota", help="directory quotas: limits on the bytes and inodes below a directory")
+    quota_commands = quota.add_subparsers(dest="quota_command", required=True, metavar="COMMAND")
+    quota_set = quota_commands.add_parser("set", help="set or change the limits of a directory's quota")
+    quota_set.add_argument("directory", metavar="DIR", help="a directory in a dfsfuse mount")
+    quota_set.add_argument("--bytes", metavar="SIZE", help="the most file data below DIR: 10GiB, 500M, 1T, bytes; none")
+    quota_set.add_argument("--inodes", metavar="N", help="the most files, directories and links below DIR; none")
+    quota_get = quota_commands.add_parser("get", help="a directory's quota: limits and usage")
+    quota_get.add_argument("directory", metavar="DIR")
+    quota_get.add_argument("--json", action="store_true", help="as JSON, for scripts (exact numbers)")
+    quota_list = quota_commands.add_parser("list", help="every quota of the file system mounted at PATH")
+    quota_list.add_argument("path", metavar="PATH", help="the mount point, or any path in the mount")
+    quota_list.add_argument("--json", action="store_true", help="as JSON, for scripts (exact numbers)")
+    quota_remove = quota_commands.add_parser("remove", help="drop a directory's quota")
+    quota_remove.add_argument("directory", metavar="DIR")
 
     fsck = commands.add_parser("fsck", help="check metadata against the node stores and repair")
     _add_data_options(fsck)
@@ -106,6 +120,8 @@ def run(argv: list[str]) -> int:
         return stats(args.mountpoint, args.interval, args.count)
     if args.command == "snapshot":  # needs only paths inside a mount
         return _snapshot(args)
+    if args.command == "quota":  # the mount answers: needs only a path in it
+        return _quota_command(args)
     overrides = {}
     if args.command == "format":
         names = {"replicas": args.replicas, "shard_size": args.shard_size, "block_size": args.block_size}
@@ -157,6 +173,18 @@ def _snapshot(args: argparse.Namespace) -> int:
     if len(args.paths) != 2:
         raise UserError("usage: dfsfuse snapshot SRC DST [--readonly]")
     return snapshot(args.paths[0], args.paths[1], args.readonly)
+
+
+def _quota_command(args: argparse.Namespace) -> int:
+    from . import quota
+
+    if args.quota_command == "set":
+        return quota.quota_set(args.directory, args.bytes, args.inodes)
+    if args.quota_command == "get":
+        return quota.quota_get(args.directory, args.json)
+    if args.quota_command == "list":
+        return quota.quota_list(args.path, args.json)
+    return quota.quota_remove(args.directory)
 
 
 def _cluster_operation(config: config_module.Config, operation: str, arguments: dict[str, str]) -> int:

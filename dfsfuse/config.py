@@ -49,8 +49,11 @@ from .storage.addresses import split_host_port
 KiB = 1024
 MiB = 1024 * KiB
 GiB = 1024 * MiB
+TiB = 1024 * GiB
 
-_SIZE_UNITS = {"": 1, "b": 1, "k": KiB, "kib": KiB, "m": MiB, "mib": MiB, "g": GiB, "gib": GiB}
+_SIZE_UNITS = {
+    "": 1, "b": 1, "k": KiB, "kib": KiB, "m": MiB, "mib": MiB, "g": GiB, "gib": GiB, "t": TiB, "tib": TiB,
+}
 _NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -119,19 +122,20 @@ def default_data_dir() -> Path:
     return Path(base) / "dfsfuse" / "default"
 
 
-def parse_size(value: object, what: str) -> int:
-    """An int, or a string such as "4MiB" / "64k", as a byte count."""
+def parse_size(value: object, what: str, source: str = "config") -> int:
+    """An int, or a string such as "4MiB" / "64k" / "1T", as a byte count;
+    `source` begins the error's line."""
     if isinstance(value, bool):
-        raise UserError(f"config: {what} must be a size such as 4MiB, not {value!r}")
+        raise UserError(f"{source}: {what} must be a size such as 4MiB, not {value!r}")
     if isinstance(value, int):
         number, unit = value, ""
     elif isinstance(value, str):
         match = re.fullmatch(r"\s*(\d+)\s*([A-Za-z]*)\s*", value)
         if not match or match.group(2).lower() not in _SIZE_UNITS:
-            raise UserError(f"config: {what} must be a size such as 4MiB, not {value!r}")
+            raise UserError(f"{source}: {what} must be a size such as 4MiB, not {value!r}")
         number, unit = int(match.group(1)), match.group(2).lower()
     else:
-        raise UserError(f"config: {what} must be a size such as 4MiB, not {value!r}")
+        raise UserError(f"{source}: {what} must be a size such as 4MiB, not {value!r}")
     return number * _SIZE_UNITS[unit]
 
 

@@ -68,6 +68,19 @@ class ReadOnly(DfsError):
     errno = errno.EROFS
 
 
+class QuotaExceeded(DfsError):
+    """A directory quota (bytes or inodes) would be exceeded (EDQUOT, "Disk quota exceeded")."""
+
+    errno = errno.EDQUOT
+
+
+class CrossDevice(DfsError):
+    """A link or rename that cannot be done in place (EXDEV): `mv` then copies
+    and deletes, `ln` fails. dfsfuse refuses so a hard link across quota domains."""
+
+    errno = errno.EXDEV
+
+
 class DataError(DfsError):
     """No good copy of some data could be read or written (EIO)."""
 

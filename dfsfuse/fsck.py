@@ -4,7 +4,9 @@ It runs only while the file system is not mounted, anywhere (it takes the
 data dir's lock, and refuses while the metadata lists a live session; it
 reclaims the sessions of mounts that died), and in this order, each step
 safe to interrupt and run again:
-1. inodes left with no name by a crash are deleted (their shards become garbage);
+1. inodes left with no name by a crash are deleted (their shards become garbage),
+   and every directory quota's usage is counted again from the tree: one
+   that differs from what is recorded is reported and corrected;
 2. garbage shards have their replicas deleted;
 3. every live shard's replicas are read in full and verified; missing or
    corrupt ones are rewritten from a good replica (and re-placed when their
@@ -23,6 +25,7 @@ import trio
 from .cluster.commands import TerminalOutput
 from .cluster.inventory import SHARD_PAGE, ReplicaTargets, live_shards, replica_ids
 from .cluster.maintenance import RepairTally, repair_shard
+from .cluster.quotas import directory_path
 from .cluster.snapshots import is_snapshot_id
 from .config import Config
 from .datadir import DataDirLock, mountpoint_of, prepare_data_dir, require_file_system
@@ -41,6 +44,7 @@ class FsckReport:
     orphans_removed: int = 0
     unrecoverable: int = 0
     deleted_inodes: int = 0
+    quotas_corrected: int = 0
 
     def summary(self) -> str:
         return (
@@ -74,6 +78,7 @@ async def _fsck(config: Config) -> FsckReport:
         report.deleted_inodes += len(orphans)
         if report.deleted_inodes:
             print(f"deleted {report.deleted_inodes} inodes that had no name left")
+        report.quotas_corrected = await _correct_quotas(meta)
 
         garbage_ids: set[int] = set()
         while batch := [g for g in await meta.garbage(SHARD_PAGE) if g[0] not in garbage_ids]:
@@ -120,6 +125,18 @@ async def _fsck(config: Config) -> FsckReport:
                     print(f"node {store.name}: orphan shard {shard_id} not removed: {error}")
         await meta.sync()
     return report
+
+
+async def _correct_quotas(meta: MetadataStore) -> int:
+    """Record every quota's usage as counted from the tree; how many differed."""
+    wrong = await meta.check_quotas(repair=True)
+    for recorded, counted in wrong:
+        print(
+            f"quota of {await directory_path(meta, recorded.directory)} (inode {recorded.directory}):"
+            f" recorded {recorded.used_bytes} bytes, {recorded.used_inodes} inodes;"
+            f" counted {counted.used_bytes} bytes, {counted.used_inodes} inodes: corrected"
+        )
+    return len(wrong)
 
 
 async def _reclaim_sessions(meta: MetadataStore, timeout: float) -> None:

@@ -53,6 +53,7 @@ from .vfs.reader import ReadServices
 from .write.buffer import WriteBudget
 from .write.file_writer import WriteServices
 from .write.flusher import Flusher, flush_channel
+from .write.quotas import QuotaGuard
 from .write.storer import ShardStorer
 from .write.unsynced import UnsyncedReplicas
 
@@ -126,11 +127,14 @@ class FileSystemParts:
 
 @contextlib.asynccontextmanager
 async def running_file_system(
-    meta: MetadataStore, replicator: Replicator, config: Config, session: MountSession | None = None
+    meta: MetadataStore, replicator: Replicator, config: Config, session: MountSession | None = None,
+    quotas: QuotaGuard | None = None,
 ) -> AsyncIterator[FileSystemParts]:
     """Build the POSIX layer and its write and read paths over `meta` and
     `replicator`, with their background tasks (the flusher, the garbage
-    collector, read-ahead) running until the block ends. Call
+    collector, read-ahead) running until the block ends; `quotas`, the
+    guard that the control socket's quota requests tell of changes (a
+    new one if None). Call
     `fs.shutdown()` in the block to store everything first; leaving without
     it is what a crash of the mount leaves behind."""
     async with trio.open_nursery() as nursery:
@@ -149,6 +153,7 @@ async def running_file_system(
             garbage=garbage,
             unsynced=UnsyncedReplicas(replicator, nursery),
             shard_size=config.shard_size,
+            quotas=QuotaGuard(meta) if quotas is None else quotas,
         )
         reads = ReadServices(meta=meta, replicator=replicator, cache=cache, garbage=garbage, nursery=nursery)
         await nursery.start(Flusher(flusher_inbox).run)
@@ -327,11 +332,14 @@ def _run_mount(config: Config, mountpoint: str, options: list[str], ready: Calla
     async def mounted() -> int:
         async with open_components(config, cached=True, create=mount_creates(config.metadata)) as parts:
             session = await MountSession.open(parts.meta, mountpoint, config.session_timeout)
+            quotas = QuotaGuard(parts.meta)
             async with trio.open_nursery() as nursery:
                 await nursery.start(session.run)
                 await nursery.start(parts.replicator.run)
-                cluster, snapshots = await _start_cluster_services(nursery, parts, config)
-                async with running_file_system(parts.meta, parts.replicator, parts.config, session) as file_system:
+                cluster, snapshots = await _start_cluster_services(nursery, parts, config, quotas)
+                async with running_file_system(
+                    parts.meta, parts.replicator, parts.config, session, quotas
+                ) as file_system:
                     try:
                         await _serve(file_system.fs, cluster, session, config, mountpoint, options, ready)
                     finally:
@@ -349,13 +357,16 @@ def _run_mount(config: Config, mountpoint: str, options: list[str], ready: Calla
 
 
 async def _start_cluster_services(
-    nursery: trio.Nursery, parts: Components, config: Config
+    nursery: trio.Nursery, parts: Components, config: Config, quotas: QuotaGuard
 ) -> tuple[Cluster, SnapshotWriter]:
     """The mount's cluster side: following the node registry, the control
-    socket, background repair and periodic metadata snapshots."""
+    socket (whose quota requests tell `quotas` of what they change),
+    background repair and periodic metadata snapshots."""
     nodes = NodeSet(parts.meta, parts.access, parts.replicator, parts.stores)
     await nursery.start(nodes.run)
-    cluster = Cluster(parts.meta, parts.replicator, nodes, config.replicas, parts.access)
+    cluster = Cluster(
+        parts.meta, parts.replicator, nodes, config.replicas, parts.access, quotas_changed=quotas.quotas_changed
+    )
     maintenance_lock = trio.Lock()  # one cluster operation or repair pass at a time
     await nursery.start(ControlServer(config.control_socket_path, cluster, maintenance_lock, TREE_OPERATIONS).run)
     await nursery.start(background_repair, cluster, maintenance_lock)

@@ -1,5 +1,6 @@
-"""`dfsfuse status`: the node stores, usage, shards short of replicas, and
-the mounts, as tables for a person or as JSON for scripts (`--json`).
+"""`dfsfuse status`: the node stores, usage, shards short of replicas, the
+directory quotas and the mounts, as tables for a person or as JSON for
+scripts (`--json`).
 
 It reads the metadata and lists each node store, so it works whether or not
 the file system is mounted (SQLite in WAL mode lets it read beside a mount).
@@ -20,11 +21,13 @@ import trio
 
 from .cluster.heartbeat import probe
 from .cluster.inventory import ReplicaTargets, live_shards, present_copies, replica_ids
+from .cluster.quotas import describe
 from .cluster.registry import describe_address
 from .cluster.snapshots import is_snapshot_id
 from .config import Config
 from .datadir import mount_state, require_file_system
 from .errors import DfsError
+from .quota import quota_rows
 from .report import size, table
 
 
@@ -76,9 +79,10 @@ async def gather(config: Config) -> dict[str, Any]:
              "started_ns": session.started_ns, "heartbeat_age": round(max(0, now_ns - session.heartbeat_ns) / 1e9, 1)}
             for session in await parts.meta.list_sessions()
         ]
+        quotas = [await describe(parts.meta, quota) for quota in await parts.meta.quotas()]
     report.update(
         nodes=nodes, inodes=usage.inodes, logical_bytes=usage.logical_bytes, stored_bytes=usage.stored_bytes,
-        replicas=config.replicas, shards=usage.shards, under_replicated=under, sessions=sessions,
+        replicas=config.replicas, shards=usage.shards, under_replicated=under, quotas=quotas, sessions=sessions,
     )
     return report
 
@@ -104,6 +108,10 @@ def render(report: dict[str, Any]) -> list[str]:
         + (" (dfsfuse repair makes the missing replicas)" if report["under_replicated"] else ""),
         "",
     ]
+    if report["quotas"]:
+        lines += [*table(*quota_rows(report["quotas"])), ""]
+    else:
+        lines += ["quotas: none", ""]
     if not report["sessions"]:
         return [*lines, "sessions: none (not mounted anywhere)"]
     session_rows = [

@@ -69,14 +69,14 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import sys' 2>/dev/null; 
 fi
 
 # --- pyfuse3 with the dfsfuse patches -----------------------------------------
-# pyfuse3 3.5 hands no file locks and no fallocate to the file system
+# pyfuse3 3.5 hands no file locks, no fallocate and no statfs inode to the file system
 # (docs/pyfuse3-patch.md), so it is built from its sdist with patches/pyfuse3 applied,
 # once: again only when the installed pyfuse3 lacks
 # pyfuse3.DFSFUSE_PATCHES == $pyfuse3_patch_level (a new or changed patch raises both).
 # Its version, 3.5.0+dfsfuse.N, satisfies pyproject.toml's pyfuse3>=3.2, so the pip
 # install below keeps it.
 pyfuse3_version=3.5.0
-pyfuse3_patch_level=2
+pyfuse3_patch_level=3
 cython_version=3.2.4  # the Cython that generated the C sources of pyfuse3 3.5.0
 
 build_pyfuse3() {

@@ -14,6 +14,9 @@ Cluster operations run one at a time; a second request waits for the first.
 Operations on the mounted tree (dfsfuse.cluster.tree: "snapshot", ...) do
 not wait for them. `{"operation": "stats"}` is answered at once, never waiting for one:
 `{"stats": {SAMPLE: VALUE, ...}, "exit": 0}` (dfsfuse.metrics.snapshot).
+So are the quota requests (cluster/quotas.py: "quota set", "quota get",
+"quota list", "quota remove"): one object with the answer's fields and
+`"exit": 0`, or `{"error": "...", "exit": 1}`.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from dfsfuse.cluster.operations import (
     Operation,
     maintenance_turn,
 )
+from dfsfuse.cluster.quotas import QUOTA_REQUESTS
 from dfsfuse.errors import UserError
 
 log = logging.getLogger("dfsfuse.control")
@@ -103,15 +107,28 @@ class ControlServer:
             if request.get("operation") == STATS:
                 await _send(stream, {"stats": metrics.snapshot(), "exit": 0})
                 return
-            name = request["operation"]
-            maintains = name in OPERATIONS
-            operation = OPERATIONS[name] if maintains else self._tree_operations[name]
             arguments = request.get("arguments", {})
             if not isinstance(arguments, dict):
                 raise ValueError("arguments must be an object")
-            inspect.signature(operation).bind(self._cluster, None, **arguments)  # TypeError if they do not fit
+            name = request["operation"]
+            quota_request = QUOTA_REQUESTS.get(name)
+            maintains = name in OPERATIONS
+            if quota_request is not None:
+                inspect.signature(quota_request).bind(self._cluster, **arguments)  # TypeError if they do not fit
+            else:
+                operation = OPERATIONS[name] if maintains else self._tree_operations[name]
+                inspect.signature(operation).bind(self._cluster, None, **arguments)
         except (ValueError, KeyError, TypeError) as error:
             await _send(stream, {"error": f"bad control request: {error}", "exit": 2})
+            return
+        if quota_request is not None:
+            log.info("control: %s %s", request["operation"], arguments)
+            try:
+                answer = await quota_request(self._cluster, **arguments)
+            except UserError as error:
+                await _send(stream, {"error": str(error), "exit": error.exit_code})
+            else:
+                await _send(stream, {**answer, "exit": 0})
             return
         send, receive = trio.open_memory_channel[dict[str, Any]](math.inf)
         async with trio.open_nursery() as nursery:
@@ -225,6 +242,20 @@ def request(
             elif "exit" in message:
                 return int(message["exit"])
     raise UserError("the mount closed the control connection before the operation finished (see its log)")
+
+
+def ask(client: socket.socket, operation: str, arguments: dict[str, Any]) -> dict[str, Any]:
+    """One request answered at once (a quota request), over `client`: the
+    answer's fields; UserError with the mount's refusal."""
+    with client, client.makefile("rb") as replies:
+        client.sendall(json.dumps({"operation": operation, "arguments": arguments}).encode() + b"\n")
+        for raw in replies:
+            message = json.loads(raw)
+            if "error" in message:
+                raise UserError(message["error"], message.get("exit", 1))
+            if "exit" in message:
+                return dict(message)
+    raise UserError("the mount closed the control connection without an answer (an older dfsfuse? see its log)")
 
 
 def read_stats(client: socket.socket) -> dict[str, float]:

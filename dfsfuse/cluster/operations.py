@@ -64,6 +64,8 @@ class Cluster:
     replicas: int  # the configured R
     access: NodeAccess  # how to reach a node being added
     tree: MountedTree | None = None  # in a mount, once it serves the kernel
+    # Called after a quota is set or removed (the mount's write path caches them).
+    quotas_changed: Callable[[], None] = lambda: None
 
 
 Operation = Callable[..., Awaitable[int]]

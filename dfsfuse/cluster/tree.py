@@ -54,6 +54,7 @@ async def snapshot(cluster: Cluster, out: Output, source: int, parent: int, name
     except DfsError as error:
         raise UserError(os.strerror(error.errno)) from None
     await tree.tell_kernel(ChangeNotice(inodes=frozenset({parent}), entries=frozenset({(parent, os.fsencode(name))})))
+    cluster.quotas_changed()  # the usage of the quotas above it grew
     seconds = time.monotonic() - started
     out.progress(len(change.inodes), len(change.inodes), "entries")
     kind = "read-only snapshot" if readonly else "snapshot"
@@ -74,6 +75,7 @@ async def snapshot_delete(cluster: Cluster, out: Output, parent: int, name: str)
     await tree.tell_kernel(
         ChangeNotice(inodes=frozenset({parent, *change.inodes}), entries=frozenset({(parent, os.fsencode(name))}))
     )
+    cluster.quotas_changed()
     out.progress(len(change.inodes), len(change.inodes), "entries")
     out.line(
         f"removed {len(change.inodes)} inodes in {time.monotonic() - started:.2f} s;"

@@ -325,9 +325,15 @@ class Operations(pyfuse3.Operations):
     async def fsyncdir(self, fh, datasync):
         await self.fs.fsync_metadata()
 
-    @_translate_errors
     async def statfs(self, ctx):
-        stats = await self.fs.statfs()
+        """statfs(2) from a pyfuse3 without our patch 0003 (no inode: the root's view)."""
+        return await self.statfs_inode(pyfuse3.ROOT_INODE, ctx)
+
+    @_translate_errors
+    async def statfs_inode(self, inode, ctx):
+        """statfs(2) on a path: `df DIR` below a directory quota shows the quota.
+        pyfuse3 passes the path's inode through our patch 0003 (docs/pyfuse3-patch.md)."""
+        stats = await self.fs.statfs(inode)
         result = pyfuse3.StatvfsData()
         result.f_bsize = stats.block_size
         result.f_frsize = stats.block_size

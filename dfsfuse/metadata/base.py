@@ -230,6 +230,20 @@ class UsageCounts:
 
 
 @dataclasses.dataclass(frozen=True)
+class QuotaRecord:
+    """A directory quota: its limits (None: no limit of that kind) and what is
+    used below the directory now (the directory itself not counted): the
+    sizes of the regular files, and the inodes of every type. A file with
+    several names is counted once."""
+
+    directory: int
+    max_bytes: int | None
+    max_inodes: int | None
+    used_bytes: int
+    used_inodes: int
+
+
+@dataclasses.dataclass(frozen=True)
 class ShardRecord:
     """One live shard as listed for fsck and status."""
 
@@ -506,6 +520,50 @@ class MetadataStore(abc.ABC):
     @abc.abstractmethod
     async def usage(self) -> UsageCounts:
         """Counts for status and statfs."""
+
+    # -- directory quotas ---------------------------------------------------
+    # Usage is kept by every change in its own transaction: create, link,
+    # unlink, rmdir, rename and commit_shards charge the quota directories
+    # above the names they touch. create and rename refuse with
+    # QuotaExceeded (EDQUOT) what would exceed a limit; commit_shards never
+    # refuses (the POSIX layer checks growth at write time, before the data
+    # is accepted). link, and rename of a file with several names or of a
+    # directory holding one, between directories with different sets of
+    # quota directories above them are refused with CrossDevice (EXDEV), so
+    # a file is always charged exactly once to each quota it lies under.
+    @abc.abstractmethod
+    async def set_quota(self, directory: int, max_bytes: int | None, max_inodes: int | None) -> QuotaRecord:
+        """Set the limits of a directory's quota (None: no limit of that
+        kind), making the quota if the directory has none: then its usage is
+        counted from the tree in the same transaction. A limit below the
+        usage is allowed (further growth is refused). NotFound or
+        NotADirectory unless `directory` is a live directory;
+        InvalidArgument for a negative limit."""
+
+    @abc.abstractmethod
+    async def quota(self, directory: int) -> QuotaRecord:
+        """The quota set on `directory`; NotFound if it has none."""
+
+    @abc.abstractmethod
+    async def quotas(self) -> list[QuotaRecord]:
+        """Every quota, by directory."""
+
+    @abc.abstractmethod
+    async def quotas_of(self, inode: int) -> list[QuotaRecord]:
+        """The quotas an inode is charged to, nearest first: those set on a
+        directory at or above it (for a directory, its own included; for a
+        file, above any of its names). Empty for an unnamed inode."""
+
+    @abc.abstractmethod
+    async def remove_quota(self, directory: int) -> None:
+        """Drop the quota of `directory`; NotFound if it has none. (Removing
+        the directory drops its quota too.)"""
+
+    @abc.abstractmethod
+    async def check_quotas(self, repair: bool) -> list[tuple[QuotaRecord, QuotaRecord]]:
+        """Count every quota's usage from the tree, in one transaction; the
+        quotas whose recorded usage differs, as (recorded, counted), and
+        with `repair` the counted usage is recorded (fsck)."""
 
     # -- extended attributes ----------------------------------------------
     @abc.abstractmethod

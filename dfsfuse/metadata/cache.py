@@ -63,6 +63,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 import trio
 
 from dfsfuse.errors import (
+    CrossDevice,
     Exists,
     InvalidArgument,
     IsADirectory,
@@ -72,6 +73,7 @@ from dfsfuse.errors import (
     NotEmpty,
     NotFound,
     NotPermitted,
+    QuotaExceeded,
 )
 from dfsfuse.metadata.base import (
     AttrChanges,
@@ -82,6 +84,7 @@ from dfsfuse.metadata.base import (
     MetadataStore,
     NodeRecord,
     ProgressReport,
+    QuotaRecord,
     RenameChange,
     SessionRecord,
     ShardLayers,
@@ -95,6 +98,7 @@ from dfsfuse.metadata.locks import LockRecord
 
 # The errors with which an engine refuses a change and changes nothing.
 _REFUSALS = (
+    CrossDevice,
     Exists,
     InvalidArgument,
     IsADirectory,
@@ -104,6 +108,7 @@ _REFUSALS = (
     NotEmpty,
     NotFound,
     NotPermitted,
+    QuotaExceeded,
 )
 
 # Record kinds; a record's key is (kind, inode) or, for lookups,
@@ -471,6 +476,25 @@ class CachedMetadata(MetadataStore):
 
     async def usage(self) -> UsageCounts:
         return await self._engine.usage()
+
+    # -- directory quotas: passed through (kept by the engine, callers want them fresh) --
+    async def set_quota(self, directory: int, max_bytes: int | None, max_inodes: int | None) -> QuotaRecord:
+        return await self._engine.set_quota(directory, max_bytes, max_inodes)
+
+    async def quota(self, directory: int) -> QuotaRecord:
+        return await self._engine.quota(directory)
+
+    async def quotas(self) -> list[QuotaRecord]:
+        return await self._engine.quotas()
+
+    async def quotas_of(self, inode: int) -> list[QuotaRecord]:
+        return await self._engine.quotas_of(inode)
+
+    async def remove_quota(self, directory: int) -> None:
+        await self._engine.remove_quota(directory)
+
+    async def check_quotas(self, repair: bool) -> list[tuple[QuotaRecord, QuotaRecord]]:
+        return await self._engine.check_quotas(repair)
 
     # -- extended attributes ----------------------------------------------
     async def setxattr(self, inode: int, name: bytes, value: bytes, flags: int, now_ns: int) -> InodeAttrs:

@@ -20,6 +20,7 @@ any other means: PostgreSQL runs them SERIALIZABLE and retries on conflict.
 from __future__ import annotations
 
 import abc
+import dataclasses
 import json
 import stat
 import struct
@@ -28,6 +29,7 @@ from fcntl import F_RDLCK, F_WRLCK
 from typing import Any, Protocol, TypeVar, cast
 
 from dfsfuse.errors import (
+    CrossDevice,
     Exists,
     InvalidArgument,
     IsADirectory,
@@ -36,6 +38,7 @@ from dfsfuse.errors import (
     NotEmpty,
     NotFound,
     NotPermitted,
+    QuotaExceeded,
     SessionLost,
 )
 from dfsfuse.metadata.base import (
@@ -56,6 +59,7 @@ from dfsfuse.metadata.base import (
     MetadataStore,
     NodeRecord,
     ProgressReport,
+    QuotaRecord,
     RenameChange,
     SessionRecord,
     ShardLayers,
@@ -244,6 +248,28 @@ class SqlMetadata(MetadataStore):
 
     async def usage(self) -> UsageCounts:
         return await self._read(_usage)
+
+    # -- directory quotas ---------------------------------------------------
+    async def set_quota(self, directory: int, max_bytes: int | None, max_inodes: int | None) -> QuotaRecord:
+        for limit in (max_bytes, max_inodes):
+            if limit is not None and limit < 0:
+                raise InvalidArgument(f"a quota limit cannot be negative ({limit})")
+        return await self._write(_set_quota, directory, max_bytes, max_inodes)
+
+    async def quota(self, directory: int) -> QuotaRecord:
+        return await self._read(_quota, directory)
+
+    async def quotas(self) -> list[QuotaRecord]:
+        return await self._read(_quotas)
+
+    async def quotas_of(self, inode: int) -> list[QuotaRecord]:
+        return await self._read(_quotas_of, inode)
+
+    async def remove_quota(self, directory: int) -> None:
+        await self._write(_remove_quota, directory)
+
+    async def check_quotas(self, repair: bool) -> list[tuple[QuotaRecord, QuotaRecord]]:
+        return await (self._write if repair else self._read)(_check_quotas, repair)
 
     # -- extended attributes ----------------------------------------------
     async def setxattr(self, inode: int, name: bytes, value: bytes, flags: int, now_ns: int) -> InodeAttrs:
@@ -505,6 +531,7 @@ def _create(
     if not stat.S_ISLNK(mode):
         target = b""
     parent_attrs = _touch_directory(tx, parent, now_ns, 1 if is_directory else 0)
+    charge(tx, parent, 0, 1, enforce=True)
     nlink = 2 if is_directory else 1
     size = len(target)
     inode: int = tx.execute(
@@ -539,6 +566,8 @@ def _link(tx: Transaction, inode: int, new_parent: int, new_name: bytes, now_ns:
     if attrs.nlink == 0:
         raise NotFound(f"inode {inode} has no name left to link to")  # as linkat(2) says
     parent_attrs = _touch_directory(tx, new_parent, now_ns, 0)
+    if _quota_ids(quotas_above(tx, new_parent)) != _quota_ids(quotas_of_inode(tx, inode)):
+        raise CrossDevice(f"inode {inode} and directory {new_parent} are under different quotas")
     offset = _add_entry(tx, new_parent, new_name, inode)
     attrs = _update_inode(tx, inode, "nlink = nlink + 1, ctime_ns = ?", (now_ns,))
     return EntryChange(attrs, parent_attrs, offset)
@@ -549,7 +578,9 @@ def _unlink(tx: Transaction, parent: int, name: bytes, now_ns: int) -> EntryChan
     tx.lock_inodes((parent, attrs.inode))
     if stat.S_ISDIR(attrs.mode):
         raise IsADirectory(f"{name!r} in directory {parent} is a directory")
+    charged = quotas_of_inode(tx, attrs.inode)
     _remove_entry(tx, entry_id, parent, name)
+    _uncharge_name(tx, attrs, charged)
     parent_attrs = _touch_directory(tx, parent, now_ns, 0)
     attrs = _update_inode(tx, attrs.inode, "nlink = nlink - 1, ctime_ns = ?", (now_ns,))
     return EntryChange(attrs, parent_attrs, entry_id)
@@ -563,6 +594,8 @@ def _rmdir(tx: Transaction, parent: int, name: bytes, now_ns: int) -> EntryChang
     if _has_entries(tx, attrs.inode):
         raise NotEmpty(f"directory {attrs.inode} is not empty")
     _remove_entry(tx, entry_id, parent, name)
+    tx.execute("DELETE FROM quotas WHERE dir = ?", (attrs.inode,))
+    charge(tx, parent, 0, -1, enforce=False)
     parent_attrs = _touch_directory(tx, parent, now_ns, -1)
     attrs = _update_inode(tx, attrs.inode, "nlink = 0, ctime_ns = ?", (now_ns,))
     return EntryChange(attrs, parent_attrs, entry_id)
@@ -597,6 +630,9 @@ def _rename(
 
     # The nlink change of each parent; one key when both are the same.
     nlink_deltas = {old_parent: 0, new_parent: 0}
+    # Which quotas the moved names leave and join: charged below, once the
+    # name a plain rename replaces (if any) is uncharged.
+    crossing = _crosses_quotas(tx, old_parent, new_parent)
 
     def move_directory(directory: int, origin: int, destination: int) -> None:
         if origin != destination:
@@ -611,6 +647,8 @@ def _rename(
         other_is_directory = stat.S_ISDIR(other.mode)
         if other_is_directory and old_parent != new_parent and _is_within(tx, old_parent, other.inode):
             raise InvalidArgument(f"cannot move directory {other.inode} into itself")
+        if crossing:
+            _move_usage(tx, [(source, old_parent, new_parent), (other, new_parent, old_parent)])
         tx.execute("UPDATE entries SET inode = ? WHERE id = ?", (other.inode, source_entry))
         tx.execute("UPDATE entries SET inode = ? WHERE id = ?", (source.inode, target_entry))
         tx.changed_entry(old_parent, old_name)
@@ -624,6 +662,8 @@ def _rename(
             replaced = _remove_rename_target(tx, target, new_parent, new_name, source_is_directory, now_ns)
             if source_is_directory:
                 nlink_deltas[new_parent] -= 1
+        if crossing:
+            _move_usage(tx, [(source, old_parent, new_parent)])
         tx.execute("UPDATE entries SET parent = ?, name = ? WHERE id = ?", (new_parent, new_name, source_entry))
         tx.changed_entry(old_parent, old_name)
         tx.changed_entry(new_parent, new_name)
@@ -648,11 +688,16 @@ def _remove_rename_target(
         if _has_entries(tx, victim.inode):
             raise NotEmpty(f"directory {victim.inode} is not empty")
         nlink = 0
+        _remove_entry(tx, target_entry, parent, name)
+        tx.execute("DELETE FROM quotas WHERE dir = ?", (victim.inode,))
+        charge(tx, parent, 0, -1, enforce=False)
     else:
         if stat.S_ISDIR(victim.mode):
             raise IsADirectory(f"cannot replace directory {victim.inode} with a non-directory")
         nlink = victim.nlink - 1
-    _remove_entry(tx, target_entry, parent, name)
+        charged = quotas_of_inode(tx, victim.inode)
+        _remove_entry(tx, target_entry, parent, name)
+        _uncharge_name(tx, victim, charged)
     return _update_inode(tx, victim.inode, "nlink = ?, ctime_ns = ?", (nlink, now_ns))
 
 
@@ -750,6 +795,9 @@ def _snapshot_tree(
         logical_bytes = top.size
     flags = INODE_READONLY if readonly else 0
     tx.lock_inodes((parent,))
+    files = {entry[3] for entry in below if not stat.S_ISDIR(entry[4])}
+    inodes = 1 + len(files) + sum(1 for entry in below if stat.S_ISDIR(entry[4]))
+    charge(tx, parent, logical_bytes, inodes, enforce=True)
     parent_attrs = _touch_directory(tx, parent, now_ns, 1 if is_directory else 0)
     copy_of = {source: _copy_inode(tx, source, parent if is_directory else None, flags, now_ns)}
     offset = _add_entry(tx, parent, name, copy_of[source])
@@ -788,15 +836,20 @@ def _remove_tree(tx: Transaction, parent: int, name: bytes, now_ns: int, report:
     _remove_entry(tx, entry_id, parent, name)
     parent_attrs = _touch_directory(tx, parent, now_ns, -1 if is_directory else 0)
     unlinked = []
+    freed_bytes = 0  # of the files left without a name: no quota counts them any more
     for inode, count in names_removed.items():
         tx.changed(inode)
-        (nlink,) = tx.execute(
+        nlink, mode, size = tx.execute(
             "UPDATE inodes SET nlink = CASE WHEN mode & ? = ? THEN 0 ELSE nlink - ? END, ctime_ns = ?"
-            " WHERE id = ? RETURNING nlink",
+            " WHERE id = ? RETURNING nlink, mode, size",
             (FILE_TYPE_BITS, stat.S_IFDIR, count, now_ns, inode),
         ).fetchone()
         if nlink == 0:
             unlinked.append(inode)
+            freed_bytes += size if stat.S_ISREG(mode) else 0
+            if stat.S_ISDIR(mode):
+                tx.execute("DELETE FROM quotas WHERE dir = ?", (inode,))
+    charge(tx, parent, -freed_bytes, -len(unlinked), enforce=False)
     attrs = _inode_attrs(tx, top.inode)
     return TreeChange(
         EntryChange(attrs, parent_attrs, entry_id), tuple(names_removed), logical_bytes, tuple(unlinked)
@@ -818,6 +871,7 @@ def _delete_inodes(tx: Transaction, inodes: list[int]) -> None:
         removed = tx.execute("DELETE FROM shards WHERE inode = ? RETURNING id, nodes", (inode,)).fetchall()
         _collect_unshared(tx, inode, removed)
         tx.execute("DELETE FROM xattrs WHERE inode = ?", (inode,))
+        tx.execute("DELETE FROM quotas WHERE dir = ?", (inode,))
         tx.execute("DELETE FROM inodes WHERE id = ?", (inode,))
 
 
@@ -872,13 +926,18 @@ def _commit_shards(
     if changes is not None and ctime_ns is None:
         raise InvalidArgument("commit_shards with attr changes needs ctime_ns (the setattr's now_ns)")
     tx.lock_inodes((inode,))  # commits to one file in turn: each layer is above the last
-    row = tx.execute("SELECT mode FROM inodes WHERE id = ?", (inode,)).fetchone()
+    # Whether any quota exists comes along, so a write without quotas costs no extra statement.
+    row = tx.execute(
+        "SELECT mode, size, nlink, EXISTS (SELECT 1 FROM quotas) FROM inodes WHERE id = ?", (inode,)
+    ).fetchone()
     if row is None:
         raise NotFound(f"no inode {inode}")
     if stat.S_ISDIR(row[0]):
         raise IsADirectory(f"inode {inode} is a directory")
     if not stat.S_ISREG(row[0]):
         raise InvalidArgument(f"inode {inode} is not a regular file")
+    if size != row[1] and row[2] > 0 and row[3]:  # an unnamed file is charged to no quota
+        _charge_quotas(tx, quotas_of_inode(tx, inode), size - row[1], 0, enforce=False)
     removed: list[tuple[int, int, str]] = []  # (shard id, length, nodes)
     if drop_from is not None:
         removed += tx.execute(
@@ -1067,6 +1126,210 @@ def _remove_node(tx: Transaction, name: str) -> None:
         raise NotFound(f"no node {name!r}")
 
 
+
+
+# -- directory quotas ---------------------------------------------------------
+# Usage is charged in the transaction of each change, to the quota rows of the
+# directories above the names it touches: a walk up through entries (a file's
+# names) and inodes.parent (a directory's one parent) to the root, one
+# recursive statement. It starts only if some quota exists, so a file system
+# without quotas pays one indexed probe of an empty table per change.
+
+_QUOTA_COLUMNS = "q.dir, q.max_bytes, q.max_inodes, q.used_bytes, q.used_inodes"
+# The quota rows at or above the start directories, nearest first. {start} is
+# a SELECT of (directory, 0) rows up to its WHERE clause's last condition.
+_QUOTAS_ABOVE = (
+    "WITH RECURSIVE up(dir, depth) AS ("
+    " {start} EXISTS (SELECT 1 FROM quotas)"
+    " UNION"
+    " SELECT i.parent, up.depth + 1 FROM up JOIN inodes i ON i.id = up.dir WHERE up.dir <> " + str(ROOT_INODE) +
+    ") SELECT " + _QUOTA_COLUMNS + ", MIN(up.depth) FROM up JOIN quotas q ON q.dir = up.dir"
+    " GROUP BY q.dir, q.max_bytes, q.max_inodes, q.used_bytes, q.used_inodes ORDER BY MIN(up.depth), q.dir"
+)
+_QUOTAS_ABOVE_DIRECTORY = _QUOTAS_ABOVE.format(start="SELECT CAST(? AS BIGINT), 0 WHERE")
+_QUOTAS_ABOVE_NAMES = _QUOTAS_ABOVE.format(start="SELECT parent, 0 FROM entries WHERE inode = ? AND")
+# The inodes below a directory (each once, however many names it has there):
+# how many, the sum of the regular files' sizes, and how many regular files
+# have more than one name.
+_SUBTREE_USAGE = (
+    "WITH RECURSIVE tree(dir) AS ("
+    " SELECT CAST(? AS BIGINT)"
+    " UNION"
+    " SELECT e.inode FROM tree JOIN entries e ON e.parent = tree.dir JOIN inodes i ON i.id = e.inode"
+    " WHERE i.mode & ? = ?"
+    ") SELECT COUNT(*),"
+    " CAST(COALESCE(SUM(CASE WHEN mode & ? = ? THEN size ELSE 0 END), 0) AS BIGINT),"
+    " COALESCE(SUM(CASE WHEN mode & ? = ? AND nlink > 1 THEN 1 ELSE 0 END), 0)"
+    " FROM inodes WHERE id IN (SELECT e.inode FROM tree JOIN entries e ON e.parent = tree.dir)"
+)
+
+
+def _quota_records(rows: Iterable[Sequence[Any]]) -> list[QuotaRecord]:
+    return [QuotaRecord(*row[:5]) for row in rows]
+
+
+def _quota_ids(quotas: Sequence[QuotaRecord]) -> frozenset[int]:
+    return frozenset(quota.directory for quota in quotas)
+
+
+def quotas_above(tx: Transaction, directory: int) -> list[QuotaRecord]:
+    """The quotas of `directory` and of every directory above it, nearest first."""
+    return _quota_records(tx.execute(_QUOTAS_ABOVE_DIRECTORY, (directory,)))
+
+
+def quotas_of_inode(tx: Transaction, inode: int) -> list[QuotaRecord]:
+    """The quotas above any name of a non-directory inode (what it is charged to), nearest first."""
+    return _quota_records(tx.execute(_QUOTAS_ABOVE_NAMES, (inode,)))
+
+
+def charge(tx: Transaction, directory: int, bytes_delta: int, inodes_delta: int, *, enforce: bool) -> None:
+    """Charge a change of usage below `directory` (bytes of regular files,
+    inodes) to its quota and every quota above it. With `enforce`, a growth
+    that would take any of them past its limit is refused (QuotaExceeded)
+    and nothing is charged. The one entry point for a body that adds,
+    removes or moves names (an unnamed inode is charged to nothing)."""
+    _charge_quotas(tx, quotas_above(tx, directory), bytes_delta, inodes_delta, enforce=enforce)
+
+
+def _charge_quotas(
+    tx: Transaction, quotas: Sequence[QuotaRecord], bytes_delta: int, inodes_delta: int, *, enforce: bool
+) -> None:
+    if not quotas or (bytes_delta == 0 and inodes_delta == 0):
+        return
+    if enforce:
+        for quota in quotas:
+            _check_limit(quota.directory, "bytes", quota.used_bytes, bytes_delta, quota.max_bytes)
+            _check_limit(quota.directory, "inodes", quota.used_inodes, inodes_delta, quota.max_inodes)
+    tx.executemany(
+        "UPDATE quotas SET used_bytes = used_bytes + ?, used_inodes = used_inodes + ? WHERE dir = ?",
+        [(bytes_delta, inodes_delta, directory) for directory in sorted(_quota_ids(quotas))],
+    )
+
+
+def _check_limit(directory: int, kind: str, used: int, delta: int, limit: int | None) -> None:
+    if delta > 0 and limit is not None and used + delta > limit:
+        raise QuotaExceeded(f"the quota of directory {directory} allows {limit} {kind}; {used} are used")
+
+
+def _usage_of(attrs: InodeAttrs) -> tuple[int, int]:
+    """What one non-directory inode is charged: (bytes, inodes)."""
+    return (attrs.size if stat.S_ISREG(attrs.mode) else 0), 1
+
+
+def _uncharge_name(tx: Transaction, attrs: InodeAttrs, charged: Sequence[QuotaRecord]) -> None:
+    """A name of the non-directory `attrs` (as before) was just removed; it was
+    charged to `charged`. Its last name: every one lets go of it; otherwise
+    those of its quotas that no other name of it lies under."""
+    if attrs.nlink > 1 and charged:
+        left = _quota_ids(quotas_of_inode(tx, attrs.inode))
+        charged = [quota for quota in charged if quota.directory not in left]
+    size, inodes = _usage_of(attrs)
+    _charge_quotas(tx, charged, -size, -inodes, enforce=False)
+
+
+def _crosses_quotas(tx: Transaction, old_parent: int, new_parent: int) -> bool:
+    """Whether a name moving from `old_parent` to `new_parent` leaves or joins a quota."""
+    if old_parent == new_parent:
+        return False
+    return _quota_ids(quotas_above(tx, old_parent)) != _quota_ids(quotas_above(tx, new_parent))
+
+
+def _move_usage(tx: Transaction, moves: Sequence[tuple[InodeAttrs, int, int]]) -> None:
+    """Renamed names (the inode, its old parent, its new parent) take their
+    usage along: uncharged from the quotas they leave, then charged, refused
+    past a limit, to those they join. CrossDevice for a file with several
+    names, or a directory holding one: its other names stay where they are."""
+    usages = [_moved_usage(tx, attrs) for attrs, _, _ in moves]
+    for (_, origin, destination), (size, inodes) in zip(moves, usages):
+        kept = _quota_ids(quotas_above(tx, destination))
+        left = [quota for quota in quotas_above(tx, origin) if quota.directory not in kept]
+        _charge_quotas(tx, left, -size, -inodes, enforce=False)
+    for (_, origin, destination), (size, inodes) in zip(moves, usages):
+        kept = _quota_ids(quotas_above(tx, origin))
+        joined = [quota for quota in quotas_above(tx, destination) if quota.directory not in kept]
+        _charge_quotas(tx, joined, size, inodes, enforce=True)
+
+
+def _moved_usage(tx: Transaction, attrs: InodeAttrs) -> tuple[int, int]:
+    if not stat.S_ISDIR(attrs.mode):
+        if attrs.nlink > 1:
+            raise CrossDevice(f"inode {attrs.inode} has other names that would stay under other quotas")
+        return _usage_of(attrs)
+    inodes, size, linked = _subtree_usage(tx, attrs.inode)
+    if linked:
+        raise CrossDevice(f"directory {attrs.inode} holds files with other names that would stay under other quotas")
+    return size, inodes + 1
+
+
+def _subtree_usage(tx: Transaction, directory: int) -> tuple[int, int, int]:
+    """(inodes, bytes, files with several names) below `directory`."""
+    inodes, size, linked = tx.execute(
+        _SUBTREE_USAGE,
+        (directory, FILE_TYPE_BITS, stat.S_IFDIR, FILE_TYPE_BITS, stat.S_IFREG, FILE_TYPE_BITS, stat.S_IFREG),
+    ).fetchone()
+    return int(inodes), int(size), int(linked)
+
+
+def _quota_row(tx: Transaction, directory: int) -> QuotaRecord | None:
+    row = tx.execute(f"SELECT {_QUOTA_COLUMNS} FROM quotas q WHERE q.dir = ?", (directory,)).fetchone()
+    return None if row is None else QuotaRecord(*row)
+
+
+def _set_quota(tx: Transaction, directory: int, max_bytes: int | None, max_inodes: int | None) -> QuotaRecord:
+    _require_directory(tx, directory)
+    tx.changed(directory)  # other mounts learn of the new limits
+    row = tx.execute(
+        f"UPDATE quotas SET max_bytes = ?, max_inodes = ? WHERE dir = ? RETURNING {_QUOTA_COLUMNS.replace('q.', '')}",
+        (max_bytes, max_inodes, directory),
+    ).fetchone()
+    if row is not None:
+        return QuotaRecord(*row)
+    inodes, size, _ = _subtree_usage(tx, directory)
+    tx.execute(
+        "INSERT INTO quotas (dir, max_bytes, max_inodes, used_bytes, used_inodes) VALUES (?, ?, ?, ?, ?)",
+        (directory, max_bytes, max_inodes, size, inodes),
+    )
+    return QuotaRecord(directory, max_bytes, max_inodes, size, inodes)
+
+
+def _quota(tx: Transaction, directory: int) -> QuotaRecord:
+    quota = _quota_row(tx, directory)
+    if quota is None:
+        _require_directory(tx, directory)
+        raise NotFound(f"directory {directory} has no quota")
+    return quota
+
+
+def _quotas(tx: Transaction) -> list[QuotaRecord]:
+    return _quota_records(tx.execute(f"SELECT {_QUOTA_COLUMNS} FROM quotas q ORDER BY q.dir"))
+
+
+def _quotas_of(tx: Transaction, inode: int) -> list[QuotaRecord]:
+    row = tx.execute("SELECT mode FROM inodes WHERE id = ?", (inode,)).fetchone()
+    if row is None:
+        raise NotFound(f"no inode {inode}")
+    return quotas_above(tx, inode) if stat.S_ISDIR(row[0]) else quotas_of_inode(tx, inode)
+
+
+def _remove_quota(tx: Transaction, directory: int) -> None:
+    if tx.execute("DELETE FROM quotas WHERE dir = ?", (directory,)).rowcount == 0:
+        _require_directory(tx, directory, live=False)
+        raise NotFound(f"directory {directory} has no quota")
+    tx.changed(directory)
+
+
+def _check_quotas(tx: Transaction, repair: bool) -> list[tuple[QuotaRecord, QuotaRecord]]:
+    wrong = []
+    for recorded in _quotas(tx):
+        inodes, size, _ = _subtree_usage(tx, recorded.directory)
+        counted = dataclasses.replace(recorded, used_bytes=size, used_inodes=inodes)
+        if counted != recorded:
+            wrong.append((recorded, counted))
+            if repair:
+                tx.execute(
+                    "UPDATE quotas SET used_bytes = ?, used_inodes = ? WHERE dir = ?", (size, inodes, recorded.directory)
+                )
+    return wrong
 
 
 # -- sessions ----------------------------------------------------------------

@@ -38,6 +38,7 @@ from ..errors import DfsError, InvalidArgument, IsADirectory, NoSpace, ReadOnly
 from ..metadata.base import (
     NAME_MAX,
     REPLICAS_XATTR,
+    ROOT_INODE,
     AttrChanges,
     ChangeNotice,
     DirEntry,
@@ -97,6 +98,7 @@ class FileSystem:
         self._replicator = writes.replicator
         self._garbage = writes.garbage
         self._unsynced = writes.unsynced
+        self._quotas = writes.quotas
         self._writes = writes
         self._reads = reads
         self._replicas = replicas
@@ -123,8 +125,10 @@ class FileSystem:
         return list(self._refs)
 
     def note_changes(self, notice: ChangeNotice) -> None:
-        """Another mount changed these inodes: open files here re-read their attrs."""
+        """Another mount changed these inodes: open files here re-read their
+        attrs, and the quota usage is read again before the next growth."""
         self._stale.update(self._files if notice.everything else notice.inodes & self._files.keys())
+        self._quotas.note_changes()
 
     async def _refresh_if_stale(self, inode: int) -> None:
         if inode in self._stale:
@@ -238,6 +242,7 @@ class FileSystem:
         check_name(new_name)
         await self._check_writable(inode, new_parent)  # a link changes the inode's nlink and ctime
         attrs = self._overlay((await self._meta.link(inode, new_parent, new_name, time.time_ns())).attrs)
+        self._quotas.names_changed()
         self._unlinked.discard(inode)
         self.add_ref(inode)
         return attrs
@@ -246,6 +251,7 @@ class FileSystem:
         check_name(name)
         await self._check_writable(parent)
         attrs = (await self._meta.unlink(parent, name, time.time_ns())).attrs
+        self._quotas.names_changed()
         self._note_links(attrs)
         self._delete_if_unreferenced(attrs.inode)
 
@@ -261,6 +267,7 @@ class FileSystem:
         check_name(new_name)
         await self._check_writable(old_parent, new_parent)
         change = await self._meta.rename(old_parent, old_name, new_parent, new_name, flags, time.time_ns())
+        self._quotas.names_changed()
         if change is not None and change.replaced is not None:
             self._note_links(change.replaced)
             self._delete_if_unreferenced(change.replaced.inode)
@@ -316,14 +323,34 @@ class FileSystem:
         finally:
             self._drop_if_closed(contents)
 
-    async def statfs(self) -> FsStats:
+    async def statfs(self, inode: int = ROOT_INODE) -> FsStats:
+        """The file system's capacity and use, as seen from `inode`: below a
+        directory quota (the nearest one above `inode`), its limits are the
+        totals and its usage the used part (free never more than the nodes
+        have), as on a JuiceFS --subdir mount."""
         capacity, free = await self._replicator.capacity()
         capacity //= self._replicas
         free //= self._replicas
         usage = await self._meta.usage()
         block = 4096
         files = max(2**32, usage.inodes * 2)
-        return FsStats(block, capacity // block, free // block, files, files - usage.inodes)
+        stats = FsStats(block, capacity // block, free // block, files, files - usage.inodes)
+        if not await self._quotas.any_anywhere():
+            return stats
+        quotas = await self._meta.quotas_of(inode)
+        if not quotas:
+            return stats
+        quota = quotas[0]
+        if quota.max_bytes is not None:
+            left = max(0, quota.max_bytes - quota.used_bytes)
+            stats = dataclasses.replace(
+                stats, blocks=-(-quota.max_bytes // block), blocks_free=min(left, free) // block
+            )
+        if quota.max_inodes is not None:
+            stats = dataclasses.replace(
+                stats, files=quota.max_inodes, files_free=max(0, quota.max_inodes - quota.used_inodes)
+            )
+        return stats
 
     # -- extended attributes ---------------------------------------------------
     async def setxattr(self, inode: int, name: bytes, value: bytes, flags: int) -> None:
@@ -568,6 +595,7 @@ class FileSystem:
             self._revalidating.pop(contents.inode, None)
             if self._session is not None:
                 self._session.closed(contents.inode)
+            self._quotas.forget(contents.inode)
             self._delete_if_unreferenced(contents.inode)
 
 

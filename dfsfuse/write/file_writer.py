@@ -32,10 +32,11 @@ while earlier data could not be stored.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Protocol
 
 import trio
@@ -54,6 +55,7 @@ from ..shards.garbage import GarbageCollector
 from ..shards.layers import patch_count, stored_length
 from ..shards.replicator import Replicator
 from .buffer import ShardBuffer, WriteBudget
+from .quotas import QuotaGuard
 from .storer import ShardStorer
 from .unsynced import UnsyncedReplicas
 
@@ -88,6 +90,7 @@ class WriteServices:
     garbage: GarbageCollector
     unsynced: UnsyncedReplicas
     shard_size: int
+    quotas: QuotaGuard  # admits growth under directory quotas; told of every size commit
 
 
 class FileWriter:
@@ -113,6 +116,11 @@ class FileWriter:
         self._commit_lock = trio.Lock()
 
     @property
+    def committed_size(self) -> int:
+        """The size the engine holds (and has charged to the file's quotas)."""
+        return self._committed_size
+
+    @property
     def is_clean(self) -> bool:
         return not (self._dirty or self._flushing or self._times_dirty or self.size != self._committed_size)
 
@@ -135,7 +143,7 @@ class FileWriter:
         self._raise_stored_error()
         budget = self._services.budget
         await budget.wait_for_room(self._raise_stored_error)
-        async with self._write_lock:
+        async with self._write_lock, self._admitted(offset + len(data)):
             self._raise_stored_error()
             view = memoryview(data)
             position = 0
@@ -151,6 +159,18 @@ class FileWriter:
                     await budget.request_flush((self, index))
             self._touch()
         return len(data)
+
+    @contextlib.asynccontextmanager
+    async def _admitted(self, end: int) -> AsyncIterator[None]:
+        """A change that may grow the file to `end` bytes, once the directory
+        quotas above it allow that (else QuotaExceeded: EDQUOT at once, nothing
+        accepted); the caller holds `_write_lock`."""
+        quotas = self._services.quotas
+        await quotas.admit(self, end)
+        try:
+            yield
+        finally:
+            quotas.written(self)
 
     async def _writable_buffer(self, index: int) -> ShardBuffer:
         while index in self._flush_done:
@@ -244,8 +264,11 @@ class FileWriter:
                 size = min(self.size, max(self._committed_size, end))
                 times = (self.mtime_ns, self.ctime_ns)
                 before = (await self._shard_map()).get(index, ())
-                await services.meta.commit_shards(self.inode, {index: ref}, size, mtime_ns=times[0], ctime_ns=times[1])
-                self._committed_size = size
+                with services.quotas.committing():
+                    await services.meta.commit_shards(
+                        self.inode, {index: ref}, size, mtime_ns=times[0], ctime_ns=times[1]
+                    )
+                    self._committed_size = size
                 if (self.mtime_ns, self.ctime_ns) == times:
                     self._times_dirty = False  # no write since: close need not commit them again
                 if ref.is_patch:
@@ -351,10 +374,11 @@ class FileWriter:
             if self.size == self._committed_size and not self._times_dirty:
                 return
             size = self.size
-            await self._services.meta.commit_shards(
-                self.inode, {}, size, mtime_ns=self.mtime_ns, ctime_ns=self.ctime_ns
-            )
-            self._committed_size = size
+            with self._services.quotas.committing():
+                await self._services.meta.commit_shards(
+                    self.inode, {}, size, mtime_ns=self.mtime_ns, ctime_ns=self.ctime_ns
+                )
+                self._committed_size = size
             self._times_dirty = False
 
     async def _wait_for_flushes(self) -> None:
@@ -375,7 +399,7 @@ class FileWriter:
         """Set the size, and with `changes` other attributes in the same
         commit; a shrink stores the cut last shard anew, so the bytes past the
         new end never come back. On failure nothing changes."""
-        async with self._write_lock:
+        async with self._write_lock, self._admitted(new_size):
             await self._wait_for_flushes()
             shard_size = self._shard_size
             keep = shard_count(new_size, shard_size)
@@ -399,7 +423,7 @@ class FileWriter:
         truncate stores a cut tail. Only indexes that hold data are visited,
         so a range over a huge sparse file costs what the file holds. On
         failure nothing changes."""
-        async with self._write_lock:
+        async with self._write_lock, self._admitted(grow_to or 0):
             await self._wait_for_flushes()
             shard_size = self._shard_size
             end = min(offset + length, self.size)  # nothing past the end to zero
@@ -455,11 +479,12 @@ class FileWriter:
                 shard_map = await self._shard_map()
                 touched = {*holes, *replacements, *(i for i in shard_map if drop_from is not None and i >= drop_from)}
                 gone = [shard_map[index] for index in touched if index in shard_map]
-                attrs = await self._services.meta.commit_shards(
-                    self.inode, replacements, committed, drop_from=drop_from, mtime_ns=now, ctime_ns=now,
-                    changes=changes, holes=holes,
-                )
-                self._committed_size = committed
+                with self._services.quotas.committing():
+                    attrs = await self._services.meta.commit_shards(
+                        self.inode, replacements, committed, drop_from=drop_from, mtime_ns=now, ctime_ns=now,
+                        changes=changes, holes=holes,
+                    )
+                    self._committed_size = committed
         except DfsError:
             # Refused: nothing points at the new replicas (any other failure may
             # have committed: fsck deals with what did not).

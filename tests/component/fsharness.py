@@ -177,12 +177,17 @@ class ObservedSqlite(SqliteMetadata):
 
     `setattr_gate`: while set, a setattr waits for the event after its
     transaction committed, as a caller that has not yet heard back;
-    `setattrs_waiting` counts those waiting.
+    `setattrs_waiting` counts those waiting. `commit_gate` and
+    `commits_waiting` do the same for commit_shards of the inodes in
+    `gated_commits`.
     """
 
     events: list[tuple[str, int]]
     setattr_gate: trio.Event | None = None
     setattrs_waiting = 0
+    commit_gate: trio.Event | None = None
+    gated_commits: frozenset[int] = frozenset()
+    commits_waiting = 0
 
     async def setattr(self, inode, changes, now_ns):
         attrs = await super().setattr(inode, changes, now_ns)
@@ -194,6 +199,8 @@ class ObservedSqlite(SqliteMetadata):
         attrs = await super().commit_shards(inode, shards, size, drop_from, mtime_ns, ctime_ns, changes=changes,
                                             holes=holes)
         self.events.append(("commit", inode))
+        if inode in self.gated_commits:
+            await wait_at_gate(self, self.commit_gate, "commits_waiting")
         return attrs
 
     async def delete_inodes(self, inodes) -> None:

@@ -22,6 +22,7 @@ import pytest
 import trio
 
 from dfsfuse.errors import (
+    CrossDevice,
     Exists,
     InvalidArgument,
     IsADirectory,
@@ -31,6 +32,7 @@ from dfsfuse.errors import (
     NotEmpty,
     NotFound,
     NotPermitted,
+    QuotaExceeded,
     SessionLost,
     UserError,
 )
@@ -53,6 +55,7 @@ from dfsfuse.metadata.base import (
     InodeAttrs,
     MetadataStore,
     NodeRecord,
+    QuotaRecord,
     RenameChange,
     ShardRecord,
     ShardRef,
@@ -1528,6 +1531,231 @@ def test_a_dump_of_any_engine_loads_into_postgresql(harness, second_postgres_url
     trio.run(check)
 
 
+# -- directory quotas -------------------------------------------------------------
+
+
+async def quota_usage(store: MetadataStore, directory: int) -> tuple[int, int]:
+    """(used bytes, used inodes) of a quota, checked against a recount of the tree."""
+    assert await store.check_quotas(repair=False) == []
+    quota = await store.quota(directory)
+    return quota.used_bytes, quota.used_inodes
+
+
+def test_a_new_quota_counts_what_is_there_and_every_change_after(harness):
+    async def body(store: MetadataStore) -> None:
+        top = await mkdir(store, ROOT_INODE, b"top")
+        sub = await mkdir(store, top.inode, b"sub")
+        file = await mkfile(store, sub.inode, b"file")
+        await store.commit_shards(file.inode, {0: ref(1, 1000)}, 1000)
+        await store.create(top.inode, b"link", SYMLINK, 0, 0, now(), target=b"a-target")
+        outside = await mkfile(store, ROOT_INODE, b"outside")
+        await store.commit_shards(outside.inode, {0: ref(2, 50)}, 50)
+        quota = await store.set_quota(top.inode, 10_000, 100)
+        assert quota == QuotaRecord(top.inode, 10_000, 100, used_bytes=1000, used_inodes=3)
+        assert await store.quotas() == [quota]
+        assert await store.quotas_of(file.inode) == [quota]
+        assert await store.quotas_of(top.inode) == [quota]
+        assert await store.quotas_of(outside.inode) == []
+        # Writes, truncates, creates and deletes below it are charged; outside not.
+        await store.commit_shards(file.inode, {1: ref(3, 500)}, 4096 + 500)
+        assert await quota_usage(store, top.inode) == (4596, 3)
+        await store.commit_shards(file.inode, {}, 100, drop_from=1)
+        assert await quota_usage(store, top.inode) == (100, 3)
+        await store.commit_shards(outside.inode, {}, 0, drop_from=0)
+        second = await mkfile(store, top.inode, b"second")
+        await store.commit_shards(second.inode, {0: ref(4, 7)}, 7)
+        assert await quota_usage(store, top.inode) == (107, 4)
+        await store.unlink(sub.inode, b"file", now())
+        assert await quota_usage(store, top.inode) == (7, 3)
+        # An unnamed (open) file is charged to nothing, even if it grows.
+        await store.commit_shards(file.inode, {0: ref(5, 900)}, 900)
+        assert await quota_usage(store, top.inode) == (7, 3)
+        await store.rmdir(top.inode, b"sub", now())
+        assert await quota_usage(store, top.inode) == (7, 2)
+        # Changing the limits keeps the usage; removing the directory removes its quota.
+        assert await store.set_quota(top.inode, None, 5) == QuotaRecord(top.inode, None, 5, 7, 2)
+        await store.unlink(top.inode, b"second", now())
+        await store.unlink(top.inode, b"link", now())
+        await store.rmdir(ROOT_INODE, b"top", now())
+        assert await store.quotas() == []
+
+    run_with_store(harness, body)
+
+
+def test_quota_calls_refuse_what_is_no_quota(harness):
+    async def body(store: MetadataStore) -> None:
+        top = await mkdir(store, ROOT_INODE, b"top")
+        file = await mkfile(store, ROOT_INODE, b"file")
+        with pytest.raises(NotADirectory):
+            await store.set_quota(file.inode, 1, 1)
+        with pytest.raises(NotFound):
+            await store.set_quota(9999, 1, 1)
+        with pytest.raises(InvalidArgument):
+            await store.set_quota(top.inode, -1, None)
+        with pytest.raises(NotFound):
+            await store.quota(top.inode)
+        with pytest.raises(NotFound):
+            await store.remove_quota(top.inode)
+        await store.set_quota(top.inode, None, None)
+        await store.remove_quota(top.inode)
+        assert await store.quotas() == []
+
+    run_with_store(harness, body)
+
+
+def test_creates_past_a_limit_are_refused_and_change_nothing(harness):
+    async def body(store: MetadataStore) -> None:
+        top = await mkdir(store, ROOT_INODE, b"top")
+        await store.set_quota(top.inode, None, 2)
+        await mkfile(store, top.inode, b"one")
+        sub = await mkdir(store, top.inode, b"sub")
+        before = await store.getattr(top.inode)
+        for make in (
+            lambda: mkfile(store, top.inode, b"three"),
+            lambda: mkdir(store, sub.inode, b"deeper"),
+            lambda: store.create(sub.inode, b"symlink", SYMLINK, 0, 0, now(), target=b"x"),
+        ):
+            with pytest.raises(QuotaExceeded):
+                await make()
+        assert await names_in(store, top.inode) == {b"one", b"sub"}
+        assert await names_in(store, sub.inode) == set()
+        assert await store.getattr(top.inode) == before
+        assert await quota_usage(store, top.inode) == (0, 2)
+        # A limit below the usage is allowed: then only shrinking goes on.
+        await store.set_quota(top.inode, None, 1)
+        await store.unlink(top.inode, b"one", now())
+        with pytest.raises(QuotaExceeded):
+            await mkfile(store, top.inode, b"again")
+        await store.remove_quota(top.inode)
+        await mkfile(store, top.inode, b"again")
+        await check_nlinks(store)
+
+    run_with_store(harness, body)
+
+
+def test_nested_quotas_and_renames_across_them(harness):
+    async def body(store: MetadataStore) -> None:
+        outer = await mkdir(store, ROOT_INODE, b"outer")
+        inner = await mkdir(store, outer.inode, b"inner")
+        other = await mkdir(store, ROOT_INODE, b"other")
+        await store.set_quota(outer.inode, 10_000, None)
+        await store.set_quota(inner.inode, 3000, 10)
+        await store.set_quota(other.inode, None, None)
+        file = await mkfile(store, inner.inode, b"file")
+        await store.commit_shards(file.inode, {0: ref(1, 2000)}, 2000)
+        assert [q.directory for q in await store.quotas_of(file.inode)] == [inner.inode, outer.inode]
+        assert await quota_usage(store, outer.inode) == (2000, 2)
+        assert await quota_usage(store, inner.inode) == (2000, 1)
+        # Up out of the inner quota: only inner lets go.
+        await store.rename(inner.inode, b"file", outer.inode, b"file", 0, now())
+        assert await quota_usage(store, outer.inode) == (2000, 2)
+        assert await quota_usage(store, inner.inode) == (0, 0)
+        # A directory takes its whole tree along.
+        tree = await mkdir(store, other.inode, b"tree")
+        for name, size in ((b"a", 100), (b"b", 200)):
+            leaf = await mkfile(store, tree.inode, name)
+            await store.commit_shards(leaf.inode, {0: ref(10 + size, size)}, size)
+        await mkdir(store, tree.inode, b"empty")
+        assert await quota_usage(store, other.inode) == (300, 4)
+        await store.rename(other.inode, b"tree", inner.inode, b"tree", 0, now())
+        assert await quota_usage(store, other.inode) == (0, 0)
+        assert await quota_usage(store, inner.inode) == (300, 4)
+        assert await quota_usage(store, outer.inode) == (2300, 6)
+        # A rename that would pass a limit is refused and changes nothing.
+        await store.rename(outer.inode, b"file", other.inode, b"file", 0, now())
+        await store.commit_shards(file.inode, {0: ref(2, 2800)}, 2800)
+        with pytest.raises(QuotaExceeded):
+            await store.rename(other.inode, b"file", inner.inode, b"file", 0, now())
+        assert await names_in(store, other.inode) == {b"file"}
+        assert await quota_usage(store, inner.inode) == (300, 4)
+        assert await quota_usage(store, other.inode) == (2800, 1)
+        # Replacing a file frees its usage before the new one is charged.
+        await store.commit_shards(file.inode, {0: ref(2, 2700)}, 2700)
+        await store.commit_shards((await mkfile(store, inner.inode, b"big")).inode, {0: ref(3, 2700)}, 2700)
+        assert await quota_usage(store, inner.inode) == (3000, 5)
+        await store.rename(other.inode, b"file", inner.inode, b"big", 0, now())
+        assert await quota_usage(store, inner.inode) == (3000, 5)
+        assert await quota_usage(store, outer.inode) == (3000, 6)
+        # An exchange moves both sides' usage.
+        small = await mkfile(store, other.inode, b"small")
+        await store.commit_shards(small.inode, {0: ref(4, 5)}, 5)
+        await store.rename(other.inode, b"small", inner.inode, b"big", RENAME_EXCHANGE, now())
+        assert await quota_usage(store, inner.inode) == (305, 5)
+        assert await quota_usage(store, other.inode) == (2700, 1)
+        # Moving a quota directory keeps its quota; the quotas above follow.
+        await store.rename(outer.inode, b"inner", other.inode, b"inner", 0, now())
+        assert await quota_usage(store, outer.inode) == (0, 0)
+        assert await quota_usage(store, other.inode) == (3005, 7)
+        assert await quota_usage(store, inner.inode) == (305, 5)
+        await check_nlinks(store)
+
+    run_with_store(harness, body)
+
+
+def test_hard_links_are_charged_once_and_stay_in_their_quotas(harness):
+    async def body(store: MetadataStore) -> None:
+        top = await mkdir(store, ROOT_INODE, b"top")
+        a = await mkdir(store, top.inode, b"a")
+        b = await mkdir(store, top.inode, b"b")
+        await store.set_quota(top.inode, None, None)
+        file = await mkfile(store, a.inode, b"file")
+        await store.commit_shards(file.inode, {0: ref(1, 300)}, 300)
+        await store.link(file.inode, b.inode, b"again", now())
+        assert await quota_usage(store, top.inode) == (300, 3)
+        with pytest.raises(CrossDevice):
+            await store.link(file.inode, ROOT_INODE, b"out", now())
+        # A rename of one of its names within the same quotas is fine; out of them, EXDEV.
+        await store.rename(b.inode, b"again", a.inode, b"again", 0, now())
+        with pytest.raises(CrossDevice):
+            await store.rename(a.inode, b"again", ROOT_INODE, b"again", 0, now())
+        await store.rename(top.inode, b"b", ROOT_INODE, b"b", 0, now())  # empty now
+        with pytest.raises(CrossDevice):  # a directory holding a file with names elsewhere
+            await store.rename(top.inode, b"a", ROOT_INODE, b"a", 0, now())
+        # The file is still charged once, until its last name goes.
+        await store.unlink(a.inode, b"again", now())
+        assert await quota_usage(store, top.inode) == (300, 2)
+        await store.unlink(a.inode, b"file", now())
+        assert await quota_usage(store, top.inode) == (0, 1)
+        await check_nlinks(store)
+
+    run_with_store(harness, body)
+
+
+
+def test_concurrent_creates_and_commits_keep_usage_exact(harness):
+    """Transactions in flight at once (PostgreSQL runs them on connections of
+    their own, SERIALIZABLE): exactly the limit's worth of creates succeeds,
+    and concurrent size commits add up."""
+
+    async def body(store: MetadataStore) -> None:
+        top = await mkdir(store, ROOT_INODE, b"top")
+        await store.set_quota(top.inode, None, 10)
+        made: list[InodeAttrs] = []
+        refused = 0
+
+        async def make(index: int) -> None:
+            nonlocal refused
+            try:
+                made.append(await mkfile(store, top.inode, b"f%d" % index))
+            except QuotaExceeded:
+                refused += 1
+
+        async with trio.open_nursery() as nursery:
+            for index in range(25):
+                nursery.start_soon(make, index)
+        assert (len(made), refused) == (10, 15)
+
+        async def grow(file: InodeAttrs, shard_id: int) -> None:
+            await store.commit_shards(file.inode, {0: ref(shard_id, 100 + shard_id)}, 100 + shard_id)
+
+        async with trio.open_nursery() as nursery:
+            for shard_id, file in enumerate(made, start=1):
+                nursery.start_soon(grow, file, shard_id)
+        assert await quota_usage(store, top.inode) == (sum(100 + i for i in range(1, 11)), 10)
+
+    run_with_store(harness, body)
+
+
 # -- tree snapshots ----------------------------------------------------------
 
 
@@ -1614,5 +1842,35 @@ def test_snapshot_tree_read_only_marks_every_inode_and_refuses_bad_targets(harne
         with pytest.raises(NotFound):
             await store.remove_tree(ROOT_INODE, b"top", now())
         await check_nlinks(store)
+
+    run_with_store(harness, body)
+
+
+def test_snapshot_tree_and_remove_tree_keep_quota_usage_exact(harness):
+    async def body(store: MetadataStore) -> None:
+        limited = await mkdir(store, ROOT_INODE, b"limited")
+        source = await mkdir(store, limited.inode, b"source")
+        inner = await mkdir(store, source.inode, b"inner")
+        file = await mkfile(store, inner.inode, b"file")
+        await store.commit_shards(file.inode, {0: ref(1, 1000)}, 1000)
+        await store.link(file.inode, source.inode, b"again", now())
+        await store.set_quota(limited.inode, 2500, 100)
+        await store.set_quota(inner.inode, None, 10)
+        assert await quota_usage(store, limited.inode) == (1000, 3)
+
+        await store.snapshot_tree(source.inode, limited.inode, b"snap", False, now())
+        assert await quota_usage(store, limited.inode) == (2000, 6)
+        assert await quota_usage(store, inner.inode) == (1000, 1)  # quotas are not copied
+        assert {quota.directory for quota in await store.quotas()} == {limited.inode, inner.inode}
+        before = await store.getattr(limited.inode)
+        with pytest.raises(QuotaExceeded):  # another 1000 bytes would pass 2500
+            await store.snapshot_tree(source.inode, limited.inode, b"one-too-many", False, now())
+        assert await store.getattr(limited.inode) == before
+
+        await store.snapshot_tree(source.inode, ROOT_INODE, b"outside", False, now())  # no quota there
+        assert await quota_usage(store, limited.inode) == (2000, 6)
+        await store.remove_tree(limited.inode, b"source", now())
+        assert await quota_usage(store, limited.inode) == (1000, 3)
+        assert {quota.directory for quota in await store.quotas()} == {limited.inode}  # inner's went with it
 
     run_with_store(harness, body)
