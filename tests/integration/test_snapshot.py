@@ -12,6 +12,7 @@ snapshot is the same whatever the size.
 """
 
 import errno
+import json
 import os
 import shutil
 import subprocess
@@ -227,3 +228,20 @@ def test_bad_snapshot_requests_get_one_line_errors(workdir, mount, tmp_path):
         assert result.returncode != 0, args
         assert message in one_line_error(result), (args, result.stderr)
     assert sorted(os.listdir(workdir)) == ["dir"]
+
+
+def test_a_snapshot_counts_against_the_quotas_above_it(workdir):
+    (workdir / "source").mkdir()
+    write_file(workdir / "source" / "file", bytes(40 * KiB))
+    limited = workdir / "limited"
+    limited.mkdir()
+    dfsfuse_cli("quota", "set", limited, "--bytes", "100KiB")
+    _snapshot(workdir / "source", limited / "first")
+    _snapshot(workdir / "source", limited / "second")
+    result = dfsfuse_cli("snapshot", str(workdir / "source"), str(limited / "third"), check=False)
+    assert result.returncode != 0 and "Disk quota exceeded" in one_line_error(result)
+    assert sorted(os.listdir(limited)) == ["first", "second"]
+    (quota,) = json.loads(dfsfuse_cli("quota", "get", limited, "--json").stdout)["quotas"]
+    assert (quota["used_bytes"], quota["used_inodes"]) == (2 * 40 * KiB, 4)
+    _snapshot("--delete", limited / "first")
+    _snapshot(workdir / "source", limited / "third")
