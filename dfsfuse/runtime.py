@@ -37,7 +37,7 @@ from .cluster.operations import (
 from .cluster.registry import NodeAccess, open_store_or_stand_in, register_config_nodes
 from .cluster.session import MountSession
 from .cluster.snapshots import SnapshotWriter
-from .config import Config, check_write_buffer, parse_metrics_listen
+from .config import Config, check_write_buffer, parse_metrics_listen, parse_trash_days
 from .datadir import DataDirLock, mountpoint_of, prepare_data_dir, require_file_system
 from .errors import UserError
 from .metadata.base import NODE_ACTIVE, MetadataStore, NodeRecord
@@ -49,6 +49,7 @@ from .shards.replicator import Replicator
 from .storage.base import NodeStore, StoreStat
 from .vfs.filesystem import FileSystem
 from .vfs.reader import ReadServices
+from .vfs.trash import TrashSweeper
 from .write.buffer import WriteBudget
 from .write.file_writer import WriteServices
 from .write.flusher import Flusher, flush_channel
@@ -152,7 +153,9 @@ async def running_file_system(
         reads = ReadServices(meta=meta, replicator=replicator, cache=cache, garbage=garbage, nursery=nursery)
         await nursery.start(Flusher(flusher_inbox).run)
         await nursery.start(garbage.run)
-        yield FileSystemParts(FileSystem(writes, reads, config.replicas, session), budget, cache, garbage)
+        fs = FileSystem(writes, reads, config.replicas, session, config.trash_days)
+        await nursery.start(TrashSweeper(fs, meta, config.trash_sweep_interval).run)
+        yield FileSystemParts(fs, budget, cache, garbage)
         nursery.cancel_scope.cancel()
 
 
@@ -224,26 +227,29 @@ def _is_dead_mount(path: str) -> bool:
     return False
 
 
-def parse_mount_options(raw: list[str]) -> tuple[list[str], str | None]:
-    """The FUSE mount options of the -o lists, and the metrics address that
-    `metrics=HOST:PORT` among them asks for (dfsfuse's own, not the kernel's)."""
+def parse_mount_options(raw: list[str]) -> tuple[list[str], dict[str, Any]]:
+    """The FUSE mount options of the -o lists, and the Config fields that
+    dfsfuse's own among them set (not the kernel's): `metrics=HOST:PORT`
+    (metrics_listen) and `trash_days=DAYS`."""
     options = [opt for group in raw for opt in group.split(",") if opt]
-    metrics_listen = None
+    settings: dict[str, Any] = {}
     for option in options:
         if option.startswith("metrics="):
-            metrics_listen = option.removeprefix("metrics=")
-            parse_metrics_listen(metrics_listen)
+            settings["metrics_listen"] = option.removeprefix("metrics=")
+            parse_metrics_listen(settings["metrics_listen"])
+        elif option.startswith("trash_days="):
+            settings["trash_days"] = parse_trash_days(option.removeprefix("trash_days="))
         elif option not in MOUNT_OPTIONS:
-            allowed = ", ".join(sorted([*MOUNT_OPTIONS, "metrics=HOST:PORT"]))
+            allowed = ", ".join(sorted([*MOUNT_OPTIONS, "metrics=HOST:PORT", "trash_days=DAYS"]))
             raise UserError(f"unsupported mount option {option!r} (supported: {allowed})")
-    return [opt for opt in options if opt != "rw" and not opt.startswith("metrics=")], metrics_listen
+    ours = ("metrics=", "trash_days=")
+    return [opt for opt in options if opt != "rw" and not opt.startswith(ours)], settings
 
 
 def mount(config: Config, mountpoint: str, options: list[str], foreground: bool) -> int:
     mountpoint = check_mountpoint(mountpoint)
-    options, metrics_listen = parse_mount_options(options)
-    if metrics_listen is not None:
-        config = dataclasses.replace(config, metrics_listen=metrics_listen)
+    options, settings = parse_mount_options(options)
+    config = dataclasses.replace(config, **settings)
     if is_shared(config.metadata):
         from .fuse.operations import shares_locks
 
@@ -329,8 +335,8 @@ def _run_mount(config: Config, mountpoint: str, options: list[str], ready: Calla
             async with trio.open_nursery() as nursery:
                 await nursery.start(session.run)
                 await nursery.start(parts.replicator.run)
-                snapshots = await _start_cluster_services(nursery, parts, config)
                 async with running_file_system(parts.meta, parts.replicator, parts.config, session) as file_system:
+                    snapshots = await _start_cluster_services(nursery, parts, config, file_system.fs)
                     try:
                         await _serve(file_system.fs, parts.meta, session, config, mountpoint, options, ready)
                     finally:
@@ -347,12 +353,15 @@ def _run_mount(config: Config, mountpoint: str, options: list[str], ready: Calla
         raise _single_user_error(group) from None
 
 
-async def _start_cluster_services(nursery: trio.Nursery, parts: Components, config: Config) -> SnapshotWriter:
+async def _start_cluster_services(
+    nursery: trio.Nursery, parts: Components, config: Config, fs: FileSystem
+) -> SnapshotWriter:
     """The mount's cluster side: following the node registry, the control
-    socket, background repair and periodic metadata snapshots."""
+    socket (whose `trash empty` purges through `fs`), background repair and
+    periodic metadata snapshots."""
     nodes = NodeSet(parts.meta, parts.access, parts.replicator, parts.stores)
     await nursery.start(nodes.run)
-    cluster = Cluster(parts.meta, parts.replicator, nodes, config.replicas, parts.access)
+    cluster = Cluster(parts.meta, parts.replicator, nodes, config.replicas, parts.access, fs)
     maintenance_lock = trio.Lock()  # one cluster operation or repair pass at a time
     await nursery.start(ControlServer(config.control_socket_path, cluster, maintenance_lock).run)
     await nursery.start(background_repair, cluster, maintenance_lock)

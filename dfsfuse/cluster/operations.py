@@ -1,5 +1,5 @@
 """The cluster operations: node add, drain and remove, rebalance, repair,
-scrub. Each runs the same way in the mount (asked over the control socket)
+scrub, trash empty. Each runs the same way in the mount (asked over the control socket)
 and in the `dfsfuse` command itself when nothing is mounted; it reports
 through an Output and returns an exit code, or raises UserError to refuse.
 """
@@ -38,8 +38,12 @@ from dfsfuse.metadata.base import (
     MetadataStore,
     NodeRecord,
 )
+from dfsfuse.metadata.trash import DAY_NS
+from dfsfuse.report import size
 from dfsfuse.shards.placement import place
 from dfsfuse.shards.replicator import Replicator
+from dfsfuse.vfs.filesystem import FileSystem
+from dfsfuse.vfs.trash import purge
 
 
 class Output(Protocol):
@@ -60,6 +64,7 @@ class Cluster:
     nodes: NodeSet
     replicas: int  # the configured R
     access: NodeAccess  # how to reach a node being added
+    fs: FileSystem | None = None  # the mount's POSIX layer (None in a command run without a mount)
 
 
 Operation = Callable[..., Awaitable[int]]
@@ -273,6 +278,23 @@ async def maintenance_turn(meta: MetadataStore, lock: trio.Lock, wait: float = M
                     await meta.release_role(ROLE_MAINTENANCE)
 
 
+# -- trash empty ----------------------------------------------------------------------
+
+
+async def trash_empty(cluster: Cluster, out: Output, older_than_days: float = 0.0) -> int:
+    """Remove from the trash for good the files deleted over `older_than_days` ago (all with 0)."""
+    if cluster.fs is None:
+        raise UserError("trash empty runs in the mount: mount the file system first")
+    if not 0 <= older_than_days <= 36500:
+        raise UserError("--older-than must be a number of days from 0 to 36500")
+    cutoff_ns = time.time_ns() - int(older_than_days * DAY_NS)
+    doomed = [entry for entry in await cluster.meta.trash_entries() if entry.deleted_ns <= cutoff_ns]
+    what = "files removed from the trash"
+    await purge(cluster.fs, doomed, lambda done, total: out.progress(done, total, what))
+    out.line(f"trash: {len(doomed)} files ({size(sum(entry.size for entry in doomed))}) removed for good")
+    return 0
+
+
 OPERATIONS: dict[str, Operation] = {
     "node add": node_add,
     "node drain": node_drain,
@@ -280,4 +302,5 @@ OPERATIONS: dict[str, Operation] = {
     "rebalance": rebalance,
     "repair": repair,
     "scrub": scrub,
+    "trash empty": trash_empty,
 }

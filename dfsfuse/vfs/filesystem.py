@@ -18,6 +18,15 @@ another mount changed the file since this one cached it, the open says so
 (`changed_elsewhere`), and the kernel must not keep the pages it cached. A
 file open here that another mount changes (`note_changes`) takes the new
 size and times before its next read or getattr.
+
+The trash (dfsfuse/metadata/trash.py). An unlink, or a rename that replaces
+a file, hands the engine the configured `trash_days`; the engine moves a
+last name into the trash instead of removing it, so the inode stays with its
+data and nlink and nothing here deletes it. Files in the trash cannot be
+changed (EPERM): no setattr, xattr change or open for writing. Files leave
+the trash for good through `purge_trash` (the background expiry,
+vfs/trash.py, and `dfsfuse trash empty`), which deletes them like unlinked
+files: once unreferenced.
 """
 
 from __future__ import annotations
@@ -34,7 +43,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from ..cluster.session import MountSession
-from ..errors import DfsError, InvalidArgument, IsADirectory, NoSpace
+from ..errors import DfsError, InvalidArgument, IsADirectory, NoSpace, NotPermitted
 from ..metadata.base import (
     NAME_MAX,
     REPLICAS_XATTR,
@@ -43,9 +52,11 @@ from ..metadata.base import (
     DirEntry,
     EntryChange,
     InodeAttrs,
+    TrashPurge,
     check_name,
     same_file_state,
 )
+from ..metadata.trash import TRASH_DAYS_XATTR, parse_days
 from ..write.file_writer import WriteServices
 from .contents import FileContents
 from .locking import FileLocks
@@ -88,9 +99,15 @@ class Handle:
 
 class FileSystem:
     """The POSIX layer; `replicas` is the configured R (statfs divides by it);
-    `session` this mount's, if it has one (not in the component tests)."""
+    `session` this mount's, if it has one (not in the component tests);
+    `trash_days` the configured trash_days (0: no trash where no directory
+    asks for one)."""
 
-    def __init__(self, writes: WriteServices, reads: ReadServices, replicas: int, session: MountSession | None = None):
+    def __init__(
+        self, writes: WriteServices, reads: ReadServices, replicas: int, session: MountSession | None = None,
+        trash_days: float = 0.0,
+    ):
+        self._trash_days = trash_days
         self._meta = writes.meta
         self._replicator = writes.replicator
         self._garbage = writes.garbage
@@ -240,7 +257,7 @@ class FileSystem:
 
     async def unlink(self, parent: int, name: bytes) -> None:
         check_name(name)
-        attrs = (await self._meta.unlink(parent, name, time.time_ns())).attrs
+        attrs = (await self._meta.unlink(parent, name, time.time_ns(), self._trash_days)).attrs
         self._note_links(attrs)
         self._delete_if_unreferenced(attrs.inode)
 
@@ -253,10 +270,25 @@ class FileSystem:
     async def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, flags: int) -> None:
         check_name(old_name)
         check_name(new_name)
-        change = await self._meta.rename(old_parent, old_name, new_parent, new_name, flags, time.time_ns())
+        change = await self._meta.rename(
+            old_parent, old_name, new_parent, new_name, flags, time.time_ns(), self._trash_days
+        )
         if change is not None and change.replaced is not None:
             self._note_links(change.replaced)
             self._delete_if_unreferenced(change.replaced.inode)
+
+    async def purge_trash(self, entries: list[tuple[int, bytes]]) -> TrashPurge:
+        """Remove these (hour directory, name) entries from the trash for good;
+        their inodes are deleted once unreferenced, as after an unlink."""
+        purge = await self._meta.purge_trash(entries)
+        for attrs in purge.unlinked:
+            self._note_links(attrs)
+            self._delete_if_unreferenced(attrs.inode)
+        return purge
+
+    async def _refuse_if_in_trash(self, inode: int) -> None:
+        if (await self._meta.getattr(inode)).in_trash:
+            raise NotPermitted("files in the trash cannot be changed; move one out to restore it")
 
     async def readlink(self, inode: int) -> bytes:
         attrs = await self._meta.getattr(inode)
@@ -271,6 +303,7 @@ class FileSystem:
     # -- attributes ------------------------------------------------------------
     async def setattr(self, inode: int, changes: AttrChanges, size: int | None) -> InodeAttrs:
         """One engine call: with a size, the truncate commits the other changes too."""
+        await self._refuse_if_in_trash(inode)
         if size is not None:
             await self._truncate(inode, size, None if changes == AttrChanges() else changes)
         else:
@@ -315,8 +348,11 @@ class FileSystem:
     # -- extended attributes ---------------------------------------------------
     async def setxattr(self, inode: int, name: bytes, value: bytes, flags: int) -> None:
         _check_xattr_name(name)
+        await self._refuse_if_in_trash(inode)
         if name == REPLICAS_XATTR:
             value = _check_replicas_value(value, len(self._replicator.writable))
+        if name == TRASH_DAYS_XATTR:
+            value = _check_trash_days_value(value)
         await self._meta.setxattr(inode, name, value, flags, time.time_ns())
 
     async def getxattr(self, inode: int, name: bytes) -> bytes:
@@ -328,10 +364,13 @@ class FileSystem:
 
     async def removexattr(self, inode: int, name: bytes) -> None:
         _check_xattr_name(name)
+        await self._refuse_if_in_trash(inode)
         await self._meta.removexattr(inode, name, time.time_ns())
 
     # -- open files ------------------------------------------------------------
     async def open(self, inode: int, flags: int) -> int:
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
+            await self._refuse_if_in_trash(inode)
         contents = self._files.get(inode)
         changed = False
         if contents is None or not contents.open_count:
@@ -535,6 +574,12 @@ def _check_replicas_value(value: bytes, writable_nodes: int) -> bytes:
     if not text.isdigit() or not 1 <= int(text) <= writable_nodes:
         raise InvalidArgument(f"{REPLICAS_XATTR.decode()} must be a number from 1 to {writable_nodes}")
     return str(int(text)).encode()
+
+
+def _check_trash_days_value(value: bytes) -> bytes:
+    """user.dfs.trash_days must be a number of days (0: the trash is off below)."""
+    days = parse_days(value, TRASH_DAYS_XATTR.decode())
+    return (b"%d" % days) if days == int(days) else repr(days).encode()
 
 
 def _check_xattr_name(name: bytes) -> None:
