@@ -50,7 +50,7 @@ def pair(postgres_server, test_root):
     base.mkdir(parents=True, exist_ok=True)
     database = "many_mounts"
     postgres_server.create_database(database)
-    config = postgres_config(postgres_server, database, base / "pgpassword", "")
+    config = postgres_config(postgres_server, database, base / "pgpassword", "trash_days = 0\n")
     config += f"session_timeout = {SESSION_TIMEOUT}\n"
     factory = MountFactory(base, "many_mounts")
     a = factory.new("a", config=config, start=False)

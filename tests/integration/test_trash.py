@@ -203,7 +203,7 @@ def test_status_counts_what_the_trash_holds(mount, workdir):
     write_file(big, os.urandom(size), fsync=True)
     assert parse_status(mount.status(as_json=True))["trash"] == {"files": 0, "logical_bytes": 0, "stored_bytes": 0}
     big.unlink()
-    time.sleep(4)  # a garbage collection round would have run by now
+    time.sleep(1.5)  # a garbage collection round (0.25 s after the last unlink) would have run by now
     assert parse_status(mount.status(as_json=True))["trash"] == {"files": 1, "logical_bytes": size, "stored_bytes": size}
     assert "trash: 1 files, 3.0MiB logical, 3.0MiB stored" in mount.status()
     assert stored_bytes(mount) >= 2 * size  # both replicas are still there
@@ -231,7 +231,7 @@ def test_statfs_counts_the_trash_as_used(mount_factory):
         with_file = free()
         assert with_file <= empty - size * 9 // 10
         (fs / "big").unlink()
-        time.sleep(4)  # a garbage collection round would have run by now
+        time.sleep(1.5)  # a garbage collection round (0.25 s after the last unlink) would have run by now
         assert free() == with_file  # held in the trash
         dfsfuse_cli("trash", "empty", str(fs.mountpoint))
         wait_until(lambda: free() >= empty - MiB, "statfs to count the emptied trash's space as free")
