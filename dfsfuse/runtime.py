@@ -384,6 +384,7 @@ async def _serve(
     try:
         operations = fuse.Operations(fs)
         session.barrier = operations.invalidator.barrier
+        fs.kernel_invalidator = operations.invalidator
         fuse.start(operations, mountpoint, fuse.mount_options(f"dfsfuse:{config.data_dir}", options))
     except RuntimeError as error:
         raise UserError(f"cannot mount at {mountpoint}: {error}") from None

@@ -132,7 +132,10 @@ def restore(what: str, to: str | None, out: TextIO = sys.stdout) -> int:
         entry = matches[-1]
     source = os.path.join(trash, entry["name"])
     destination = _destination(mountpoint, entry["path"], to)
-    os.makedirs(os.path.dirname(destination), exist_ok=True)
+    try:
+        os.makedirs(os.path.dirname(destination), exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot make the directory {os.path.dirname(destination)}: {error.strerror}") from None
     try:
         _rename_noreplace(source, destination)
     except FileExistsError:

@@ -108,6 +108,10 @@ class FileSystem:
         trash_days: float = 0.0,
     ):
         self._trash_days = trash_days
+        # Set by the mount once the FUSE adapter exists (as session.barrier is):
+        # drops from the kernel's caches what changed without a kernel request
+        # (names purged from the trash), so that the kernel lets go of them.
+        self.kernel_invalidator: Callable[[ChangeNotice], Awaitable[None]] | None = None
         self._meta = writes.meta
         self._replicator = writes.replicator
         self._garbage = writes.garbage
@@ -279,11 +283,15 @@ class FileSystem:
 
     async def purge_trash(self, entries: list[tuple[int, bytes]]) -> TrashPurge:
         """Remove these (hour directory, name) entries from the trash for good;
-        their inodes are deleted once unreferenced, as after an unlink."""
+        their inodes are deleted once unreferenced, as after an unlink. The
+        kernel is told to forget the names, or a name it looked up would
+        keep its inode referenced until the kernel evicts it."""
         purge = await self._meta.purge_trash(entries)
         for attrs in purge.unlinked:
             self._note_links(attrs)
             self._delete_if_unreferenced(attrs.inode)
+        if self.kernel_invalidator is not None:
+            await self.kernel_invalidator(purge.notice)
         return purge
 
     async def _refuse_if_in_trash(self, inode: int) -> None:

@@ -178,6 +178,13 @@ def test_trash_commands_list_restore_and_empty(mount, workdir):
     assert read_file(workdir / "elsewhere") == b"a new one\n"
     dfsfuse_cli("trash", "restore", str(workdir / "elsewhere"), "--to", str(workdir / "elsewhere.old"))
     assert read_file(workdir / "elsewhere.old") == b"elsewhere\n"
+    # A file where its directory was.
+    (workdir / "sub").mkdir()
+    write_file(workdir / "sub" / "blocked", b"x")
+    run(["rm", "-rf", str(workdir / "sub")])
+    write_file(workdir / "sub", b"now a file")
+    error = one_line_error(dfsfuse_cli("trash", "restore", str(workdir / "sub" / "blocked"), check=False))
+    assert error.startswith(f"dfsfuse: cannot make the directory {workdir / 'sub'}")
     # By its name in the trash, into a directory.
     entry = _trash_files(mount)[_original(mount, docs / "notes.txt")]
     dfsfuse_cli("trash", "restore", str(entry), "--to", str(workdir))
