@@ -676,9 +676,10 @@ def _rename(
         new_name_entry = source_entry
     if source_is_directory:
         move_directory(source.inode, old_parent, new_parent)
-    if restoring:
+    if restoring:  # (a file it replaces may have gone into the trash meanwhile)
         moved = _restore_from_trash(tx, source.inode, now_ns)
-        trash_notice = ChangeNotice(inodes=frozenset({source.inode}))
+        before = trash_notice or ChangeNotice()
+        trash_notice = ChangeNotice(inodes=before.inodes | {source.inode}, entries=before.entries)
     else:
         moved = _update_inode(tx, source.inode, "ctime_ns = ?", (now_ns,))
     parents = tuple(

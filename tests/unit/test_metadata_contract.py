@@ -733,6 +733,20 @@ def test_moving_a_file_out_of_the_trash_restores_it(harness):
         assert await store.trash_entries() == []
         assert (await store.lookup(ROOT_INODE, b"back")).inode == file.inode
         await check_nlinks(store)
+        # Restored over a file: that one goes into the trash in its place.
+        await store.unlink(ROOT_INODE, b"back", now(), trash_days=1)
+        [entry] = await store.trash_entries()
+        other = await mkfile(store, ROOT_INODE, b"other")
+        change = await store.rename(entry.hour_dir, entry.name, ROOT_INODE, b"other", 0, now(), trash_days=1)
+        assert change is not None and change.trash is not None and change.replaced is not None
+        assert {file.inode, other.inode, entry.hour_dir} <= change.trash.inodes
+        assert [e.inode for e in await store.trash_entries()] == [other.inode]
+        assert await store.getxattr(other.inode, TRASH_PATH_XATTR) == b"/other"
+        assert await store.listxattr(file.inode) == []
+        assert (await store.lookup(ROOT_INODE, b"other")).inode == file.inode
+        await check_nlinks(store)
+        [entry] = await store.trash_entries()
+        await store.rename(entry.hour_dir, entry.name, ROOT_INODE, b"back", 0, now())
         # The hour directory left empty goes with the next purge.
         purge = await store.purge_trash([])
         assert [attrs.inode for attrs in purge.unlinked] == [entry.hour_dir]
