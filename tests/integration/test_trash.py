@@ -261,3 +261,21 @@ def test_expired_files_are_collected_in_the_background(mount, workdir):
     wait_until(lambda: _original(mount, brief / "short-lived") not in _trash_files(mount), "the expiry", 30)
     assert _original(mount, workdir / "long-lived") in _trash_files(mount)
     wait_until(lambda: stored_bytes(mount) <= with_files - 2 * MiB, "the expired file's replicas to go", 30)
+
+
+def test_a_file_deleted_before_a_crash_is_in_the_trash_after_it(mount_factory):
+    fs = mount_factory.new("crash", config=MOUNT_CONFIG)
+    data = os.urandom(2 * MiB)
+    write_file(fs / "precious", data, fsync=True)
+    write_file(fs / "replaced", b"old", fsync=True)
+    write_file(fs / "replacement", b"new", fsync=True)
+    (fs / "precious").unlink()
+    os.rename(fs / "replacement", fs / "replaced")
+    fs.crash()
+    run(["fusermount3", "-u", "-z", str(fs.mountpoint)])
+    fs.log_offset = fs.log_path.stat().st_size
+    fs.start()  # its garbage collector sweeps what the crash left
+    in_trash = _trash_files(fs)
+    assert read_file(in_trash["/precious"]) == data
+    assert read_file(in_trash["/replaced"]) == b"old"
+    assert read_file(fs / "replaced") == b"new"
