@@ -864,6 +864,7 @@ def _move_to_trash(tx: Transaction, plan: _TrashPlan, inode: int, now_ns: int) -
     if trash is None:
         trash = _new_trash_directory(tx, ROOT_INODE, now_ns)
         tx.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (TRASH_INODE_KEY, trash))
+        tx.changed_entry(ROOT_INODE, TRASH_NAME)  # lookups that found no trash were cached
         entries.add((ROOT_INODE, TRASH_NAME))
     hour = hour_name(plan.expires_ns)
     hour_dir = plan.hour_dir
