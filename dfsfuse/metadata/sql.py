@@ -786,11 +786,14 @@ def _trash_directory(tx: Transaction) -> int | None:
 
 
 def _new_trash_directory(tx: Transaction, parent: int, now_ns: int) -> int:
-    """A directory of the trash (the trash itself, or an hour directory), owned by root."""
+    """A directory of the trash (the trash itself, or an hour directory), owned
+    by root, with mode 1777 as /tmp has: the kernel lets every user move out
+    the files they own (the sticky bit keeps them from others'), and the
+    flag refuses whatever else would change it."""
     inode: int = tx.execute(
         "INSERT INTO inodes (mode, nlink, uid, gid, rdev, size, stored_bytes, atime_ns, mtime_ns, ctime_ns,"
         " target, parent, flags) VALUES (?, 2, 0, 0, 0, 0, 0, ?, ?, ?, ?, ?, ?) RETURNING id",
-        (stat.S_IFDIR | 0o755, now_ns, now_ns, now_ns, b"", parent, INODE_TRASH),
+        (stat.S_IFDIR | stat.S_ISVTX | 0o777, now_ns, now_ns, now_ns, b"", parent, INODE_TRASH),
     ).fetchone()[0]
     return inode
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from dfstest import (
     MiB,
+    as_user,
     dfsfuse_cli,
     drop_caches,
     expect_errno,
@@ -25,12 +26,14 @@ from dfstest import (
     read_file,
     run,
     stored_bytes,
+    user_errno,
     wait_until,
     write_file,
 )
 
 ALSO_POSTGRES = True  # also with its metadata on PostgreSQL (conftest.py)
 
+MOUNT_OPTIONS = ["allow_other"]  # other users restore their own files
 MOUNT_CONFIG = """
 trash_days = 1
 trash_sweep_interval = 0.5
@@ -130,6 +133,21 @@ def test_the_trash_is_read_only_but_readable(mount, workdir):
     expect_errno(errno.EEXIST, os.mkdir, mount / ".trash")
     expect_errno(errno.EEXIST, os.open, mount / ".trash", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     assert read_file(entry) == b"keep me"
+
+
+def test_users_move_their_own_files_out_of_the_trash_and_only_those(mount, workdir):
+    workdir.chmod(0o777)
+    alice, bob = 2001, 2002
+    as_user(alice, alice, write_file, workdir / "alices", b"mine")
+    as_user(alice, alice, os.unlink, workdir / "alices")
+    entry = _trash_files(mount)[_original(mount, workdir / "alices")]
+    assert stat.S_IMODE(os.stat(entry.parent).st_mode) == 0o1777
+    assert user_errno(bob, bob, os.rename, entry, workdir / "taken") == errno.EPERM  # the sticky bit
+    assert user_errno(alice, alice, os.open, entry.parent / "new", os.O_CREAT | os.O_WRONLY, 0o644) == errno.EPERM
+    assert user_errno(alice, alice, os.open, entry, os.O_WRONLY) == errno.EPERM
+    as_user(alice, alice, os.rename, entry, workdir / "restored")
+    assert read_file(workdir / "restored") == b"mine"
+    assert os.stat(workdir / "restored").st_uid == alice
 
 
 def test_trash_days_zero_on_a_directory_deletes_there_at_once(mount, workdir):
