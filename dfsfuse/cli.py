@@ -1,4 +1,5 @@
-"""The dfsfuse command line: format, mount, status, stats, quota, fsck, repair, scrub, rebalance, restore, node.
+"""The dfsfuse command line: format, mount, status, stats, snapshot, quota, trash,
+fsck, repair, scrub, rebalance, restore, node.
 
 Mistakes a person can fix end as one line on stderr and a non-zero exit
 code, never a traceback.
@@ -44,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument("--foreground", action="store_true", help="stay in the foreground, logging to stderr")
     mount.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT...]",
                        help="mount options: allow_other, ro, nosuid, nodev, noexec, noatime;"
-                       " metrics=HOST:PORT serves Prometheus metrics there")
+                       " metrics=HOST:PORT serves Prometheus metrics there; trash_days=DAYS (0: no trash)")
 
     status = commands.add_parser("status", help="node stores, usage, under-replicated shards and mounts")
     _add_data_options(status)
@@ -94,6 +95,20 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("--secret-file", metavar="FILE", help="the cluster secret (for a node server)")
     _add_data_options(restore)
 
+    trash = commands.add_parser("trash", help="deleted and overwritten files kept in MOUNT/.trash")
+    trash_commands = trash.add_subparsers(dest="trash_command", required=True, metavar="COMMAND")
+    trash_list = trash_commands.add_parser("list", help="what the trash holds: original path, when deleted, size")
+    trash_list.add_argument("path", nargs="?", default=".", metavar="PATH",
+                            help="a path in the mount; below a directory, only what was deleted there (default .)")
+    trash_list.add_argument("--json", action="store_true", help="as JSON, for scripts")
+    trash_restore = trash_commands.add_parser("restore", help="move a file out of the trash (never overwrites)")
+    trash_restore.add_argument("what", metavar="FILE", help="MOUNT/.trash/HOUR/NAME, or the file's original path")
+    trash_restore.add_argument("--to", metavar="DEST", help="where to put it (default: its original path)")
+    trash_empty = trash_commands.add_parser("empty", help="delete what the trash holds for good")
+    trash_empty.add_argument("path", nargs="?", default=".", metavar="PATH", help="a path in the mount (default .)")
+    trash_empty.add_argument("--older-than", type=float, default=0.0, metavar="DAYS",
+                             help="only files deleted more than DAYS days ago")
+
     node_commands = add_node_commands(commands)
     node_list = node_commands.add_parser("list", help="the cluster's nodes: state, alive, usage, last seen")
     _add_data_options(node_list)
@@ -122,6 +137,14 @@ def run(argv: list[str]) -> int:
         return _snapshot(args)
     if args.command == "quota":  # the mount answers: needs only a path in it
         return _quota_command(args)
+    if args.command == "trash":  # finds the file system from a path in its mount
+        from . import trash
+
+        if args.trash_command == "list":
+            return trash.list_trash(args.path, args.json)
+        if args.trash_command == "restore":
+            return trash.restore(args.what, args.to)
+        return trash.empty(args.path, args.older_than)
     overrides = {}
     if args.command == "format":
         names = {"replicas": args.replicas, "shard_size": args.shard_size, "block_size": args.block_size}

@@ -10,6 +10,8 @@ local node stores inside it. A config file may set:
     shard_size = "4MiB"           # bytes, or a size with KiB/MiB/GiB
     block_size = "64KiB"          # checksum block inside a replica
     snapshot_interval = 300       # seconds between metadata snapshots on the nodes; 0: only at unmount
+    trash_days = 1                # days deleted and overwritten files stay in /.trash; 0: off (or -o trash_days=)
+    trash_sweep_interval = 300    # seconds between looks for expired files in the trash
     [cache]
     shard_cache = "256MiB"        # verified shard data kept for reads
     write_buffer = "128MiB"       # dirty data held before writers wait
@@ -39,11 +41,12 @@ import re
 import tomllib
 from pathlib import Path
 
-from .errors import UserError
+from .errors import InvalidArgument, UserError
 from .metadata.engines import DEFAULT_ENGINE, ENGINE_NAMES, MetadataSettings
 from .metadata.postgres import ENGINE_NAME as POSTGRES_ENGINE
 from .metadata.postgres import URL_SCHEMES as POSTGRES_URL_SCHEMES
 from .metadata.postgres import redacted
+from .metadata.trash import parse_days
 from .storage.addresses import split_host_port
 
 KiB = 1024
@@ -83,6 +86,8 @@ class Config:
     metadata_password_file: Path | None = None  # postgresql: --meta-password-file, [metadata] password_file
     session_timeout: float = 60.0  # [metadata] session_timeout (dfsfuse.cluster.session)
     metrics_listen: str | None = None  # HOST:PORT of the Prometheus endpoint ([metrics] listen, -o metrics=)
+    trash_days: float = 1.0  # how long deleted files stay in the trash (dfsfuse/metadata/trash.py); 0: off
+    trash_sweep_interval: float = 300.0  # seconds between the mount's looks for expired files in the trash
     # Whether shard_size or block_size were set (config file, format flags): if
     # not, a command takes the ones the file system was made with.
     layout_given: bool = False
@@ -164,7 +169,7 @@ def load(
 
     known = {
         "data_dir", "replicas", "write_quorum", "secret_file", "tls_ca_file", "shard_size", "block_size", "cache", "nodes",
-        "snapshot_interval", "metadata", "metrics",
+        "snapshot_interval", "metadata", "metrics", "trash_days", "trash_sweep_interval",
     }
     _reject_unknown(settings, known, "")
     cache = settings.get("cache", {})
@@ -206,6 +211,8 @@ def load(
         snapshot_interval=_snapshot_interval(settings),
         layout_given="shard_size" in settings or "block_size" in settings,
         metrics_listen=_metrics_listen(settings),
+        trash_days=_trash_days(settings),
+        trash_sweep_interval=_trash_sweep_interval(settings),
         **_metadata_settings(settings, meta_url, meta_password_file),
     )
 
@@ -266,6 +273,28 @@ def parse_metrics_listen(text: str) -> tuple[str, int]:
     if where is None or not where[0] or where[1] == 0:
         raise UserError(f"metrics address {text!r} must be HOST:PORT, e.g. 127.0.0.1:9567")
     return where
+
+
+def _trash_days(settings: dict) -> float:
+    value = settings.get("trash_days", 1)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UserError(f"config: trash_days must be a number of days (0: no trash), not {value!r}")
+    return parse_trash_days(str(value))
+
+
+def parse_trash_days(text: str) -> float:
+    """trash_days from the config or `-o trash_days=`, or a one-line UserError."""
+    try:
+        return parse_days(text, "trash_days")
+    except InvalidArgument as error:
+        raise UserError(f"config: {error}") from None
+
+
+def _trash_sweep_interval(settings: dict) -> float:
+    value = settings.get("trash_sweep_interval", 300)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.1 <= value <= 86400:
+        raise UserError(f"config: trash_sweep_interval must be from 0.1 to 86400 seconds, not {value!r}")
+    return float(value)
 
 
 def _snapshot_interval(settings: dict) -> int:

@@ -37,8 +37,8 @@ from .cluster.operations import (
 from .cluster.registry import NodeAccess, open_store_or_stand_in, register_config_nodes
 from .cluster.session import MountSession
 from .cluster.snapshots import SnapshotWriter
-from .cluster.tree import TREE_OPERATIONS, MountedTree
-from .config import Config, check_write_buffer, parse_metrics_listen
+from .cluster.tree import TREE_OPERATIONS
+from .config import Config, check_write_buffer, parse_metrics_listen, parse_trash_days
 from .datadir import DataDirLock, mountpoint_of, prepare_data_dir, require_file_system
 from .errors import UserError
 from .metadata.base import NODE_ACTIVE, MetadataStore, NodeRecord
@@ -50,6 +50,7 @@ from .shards.replicator import Replicator
 from .storage.base import NodeStore, StoreStat
 from .vfs.filesystem import FileSystem
 from .vfs.reader import ReadServices
+from .vfs.trash import TrashSweeper
 from .write.buffer import WriteBudget
 from .write.file_writer import WriteServices
 from .write.flusher import Flusher, flush_channel
@@ -158,7 +159,9 @@ async def running_file_system(
         reads = ReadServices(meta=meta, replicator=replicator, cache=cache, garbage=garbage, nursery=nursery)
         await nursery.start(Flusher(flusher_inbox).run)
         await nursery.start(garbage.run)
-        yield FileSystemParts(FileSystem(writes, reads, config.replicas, session), budget, cache, garbage)
+        fs = FileSystem(writes, reads, config.replicas, session, config.trash_days)
+        await nursery.start(TrashSweeper(fs, meta, config.trash_sweep_interval).run)
+        yield FileSystemParts(fs, budget, cache, garbage)
         nursery.cancel_scope.cancel()
 
 
@@ -230,26 +233,29 @@ def _is_dead_mount(path: str) -> bool:
     return False
 
 
-def parse_mount_options(raw: list[str]) -> tuple[list[str], str | None]:
-    """The FUSE mount options of the -o lists, and the metrics address that
-    `metrics=HOST:PORT` among them asks for (dfsfuse's own, not the kernel's)."""
+def parse_mount_options(raw: list[str]) -> tuple[list[str], dict[str, Any]]:
+    """The FUSE mount options of the -o lists, and the Config fields that
+    dfsfuse's own among them set (not the kernel's): `metrics=HOST:PORT`
+    (metrics_listen) and `trash_days=DAYS`."""
     options = [opt for group in raw for opt in group.split(",") if opt]
-    metrics_listen = None
+    settings: dict[str, Any] = {}
     for option in options:
         if option.startswith("metrics="):
-            metrics_listen = option.removeprefix("metrics=")
-            parse_metrics_listen(metrics_listen)
+            settings["metrics_listen"] = option.removeprefix("metrics=")
+            parse_metrics_listen(settings["metrics_listen"])
+        elif option.startswith("trash_days="):
+            settings["trash_days"] = parse_trash_days(option.removeprefix("trash_days="))
         elif option not in MOUNT_OPTIONS:
-            allowed = ", ".join(sorted([*MOUNT_OPTIONS, "metrics=HOST:PORT"]))
+            allowed = ", ".join(sorted([*MOUNT_OPTIONS, "metrics=HOST:PORT", "trash_days=DAYS"]))
             raise UserError(f"unsupported mount option {option!r} (supported: {allowed})")
-    return [opt for opt in options if opt != "rw" and not opt.startswith("metrics=")], metrics_listen
+    ours = ("metrics=", "trash_days=")
+    return [opt for opt in options if opt != "rw" and not opt.startswith(ours)], settings
 
 
 def mount(config: Config, mountpoint: str, options: list[str], foreground: bool) -> int:
     mountpoint = check_mountpoint(mountpoint)
-    options, metrics_listen = parse_mount_options(options)
-    if metrics_listen is not None:
-        config = dataclasses.replace(config, metrics_listen=metrics_listen)
+    options, settings = parse_mount_options(options)
+    config = dataclasses.replace(config, **settings)
     if is_shared(config.metadata):
         from .fuse.operations import shares_locks
 
@@ -336,12 +342,12 @@ def _run_mount(config: Config, mountpoint: str, options: list[str], ready: Calla
             async with trio.open_nursery() as nursery:
                 await nursery.start(session.run)
                 await nursery.start(parts.replicator.run)
-                cluster, snapshots = await _start_cluster_services(nursery, parts, config, quotas)
                 async with running_file_system(
                     parts.meta, parts.replicator, parts.config, session, quotas
                 ) as file_system:
+                    snapshots = await _start_cluster_services(nursery, parts, config, quotas, file_system.fs)
                     try:
-                        await _serve(file_system.fs, cluster, session, config, mountpoint, options, ready)
+                        await _serve(file_system.fs, parts.meta, session, config, mountpoint, options, ready)
                     finally:
                         with trio.CancelScope(shield=True):
                             await snapshots.write_at_unmount()  # after shutdown: every file's data is committed
@@ -357,15 +363,17 @@ def _run_mount(config: Config, mountpoint: str, options: list[str], ready: Calla
 
 
 async def _start_cluster_services(
-    nursery: trio.Nursery, parts: Components, config: Config, quotas: QuotaGuard
-) -> tuple[Cluster, SnapshotWriter]:
+    nursery: trio.Nursery, parts: Components, config: Config, quotas: QuotaGuard, fs: FileSystem
+) -> SnapshotWriter:
     """The mount's cluster side: following the node registry, the control
-    socket (whose quota requests tell `quotas` of what they change),
-    background repair and periodic metadata snapshots."""
+    socket (whose quota requests tell `quotas` of what they change, and whose
+    operations on the tree go through `fs`), background repair and periodic
+    metadata snapshots."""
     nodes = NodeSet(parts.meta, parts.access, parts.replicator, parts.stores)
     await nursery.start(nodes.run)
     cluster = Cluster(
-        parts.meta, parts.replicator, nodes, config.replicas, parts.access, quotas_changed=quotas.quotas_changed
+        parts.meta, parts.replicator, nodes, config.replicas, parts.access,
+        quotas_changed=quotas.quotas_changed, fs=fs,
     )
     maintenance_lock = trio.Lock()  # one cluster operation or repair pass at a time
     await nursery.start(ControlServer(config.control_socket_path, cluster, maintenance_lock, TREE_OPERATIONS).run)
@@ -373,24 +381,23 @@ async def _start_cluster_services(
     snapshots = SnapshotWriter(parts.meta, parts.replicator)
     if config.snapshot_interval:
         await nursery.start(snapshots.run, config.snapshot_interval)
-    return cluster, snapshots
+    return snapshots
 
 
 async def _serve(
-    fs: FileSystem, cluster: Cluster, session: MountSession, config: Config, mountpoint: str,
+    fs: FileSystem, meta: MetadataStore, session: MountSession, config: Config, mountpoint: str,
     options: list[str], ready: Callable[[], None],
 ) -> None:
     """Mount, serve the kernel until it lets go (an unmount, or a signal),
     then store everything and end the FUSE session. Meanwhile other mounts'
-    changes are applied to the kernel's caches, and the control socket's
-    operations on the tree run; both end first, since pyfuse3 must not be
-    asked to invalidate anything once its session ends."""
-    meta = cluster.meta
+    changes are applied to the kernel's caches; that ends first, since
+    pyfuse3 must not be asked to invalidate anything once its session ends."""
     from .fuse import operations as fuse  # here, so status and fsck never load pyfuse3
 
     try:
         operations = fuse.Operations(fs)
         session.barrier = operations.invalidator.barrier
+        fs.kernel_invalidator = operations.invalidator
         fuse.start(operations, mountpoint, fuse.mount_options(f"dfsfuse:{config.data_dir}", options))
     except RuntimeError as error:
         raise UserError(f"cannot mount at {mountpoint}: {error}") from None
@@ -412,11 +419,9 @@ async def _serve(
             kernel_side.start_soon(stop_on_signal)
             await kernel_side.start(operations.invalidator.run)
             await kernel_side.start(meta.follow_changes, session.id, operations.invalidator)
-            cluster.tree = MountedTree(fs, operations.invalidator)
             await fuse.serve()
             kernel_side.cancel_scope.cancel()
     finally:
-        cluster.tree = None
         with trio.CancelScope(shield=True):
             await fs.shutdown()
             fuse.stop(unmount=stopped_by_signal)

@@ -9,6 +9,8 @@ A shard counts as under-replicated when fewer of the stores its metadata
 names hold a replica than its file's replica count (user.dfs.replicas, else
 R); checksums are `dfsfuse scrub`'s and `dfsfuse fsck`'s job. A node's
 metadata snapshots (dfsfuse.cluster.snapshots) are counted apart from its shards.
+The trash's files (dfsfuse/metadata/trash.py) are counted in the totals and
+shown apart too: the space that emptying the trash would free.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ async def gather(config: Config) -> dict[str, Any]:
             row.update(alive=True, capacity=info.capacity, used=info.used, free=info.free,
                        shards=info.shards - snapshots, metadata_snapshots=snapshots)
         usage = await parts.meta.usage()
+        in_trash = await parts.meta.trash_entries()
         under = 0
         targets = ReplicaTargets(parts.meta, config.replicas)
         async for record in live_shards(parts.meta):
@@ -83,6 +86,8 @@ async def gather(config: Config) -> dict[str, Any]:
     report.update(
         nodes=nodes, inodes=usage.inodes, logical_bytes=usage.logical_bytes, stored_bytes=usage.stored_bytes,
         replicas=config.replicas, shards=usage.shards, under_replicated=under, quotas=quotas, sessions=sessions,
+        trash={"files": len(in_trash), "logical_bytes": sum(entry.size for entry in in_trash),
+               "stored_bytes": sum(entry.stored_bytes for entry in in_trash)},
     )
     return report
 
@@ -104,6 +109,8 @@ def render(report: dict[str, Any]) -> list[str]:
         "",
         f"files: {report['inodes']} inodes, {size(report['logical_bytes'])} logical,"
         f" {size(report['stored_bytes'])} stored (x{report['replicas']} replicas), {report['shards']} shards",
+        f"trash: {report['trash']['files']} files, {size(report['trash']['logical_bytes'])} logical,"
+        f" {size(report['trash']['stored_bytes'])} stored (dfsfuse trash list MOUNTPOINT)",
         f"replication: {report['under_replicated']} under-replicated shards"
         + (" (dfsfuse repair makes the missing replicas)" if report["under_replicated"] else ""),
         "",

@@ -1,5 +1,5 @@
 """The cluster operations: node add, drain and remove, rebalance, repair,
-scrub. Each runs the same way in the mount (asked over the control socket)
+scrub, trash empty. Each runs the same way in the mount (asked over the control socket)
 and in the `dfsfuse` command itself when nothing is mounted; it reports
 through an Output and returns an exit code, or raises UserError to refuse.
 """
@@ -10,7 +10,7 @@ import contextlib
 import dataclasses
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import trio
 
@@ -40,9 +40,7 @@ from dfsfuse.metadata.base import (
 )
 from dfsfuse.shards.placement import place
 from dfsfuse.shards.replicator import Replicator
-
-if TYPE_CHECKING:
-    from dfsfuse.cluster.tree import MountedTree
+from dfsfuse.vfs.filesystem import FileSystem
 
 
 class Output(Protocol):
@@ -63,9 +61,9 @@ class Cluster:
     nodes: NodeSet
     replicas: int  # the configured R
     access: NodeAccess  # how to reach a node being added
-    tree: MountedTree | None = None  # in a mount, once it serves the kernel
     # Called after a quota is set or removed (the mount's write path caches them).
     quotas_changed: Callable[[], None] = lambda: None
+    fs: FileSystem | None = None  # the mount's POSIX layer (None in a command run without a mount)
 
 
 Operation = Callable[..., Awaitable[int]]

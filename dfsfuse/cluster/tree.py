@@ -1,43 +1,35 @@
 """Operations on the mounted tree that `dfsfuse` commands ask of a mount over
-its control socket: tree snapshots (`dfsfuse snapshot`) and their removal.
+its control socket: tree snapshots (`dfsfuse snapshot`), their removal, and
+emptying the trash (`dfsfuse trash empty`).
 
 They run in the mount because they go through what only the mount has: its
 metadata cache, the file data it holds buffered, and the kernel's caches of
-names and attributes, which must forget what changed underneath them. They
-take no maintenance turn (they move no replica), so a repair running meanwhile
-does not hold them up. Inodes and names come from the command, which found them
-with stat(2) through the mount.
+names and attributes, which must forget what changed underneath them
+(FileSystem tells the kernel). They take no maintenance turn (they move no
+replica), so a repair running meanwhile does not hold them up. Inodes and
+names come from the command, which found them with stat(2) through the mount.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
-from collections.abc import Awaitable, Callable
 
 import trio
 
 from dfsfuse.cluster.operations import Cluster, Operation, Output
 from dfsfuse.errors import DfsError, UserError
-from dfsfuse.metadata.base import ChangeNotice, ProgressReport
+from dfsfuse.metadata.base import ProgressReport
+from dfsfuse.metadata.trash import DAY_NS
 from dfsfuse.report import size
 from dfsfuse.vfs.filesystem import FileSystem
+from dfsfuse.vfs.trash import purge
 
 
-@dataclasses.dataclass(frozen=True)
-class MountedTree:
-    """The mount's file system and how to make the kernel forget cached names
-    and attributes (the same path other mounts' changes take)."""
-
-    fs: FileSystem
-    tell_kernel: Callable[[ChangeNotice], Awaitable[None]]
-
-
-def _tree(cluster: Cluster) -> MountedTree:
-    if cluster.tree is None:
-        raise UserError("this operation needs a running mount")  # never asked of a command's own cluster
-    return cluster.tree
+def _mounted(cluster: Cluster, what: str) -> FileSystem:
+    if cluster.fs is None:
+        raise UserError(f"{what} runs in the mount: mount the file system first")
+    return cluster.fs
 
 
 def _reporter(out: Output, what: str) -> ProgressReport:
@@ -47,34 +39,29 @@ def _reporter(out: Output, what: str) -> ProgressReport:
 
 
 async def snapshot(cluster: Cluster, out: Output, source: int, parent: int, name: str, readonly: bool) -> int:
-    tree = _tree(cluster)
+    fs = _mounted(cluster, "snapshot")
     started = time.monotonic()
     try:
-        change = await tree.fs.snapshot_tree(source, parent, os.fsencode(name), readonly, _reporter(out, "entries"))
+        change = await fs.snapshot_tree(source, parent, os.fsencode(name), readonly, _reporter(out, "entries"))
     except DfsError as error:
         raise UserError(os.strerror(error.errno)) from None
-    await tree.tell_kernel(ChangeNotice(inodes=frozenset({parent}), entries=frozenset({(parent, os.fsencode(name))})))
     cluster.quotas_changed()  # the usage of the quotas above it grew
-    seconds = time.monotonic() - started
     out.progress(len(change.inodes), len(change.inodes), "entries")
     kind = "read-only snapshot" if readonly else "snapshot"
     out.line(
         f"{kind} of {len(change.inodes)} inodes and {size(change.logical_bytes)} (shared, nothing copied)"
-        f" in {seconds:.2f} s"
+        f" in {time.monotonic() - started:.2f} s"
     )
     return 0
 
 
 async def snapshot_delete(cluster: Cluster, out: Output, parent: int, name: str) -> int:
-    tree = _tree(cluster)
+    fs = _mounted(cluster, "snapshot --delete")
     started = time.monotonic()
     try:
-        change = await tree.fs.remove_tree(parent, os.fsencode(name), _reporter(out, "entries"))
+        change = await fs.remove_tree(parent, os.fsencode(name), _reporter(out, "entries"))
     except DfsError as error:
         raise UserError(os.strerror(error.errno)) from None
-    await tree.tell_kernel(
-        ChangeNotice(inodes=frozenset({parent, *change.inodes}), entries=frozenset({(parent, os.fsencode(name))}))
-    )
     cluster.quotas_changed()
     out.progress(len(change.inodes), len(change.inodes), "entries")
     out.line(
@@ -84,8 +71,22 @@ async def snapshot_delete(cluster: Cluster, out: Output, parent: int, name: str)
     return 0
 
 
+async def trash_empty(cluster: Cluster, out: Output, older_than_days: float = 0.0) -> int:
+    """Remove from the trash for good the files deleted over `older_than_days` ago (all with 0)."""
+    fs = _mounted(cluster, "trash empty")
+    if not 0 <= older_than_days <= 36500:
+        raise UserError("--older-than must be a number of days from 0 to 36500")
+    cutoff_ns = time.time_ns() - int(older_than_days * DAY_NS)
+    doomed = [entry for entry in await cluster.meta.trash_entries() if entry.deleted_ns <= cutoff_ns]
+    what = "files removed from the trash"
+    await purge(fs, doomed, lambda done, total: out.progress(done, total, what))
+    out.line(f"trash: {len(doomed)} files ({size(sum(entry.size for entry in doomed))}) removed for good")
+    return 0
+
+
 # The operations on the mounted tree, by the name the control socket asks for.
 TREE_OPERATIONS: dict[str, Operation] = {
     "snapshot": snapshot,
     "snapshot delete": snapshot_delete,
+    "trash empty": trash_empty,
 }

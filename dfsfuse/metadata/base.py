@@ -39,6 +39,10 @@ XATTR_REPLACE = 2
 # An inode of a read-only snapshot: every change of it, or of the entries of
 # such a directory, is refused (EROFS).
 INODE_READONLY = 1
+# The trash directory, its hour directories and the files in them
+# (dfsfuse/metadata/trash.py): names cannot be added to or removed from such
+# a directory, nor such a file changed (EPERM); a file may be moved out.
+INODE_TRASH = 2
 
 # How many replicas a file's shards get (ASCII digits); on a directory,
 # inherited by the files and subdirectories created in it. Absent: the
@@ -97,6 +101,10 @@ class InodeAttrs:
     @property
     def readonly(self) -> bool:
         return bool(self.flags & INODE_READONLY)
+
+    @property
+    def in_trash(self) -> bool:
+        return bool(self.flags & INODE_TRASH)
 
 
 def same_file_state(before: InodeAttrs, after: InodeAttrs) -> bool:
@@ -171,12 +179,16 @@ class EntryChange:
     directory, so it comes last in a listing. `xattrs`, for create, are every
     xattr the new inode was given (an inherited REPLICAS_XATTR), so a cache
     knows all of them and the caller its replica count; empty otherwise.
+    `trash`, for an unlink that moved the name into the trash instead, is
+    what that changed besides (trash directories, the entry added there,
+    the inode's xattrs), for a cache to forget; then `attrs.nlink` did not drop.
     """
 
     attrs: InodeAttrs
     parent: InodeAttrs
     offset: int
     xattrs: Mapping[bytes, bytes] = dataclasses.field(default_factory=dict)
+    trash: ChangeNotice | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,7 +203,9 @@ class RenameChange:
     new_parent (just one if they are the same directory). `offset` is the
     readdir offset of the entry now named new_name in new_parent: an entry
     keeps its offset when it is renamed, and both entries keep theirs in an
-    exchange.
+    exchange. `trash`: what the rename changed in the trash besides, for a
+    cache to forget: the replaced file moved into it (then `replaced` keeps
+    its nlink), or `moved` restored out of it (its trash xattrs gone).
     """
 
     moved: InodeAttrs
@@ -199,6 +213,34 @@ class RenameChange:
     replaced: InodeAttrs | None
     parents: tuple[InodeAttrs, ...]
     offset: int
+    trash: ChangeNotice | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TrashEntry:
+    """A file in the trash: its hour directory (inode and name), its name
+    there, its inode, size and stored bytes (one copy), the path it had, and
+    when it was deleted and expires (ns)."""
+
+    hour_dir: int
+    hour: bytes
+    name: bytes
+    inode: int
+    size: int
+    stored_bytes: int
+    path: bytes
+    deleted_ns: int
+    expires_ns: int
+
+
+@dataclasses.dataclass(frozen=True)
+class TrashPurge:
+    """What purge_trash did: the attrs after of the inodes whose trash name
+    it removed (nlink 0 unless linked elsewhere: the caller deletes them
+    once unreferenced), and what it changed, for caches to forget."""
+
+    unlinked: tuple[InodeAttrs, ...]
+    notice: ChangeNotice
 
 
 @dataclasses.dataclass(frozen=True)
@@ -362,11 +404,17 @@ class MetadataStore(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def unlink(self, parent: int, name: bytes, now_ns: int) -> EntryChange:
+    async def unlink(self, parent: int, name: bytes, now_ns: int, trash_days: float = 0.0) -> EntryChange:
         """Remove a non-directory name; `attrs` are the inode's after (nlink - 1).
 
         The inode itself stays until `delete_inodes` (it may still be open).
         IsADirectory if the name is a directory, NotFound if absent.
+
+        The trash: if the name is the inode's last and the trash keeps files
+        deleted here (the TRASH_DAYS_XATTR of the nearest directory up from
+        `parent` that has one, else `trash_days`, is above 0), the name is
+        moved into the trash instead (EntryChange.trash). Names in the trash
+        cannot be unlinked (NotPermitted).
         """
 
     @abc.abstractmethod
@@ -386,8 +434,13 @@ class MetadataStore(abc.ABC):
         new_name: bytes,
         flags: int,
         now_ns: int,
+        trash_days: float = 0.0,
     ) -> RenameChange | None:
         """POSIX rename with RENAME_NOREPLACE and RENAME_EXCHANGE (flags).
+
+        A replaced file goes to the trash as `unlink` says, in the same
+        transaction. A file moved out of the trash is restored (loses its
+        trash xattrs); nothing can be moved into the trash (NotPermitted).
 
         Without flags an existing target is replaced: a file by a non-directory,
         an empty directory by a directory (NotEmpty, IsADirectory, NotADirectory
@@ -432,6 +485,17 @@ class MetadataStore(abc.ABC):
         """Remove inodes with nlink 0 for good, all in one transaction: their
         xattrs go, their shards move to the garbage list. Skips an inode that
         has links again, is gone already, or is open in some session."""
+
+    @abc.abstractmethod
+    async def trash_entries(self, expiring_before_ns: int | None = None) -> list[TrashEntry]:
+        """The files in the trash, oldest hour first; with `expiring_before_ns`,
+        only those of the hour directories that begin before it (a superset
+        of the entries that expire before it)."""
+
+    @abc.abstractmethod
+    async def purge_trash(self, entries: Sequence[tuple[int, bytes]]) -> TrashPurge:
+        """Remove these (hour directory, name) entries from the trash for good,
+        and every hour directory left empty; entries gone meanwhile are skipped."""
 
     @abc.abstractmethod
     async def orphan_inodes(self) -> list[int]:

@@ -76,6 +76,7 @@ from dfsfuse.errors import (
     QuotaExceeded,
 )
 from dfsfuse.metadata.base import (
+    ROOT_INODE,
     AttrChanges,
     ChangeNotice,
     DirEntry,
@@ -90,11 +91,14 @@ from dfsfuse.metadata.base import (
     ShardLayers,
     ShardRecord,
     ShardRef,
+    TrashEntry,
+    TrashPurge,
     TreeChange,
     UsageCounts,
     same_file_state,
 )
 from dfsfuse.metadata.locks import LockRecord
+from dfsfuse.metadata.trash import TRASH_NAME
 
 # The errors with which an engine refuses a change and changes nothing.
 _REFUSALS = (
@@ -292,9 +296,10 @@ class CachedMetadata(MetadataStore):
             self._refresh_attrs(change.parent)
             return change
 
-    async def unlink(self, parent: int, name: bytes, now_ns: int) -> EntryChange:
+    async def unlink(self, parent: int, name: bytes, now_ns: int, trash_days: float = 0.0) -> EntryChange:
         async with self._changing():
-            change = await self._engine.unlink(parent, name, now_ns)
+            change = await self._engine.unlink(parent, name, now_ns, trash_days)
+            self._follow_trash(change.trash)
             self._name_removed(parent, name)
             self._store_attrs(change.attrs)
             self._refresh_attrs(change.parent)
@@ -341,11 +346,13 @@ class CachedMetadata(MetadataStore):
         new_name: bytes,
         flags: int,
         now_ns: int,
+        trash_days: float = 0.0,
     ) -> RenameChange | None:
         async with self._changing():
-            change = await self._engine.rename(old_parent, old_name, new_parent, new_name, flags, now_ns)
+            change = await self._engine.rename(old_parent, old_name, new_parent, new_name, flags, now_ns, trash_days)
             if change is None:
                 return None
+            self._follow_trash(change.trash)
             if change.exchanged is not None:
                 # Both entries stay where they are; only the inodes they name swap.
                 self._name_replaced(old_parent, old_name, change.exchanged)
@@ -392,6 +399,18 @@ class CachedMetadata(MetadataStore):
 
     async def orphan_inodes(self) -> list[int]:
         return await self._engine.orphan_inodes()
+
+    async def trash_entries(self, expiring_before_ns: int | None = None) -> list[TrashEntry]:
+        return await self._engine.trash_entries(expiring_before_ns)
+
+    async def purge_trash(self, entries: Sequence[tuple[int, bytes]]) -> TrashPurge:
+        async with self._changing():
+            purge = await self._engine.purge_trash(entries)
+            self._follow_trash(purge.notice)
+            for attrs in purge.unlinked:
+                self._store_attrs(attrs)
+                self._directory_removed(attrs.inode)
+            return purge
 
     # -- file contents ----------------------------------------------------
     async def shard_map(self, inode: int) -> Mapping[int, ShardLayers]:
@@ -679,6 +698,20 @@ class CachedMetadata(MetadataStore):
                 self._forget_everything()
                 raise
 
+    def _follow_trash(self, notice: ChangeNotice | None) -> None:
+        """A change also moved names into, out of or within the trash: forget
+        the listings and names it changed there and the attrs and xattrs of
+        the inodes it touched (the engine returns no attrs of the trash's
+        directories)."""
+        if notice is None:
+            return
+        for inode in notice.inodes:
+            self._remove((_XATTRS, inode))
+            self._mark_stale(inode)
+        for parent, name in notice.entries:
+            self._remove((_LOOKUP, parent, name))
+            self._remove((_LISTING, parent))
+
     def _directory_removed(self, inode: int) -> None:
         """`inode`, if a directory, has no name any more: forget its listing and ".."."""
         self._remove((_LISTING, inode))
@@ -734,8 +767,11 @@ class CachedMetadata(MetadataStore):
 
     def _listing_of_name(self, parent: int, name: bytes) -> _Listing | None:
         """The listing of `parent` if held, where `name` is or would be; None
-        for "..", which no listing holds."""
-        return None if name == b".." else self._listings.get(parent)
+        for "..", which no listing holds, and for the trash, which the root's
+        listing does not show."""
+        if name == b".." or (parent == ROOT_INODE and name == TRASH_NAME):
+            return None
+        return self._listings.get(parent)
 
     # -- attrs slots ----------------------------------------------------------
     def _store_attrs(self, attrs: InodeAttrs) -> None:

@@ -43,6 +43,7 @@ from dfsfuse.errors import (
 )
 from dfsfuse.metadata.base import (
     INODE_READONLY,
+    INODE_TRASH,
     NODE_ACTIVE,
     NODE_STATES,
     RENAME_EXCHANGE,
@@ -53,6 +54,7 @@ from dfsfuse.metadata.base import (
     XATTR_CREATE,
     XATTR_REPLACE,
     AttrChanges,
+    ChangeNotice,
     DirEntry,
     EntryChange,
     InodeAttrs,
@@ -65,11 +67,27 @@ from dfsfuse.metadata.base import (
     ShardLayers,
     ShardRecord,
     ShardRef,
+    TrashEntry,
+    TrashPurge,
     TreeChange,
     UsageCounts,
     check_name,
 )
 from dfsfuse.metadata.locks import LockRecord, apply, conflict
+from dfsfuse.metadata.trash import (
+    TRASH_DAYS_XATTR,
+    TRASH_DELETED_XATTR,
+    TRASH_EXPIRES_XATTR,
+    TRASH_INODE_KEY,
+    TRASH_NAME,
+    TRASH_PATH_XATTR,
+    TRASH_XATTRS,
+    entry_name,
+    expiry_ns,
+    hour_name,
+    hour_start_ns,
+    parse_days,
+)
 
 FILE_TYPE_BITS = 0o170000  # the S_IFMT part of a mode
 SCHEMA_VERSION_KEY = "schema_version"  # the meta row each engine keeps its own schema's version in
@@ -168,8 +186,8 @@ class SqlMetadata(MetadataStore):
     async def link(self, inode: int, new_parent: int, new_name: bytes, now_ns: int) -> EntryChange:
         return await self._write(_link, inode, new_parent, new_name, now_ns)
 
-    async def unlink(self, parent: int, name: bytes, now_ns: int) -> EntryChange:
-        return await self._write(_unlink, parent, name, now_ns)
+    async def unlink(self, parent: int, name: bytes, now_ns: int, trash_days: float = 0.0) -> EntryChange:
+        return await self._write(_unlink, parent, name, now_ns, trash_days)
 
     async def rmdir(self, parent: int, name: bytes, now_ns: int) -> EntryChange:
         return await self._write(_rmdir, parent, name, now_ns)
@@ -182,8 +200,9 @@ class SqlMetadata(MetadataStore):
         new_name: bytes,
         flags: int,
         now_ns: int,
+        trash_days: float = 0.0,
     ) -> RenameChange | None:
-        return await self._write(_rename, old_parent, old_name, new_parent, new_name, flags, now_ns)
+        return await self._write(_rename, old_parent, old_name, new_parent, new_name, flags, now_ns, trash_days)
 
     async def setattr(self, inode: int, changes: AttrChanges, now_ns: int) -> InodeAttrs:
         return await self._write(_setattr, inode, changes, now_ns)
@@ -205,6 +224,12 @@ class SqlMetadata(MetadataStore):
 
     async def orphan_inodes(self) -> list[int]:
         return await self._read(_orphan_inodes)
+
+    async def trash_entries(self, expiring_before_ns: int | None = None) -> list[TrashEntry]:
+        return await self._read(_trash_entries, expiring_before_ns)
+
+    async def purge_trash(self, entries: Sequence[tuple[int, bytes]]) -> TrashPurge:
+        return await self._write(_purge_trash, [(hour_dir, name) for hour_dir, name in entries])
 
     # -- file contents ----------------------------------------------------
     async def shard_map(self, inode: int) -> Mapping[int, ShardLayers]:
@@ -511,6 +536,11 @@ def _lookup(tx: Transaction, parent: int, name: bytes) -> InodeAttrs:
     if name == b"." or name == b"..":
         _require_directory(tx, parent)
         return _inode_attrs(tx, parent if name == b"." else _directory_parent(tx, parent))
+    if parent == ROOT_INODE and name == TRASH_NAME:
+        found = _entry(tx, parent, name)  # a user's own, made before there was a trash, wins
+        trash = _trash_directory(tx)
+        if found is None and trash is not None:
+            return _inode_attrs(tx, trash)
     return _existing_entry(tx, parent, name)[1]
 
 
@@ -527,10 +557,12 @@ def _create(
     opened_by: int | None,
 ) -> EntryChange:
     check_name(name)
+    _refuse_trash_name(parent, name)
     is_directory = stat.S_ISDIR(mode)
     if not stat.S_ISLNK(mode):
         target = b""
     parent_attrs = _touch_directory(tx, parent, now_ns, 1 if is_directory else 0)
+    _refuse_in_trash(parent_attrs)
     charge(tx, parent, 0, 1, enforce=True)
     nlink = 2 if is_directory else 1
     size = len(target)
@@ -559,13 +591,16 @@ def _inherit_replicas(tx: Transaction, parent: int, inode: int) -> dict[bytes, b
 
 def _link(tx: Transaction, inode: int, new_parent: int, new_name: bytes, now_ns: int) -> EntryChange:
     check_name(new_name)
+    _refuse_trash_name(new_parent, new_name)
     tx.lock_inodes((new_parent, inode))
     attrs = _inode_attrs(tx, inode)
     if stat.S_ISDIR(attrs.mode):
         raise NotPermitted(f"inode {inode} is a directory and cannot be hard-linked")
     if attrs.nlink == 0:
         raise NotFound(f"inode {inode} has no name left to link to")  # as linkat(2) says
+    _refuse_in_trash(attrs)  # a file in the trash gets no other name: move it out
     parent_attrs = _touch_directory(tx, new_parent, now_ns, 0)
+    _refuse_in_trash(parent_attrs)
     if _quota_ids(quotas_above(tx, new_parent)) != _quota_ids(quotas_of_inode(tx, inode)):
         raise CrossDevice(f"inode {inode} and directory {new_parent} are under different quotas")
     offset = _add_entry(tx, new_parent, new_name, inode)
@@ -573,21 +608,27 @@ def _link(tx: Transaction, inode: int, new_parent: int, new_name: bytes, now_ns:
     return EntryChange(attrs, parent_attrs, offset)
 
 
-def _unlink(tx: Transaction, parent: int, name: bytes, now_ns: int) -> EntryChange:
+def _unlink(tx: Transaction, parent: int, name: bytes, now_ns: int, trash_days: float) -> EntryChange:
     entry_id, attrs = _existing_entry(tx, parent, name)
-    tx.lock_inodes((parent, attrs.inode))
     if stat.S_ISDIR(attrs.mode):
         raise IsADirectory(f"{name!r} in directory {parent} is a directory")
+    _refuse_in_trash(_inode_attrs(tx, parent))
+    plan = _trash_plan(tx, parent, name, attrs, now_ns, trash_days)
+    tx.lock_inodes((parent, attrs.inode, *([] if plan is None else plan.existing)))
     charged = quotas_of_inode(tx, attrs.inode)
     _remove_entry(tx, entry_id, parent, name)
     _uncharge_name(tx, attrs, charged)
     parent_attrs = _touch_directory(tx, parent, now_ns, 0)
+    if plan is not None:
+        attrs, notice = _move_to_trash(tx, plan, attrs.inode, now_ns)
+        return EntryChange(attrs, parent_attrs, entry_id, trash=notice)
     attrs = _update_inode(tx, attrs.inode, "nlink = nlink - 1, ctime_ns = ?", (now_ns,))
     return EntryChange(attrs, parent_attrs, entry_id)
 
 
 def _rmdir(tx: Transaction, parent: int, name: bytes, now_ns: int) -> EntryChange:
     entry_id, attrs = _existing_entry(tx, parent, name)
+    _refuse_in_trash(_inode_attrs(tx, parent))
     tx.lock_inodes((parent, attrs.inode))
     if not stat.S_ISDIR(attrs.mode):
         raise NotADirectory(f"{name!r} in directory {parent} is not a directory")
@@ -609,13 +650,26 @@ def _rename(
     new_name: bytes,
     flags: int,
     now_ns: int,
+    trash_days: float,
 ) -> RenameChange | None:
     if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
         raise InvalidArgument(f"invalid rename flags {flags:#x}")
     check_name(new_name)
+    _refuse_trash_name(new_parent, new_name)
     source_entry, source = _existing_entry(tx, old_parent, old_name)
     target = _entry(tx, new_parent, new_name)
-    tx.lock_inodes((old_parent, new_parent, source.inode) + (() if target is None else (target[1].inode,)))
+    restoring = _inode_attrs(tx, old_parent).in_trash
+    _refuse_in_trash(_inode_attrs(tx, new_parent))
+    if restoring and (stat.S_ISDIR(source.mode) or flags & RENAME_EXCHANGE):
+        raise NotPermitted("only files can be moved out of the trash, and not by an exchange")
+    plan = None
+    if target is not None and not flags and not stat.S_ISDIR(source.mode) and target[1].inode != source.inode:
+        plan = _trash_plan(tx, new_parent, new_name, target[1], now_ns, trash_days)
+    tx.lock_inodes(
+        (old_parent, new_parent, source.inode)
+        + (() if target is None else (target[1].inode,))
+        + (() if plan is None else plan.existing)
+    )
     if target is None:
         _require_directory(tx, new_parent)
         if flags & RENAME_EXCHANGE:
@@ -632,7 +686,9 @@ def _rename(
     nlink_deltas = {old_parent: 0, new_parent: 0}
     # Which quotas the moved names leave and join: charged below, once the
     # name a plain rename replaces (if any) is uncharged.
-    crossing = _crosses_quotas(tx, old_parent, new_parent)
+    # What is in the trash counts against no quota: a file moved out of it is
+    # charged where it goes (below), as if created there.
+    crossing = not restoring and _crosses_quotas(tx, old_parent, new_parent)
 
     def move_directory(directory: int, origin: int, destination: int) -> None:
         if origin != destination:
@@ -640,7 +696,7 @@ def _rename(
             nlink_deltas[origin] -= 1
             nlink_deltas[destination] += 1
 
-    exchanged = replaced = None
+    exchanged = replaced = trash_notice = None
     if flags & RENAME_EXCHANGE:
         assert target is not None
         target_entry, other = target
@@ -658,7 +714,12 @@ def _rename(
         exchanged = _update_inode(tx, other.inode, "ctime_ns = ?", (now_ns,))
         new_name_entry = target_entry
     else:
-        if target is not None:
+        if target is not None and plan is not None:
+            charged = quotas_of_inode(tx, target[1].inode)
+            _remove_entry(tx, target[0], new_parent, new_name)
+            _uncharge_name(tx, target[1], charged)
+            replaced, trash_notice = _move_to_trash(tx, plan, target[1].inode, now_ns)
+        elif target is not None:
             replaced = _remove_rename_target(tx, target, new_parent, new_name, source_is_directory, now_ns)
             if source_is_directory:
                 nlink_deltas[new_parent] -= 1
@@ -670,11 +731,17 @@ def _rename(
         new_name_entry = source_entry
     if source_is_directory:
         move_directory(source.inode, old_parent, new_parent)
-    moved = _update_inode(tx, source.inode, "ctime_ns = ?", (now_ns,))
+    if restoring:  # (a file it replaces may have gone into the trash meanwhile)
+        charge(tx, new_parent, *_usage_of(source), enforce=True)
+        moved = _restore_from_trash(tx, source.inode, now_ns)
+        before = trash_notice or ChangeNotice()
+        trash_notice = ChangeNotice(inodes=before.inodes | {source.inode}, entries=before.entries)
+    else:
+        moved = _update_inode(tx, source.inode, "ctime_ns = ?", (now_ns,))
     parents = tuple(
         _touch_directory(tx, directory, now_ns, nlink_delta) for directory, nlink_delta in nlink_deltas.items()
     )
-    return RenameChange(moved, exchanged, replaced, parents, new_name_entry)
+    return RenameChange(moved, exchanged, replaced, parents, new_name_entry, trash_notice)
 
 
 def _remove_rename_target(
@@ -802,11 +869,11 @@ def _snapshot_tree(
     copy_of = {source: _copy_inode(tx, source, parent if is_directory else None, flags, now_ns)}
     offset = _add_entry(tx, parent, name, copy_of[source])
     links: dict[int, int] = {}  # copy -> its names in the snapshot, for the non-directories
-    for done, (_, directory, entry_name, inode, mode) in enumerate(below, 1):
+    for done, (_, directory, name_below, inode, mode) in enumerate(below, 1):
         if inode not in copy_of:  # else a hard link to a file already copied
             copy_of[inode] = _copy_inode(tx, inode, copy_of[directory] if stat.S_ISDIR(mode) else None, flags, now_ns)
         tx.execute(
-            "INSERT INTO entries (parent, name, inode) VALUES (?, ?, ?)", (copy_of[directory], entry_name, copy_of[inode])
+            "INSERT INTO entries (parent, name, inode) VALUES (?, ?, ?)", (copy_of[directory], name_below, copy_of[inode])
         )
         if not stat.S_ISDIR(mode):
             links[copy_of[inode]] = links.get(copy_of[inode], 0) + 1
@@ -828,8 +895,8 @@ def _remove_tree(tx: Transaction, parent: int, name: bytes, now_ns: int, report:
         logical_bytes = top.size
     tx.lock_inodes([parent, top.inode, *(entry[3] for entry in below)])
     names_removed: dict[int, int] = {top.inode: 1}
-    for done, (below_entry, directory, entry_name, inode, _) in enumerate(reversed(below), 1):
-        _remove_entry(tx, below_entry, directory, entry_name)
+    for done, (below_entry, directory, name_below, inode, _) in enumerate(reversed(below), 1):
+        _remove_entry(tx, below_entry, directory, name_below)
         names_removed[inode] = names_removed.get(inode, 0) + 1
         if report is not None and done % _REPORT_EVERY == 0:
             report(done, len(below))
@@ -882,6 +949,204 @@ def _orphan_inodes(tx: Transaction) -> list[int]:
             f"SELECT id FROM inodes WHERE nlink = 0 AND NOT {_OPEN_ANYWHERE.format(inode='inodes.id')} ORDER BY id"
         )
     ]
+
+
+# -- the trash (dfsfuse/metadata/trash.py) ----------------------------------
+
+
+def _refuse_trash_name(parent: int, name: bytes) -> None:
+    """The root's TRASH_NAME is taken by the trash: no new name can have it."""
+    if parent == ROOT_INODE and name == TRASH_NAME:
+        raise Exists(f"{TRASH_NAME.decode()} in the root is the trash")
+
+
+def _refuse_in_trash(attrs: InodeAttrs) -> None:
+    if attrs.in_trash:
+        raise NotPermitted(f"inode {attrs.inode} is in the trash, which is read-only (move a file out to restore it)")
+
+
+def _trash_directory(tx: Transaction) -> int | None:
+    row = tx.execute("SELECT value FROM meta WHERE key = ?", (TRASH_INODE_KEY,)).fetchone()
+    return None if row is None else int(row[0])
+
+
+def _new_trash_directory(tx: Transaction, parent: int, now_ns: int) -> int:
+    """A directory of the trash (the trash itself, or an hour directory), owned
+    by root, with mode 1777 as /tmp has: the kernel lets every user move out
+    the files they own (the sticky bit keeps them from others'), and the
+    flag refuses whatever else would change it."""
+    inode: int = tx.execute(
+        "INSERT INTO inodes (mode, nlink, uid, gid, rdev, size, stored_bytes, atime_ns, mtime_ns, ctime_ns,"
+        " target, parent, flags) VALUES (?, 2, 0, 0, 0, 0, 0, ?, ?, ?, ?, ?, ?) RETURNING id",
+        (stat.S_IFDIR | stat.S_ISVTX | 0o777, now_ns, now_ns, now_ns, b"", parent, INODE_TRASH),
+    ).fetchone()[0]
+    return inode
+
+
+@dataclasses.dataclass(frozen=True)
+class _TrashPlan:
+    """Where a name about to be removed goes in the trash: its original
+    path, when it expires, and the trash and hour directories if they exist
+    already (`existing`, to lock before anything changes)."""
+
+    path: bytes
+    expires_ns: int
+    trash: int | None
+    hour_dir: int | None
+
+    @property
+    def existing(self) -> tuple[int, ...]:
+        return tuple(inode for inode in (self.trash, self.hour_dir) if inode is not None)
+
+
+def _trash_plan(
+    tx: Transaction, parent: int, name: bytes, attrs: InodeAttrs, now_ns: int, default_days: float
+) -> _TrashPlan | None:
+    """Where `name` in `parent`, naming `attrs`, goes when removed: None if
+    for good (not its last name, or the trash is off there), else a plan.
+    Walks up from `parent` to the root once: the path, and the nearest
+    TRASH_DAYS_XATTR."""
+    if attrs.nlink != 1 or stat.S_ISDIR(attrs.mode):
+        return None
+    days: float | None = None
+    names = [name]
+    directory: int | None = parent
+    while directory is not None:
+        row = tx.execute(
+            "SELECT e.name, e.parent, x.value FROM inodes i LEFT JOIN entries e ON e.inode = i.id"
+            " LEFT JOIN xattrs x ON x.inode = i.id AND x.name = ? WHERE i.id = ?",
+            (TRASH_DAYS_XATTR, directory),
+        ).fetchone()
+        if row is None:
+            break
+        if days is None and row[2] is not None:
+            days = _stored_days(bytes(row[2]), default_days)
+        if directory == ROOT_INODE or row[0] is None:
+            break
+        names.append(bytes(row[0]))
+        directory = row[1]
+    days = default_days if days is None else days
+    if days <= 0:
+        return None
+    expires_ns = expiry_ns(now_ns, days)
+    trash = _trash_directory(tx)
+    hour = None if trash is None else _entry(tx, trash, hour_name(expires_ns))
+    return _TrashPlan(b"/" + b"/".join(reversed(names)), expires_ns, trash, None if hour is None else hour[1].inode)
+
+
+def _stored_days(value: bytes, default_days: float) -> float:
+    """A directory's TRASH_DAYS_XATTR; setxattr checks it, so one that does not
+    parse (written by hand into a dump) counts as absent."""
+    try:
+        return parse_days(value, TRASH_DAYS_XATTR.decode())
+    except InvalidArgument:
+        return default_days
+
+
+def _move_to_trash(tx: Transaction, plan: _TrashPlan, inode: int, now_ns: int) -> tuple[InodeAttrs, ChangeNotice]:
+    """Name `inode`, whose entry the caller removed, in the trash's hour
+    directory of `plan` (making the trash and that directory if need be);
+    its attrs after, and what changed for caches."""
+    entries: set[tuple[int, bytes]] = set()
+    trash = plan.trash
+    if trash is None:
+        trash = _new_trash_directory(tx, ROOT_INODE, now_ns)
+        tx.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (TRASH_INODE_KEY, trash))
+        tx.changed_entry(ROOT_INODE, TRASH_NAME)  # lookups that found no trash were cached
+        entries.add((ROOT_INODE, TRASH_NAME))
+    hour = hour_name(plan.expires_ns)
+    hour_dir = plan.hour_dir
+    if hour_dir is None:
+        hour_dir = _new_trash_directory(tx, trash, now_ns)
+        _add_entry(tx, trash, hour, hour_dir)
+        _touch_directory(tx, trash, now_ns, 1)
+        entries.add((trash, hour))
+    _touch_directory(tx, hour_dir, now_ns, 0)
+    name = entry_name(plan.path, inode)
+    _add_entry(tx, hour_dir, name, inode)
+    entries.add((hour_dir, name))
+    tx.executemany(
+        "INSERT INTO xattrs (inode, name, value) VALUES (?, ?, ?)"
+        " ON CONFLICT (inode, name) DO UPDATE SET value = excluded.value",
+        [(inode, TRASH_PATH_XATTR, plan.path), (inode, TRASH_DELETED_XATTR, b"%d" % now_ns),
+         (inode, TRASH_EXPIRES_XATTR, b"%d" % plan.expires_ns)],
+    )
+    attrs = _update_inode(tx, inode, "flags = flags | ?, ctime_ns = ?", (INODE_TRASH, now_ns))
+    return attrs, ChangeNotice(inodes=frozenset({trash, hour_dir, inode}), entries=frozenset(entries))
+
+
+def _restore_from_trash(tx: Transaction, inode: int, now_ns: int) -> InodeAttrs:
+    """A file moved out of the trash: an ordinary file again."""
+    tx.executemany("DELETE FROM xattrs WHERE inode = ? AND name = ?", [(inode, name) for name in TRASH_XATTRS])
+    return _update_inode(tx, inode, "flags = flags & ?, ctime_ns = ?", (~INODE_TRASH, now_ns))
+
+
+def _trash_entries(tx: Transaction, expiring_before_ns: int | None) -> list[TrashEntry]:
+    trash = _trash_directory(tx)
+    if trash is None:
+        return []
+    hours = tx.execute("SELECT inode, name FROM entries WHERE parent = ? ORDER BY name", (trash,)).fetchall()
+    listed: list[TrashEntry] = []
+    for hour_dir, hour in hours:
+        start_ns = hour_start_ns(bytes(hour))
+        if expiring_before_ns is not None and start_ns is not None and start_ns >= expiring_before_ns:
+            continue
+        rows = tx.execute(
+            "SELECT e.name, i.id, i.size, i.stored_bytes, p.value, d.value, x.value FROM entries e"
+            " JOIN inodes i ON i.id = e.inode"
+            " LEFT JOIN xattrs p ON p.inode = i.id AND p.name = ?"
+            " LEFT JOIN xattrs d ON d.inode = i.id AND d.name = ?"
+            " LEFT JOIN xattrs x ON x.inode = i.id AND x.name = ?"
+            " WHERE e.parent = ? ORDER BY e.id",
+            (TRASH_PATH_XATTR, TRASH_DELETED_XATTR, TRASH_EXPIRES_XATTR, hour_dir),
+        )
+        listed += [
+            TrashEntry(hour_dir, bytes(hour), bytes(row[0]), row[1], row[2], row[3], bytes(row[4] or b""),
+                       _stored_ns(row[5]), _stored_ns(row[6]) or (start_ns or 0))
+            for row in rows
+        ]
+    return listed
+
+
+def _stored_ns(value: bytes | None) -> int:
+    text = bytes(value or b"")
+    return int(text) if text.isdigit() else 0
+
+
+def _purge_trash(tx: Transaction, entries: list[tuple[int, bytes]]) -> TrashPurge:
+    trash = _trash_directory(tx)
+    if trash is None:
+        return TrashPurge((), ChangeNotice())
+    found = []
+    for hour_dir, name in entries:
+        entry = _entry(tx, hour_dir, name)
+        if entry is not None and _directory_parent(tx, hour_dir) == trash:
+            found.append((hour_dir, name, *entry))
+    hour_dirs = {hour_dir for hour_dir, *_ in found}
+    every_hour = [row[0] for row in tx.execute("SELECT inode FROM entries WHERE parent = ?", (trash,))]
+    tx.lock_inodes({trash, *every_hour, *(attrs.inode for *_, attrs in found)})  # any hour may be left empty
+    now_ns = tx.clock_ns()
+    unlinked = []
+    changed_entries = set()
+    for hour_dir, name, entry_id, attrs in found:
+        _remove_entry(tx, entry_id, hour_dir, name)
+        unlinked.append(_update_inode(tx, attrs.inode, "nlink = nlink - 1, ctime_ns = ?", (now_ns,)))
+        changed_entries.add((hour_dir, name))
+    for hour_dir in hour_dirs:
+        _touch_directory(tx, hour_dir, now_ns, 0)
+    empty = tx.execute(
+        "SELECT h.id, h.name, h.inode FROM entries h WHERE h.parent = ?"
+        " AND NOT EXISTS (SELECT 1 FROM entries e WHERE e.parent = h.inode)",
+        (trash,),
+    ).fetchall()
+    for entry_id, hour, hour_dir in empty:
+        _remove_entry(tx, entry_id, trash, bytes(hour))
+        unlinked.append(_update_inode(tx, hour_dir, "nlink = 0, ctime_ns = ?", (now_ns,)))
+        changed_entries.add((trash, bytes(hour)))
+    if empty:
+        _touch_directory(tx, trash, now_ns, -len(empty))
+    touched = {trash, *hour_dirs, *(attrs.inode for attrs in unlinked)}
+    return TrashPurge(tuple(unlinked), ChangeNotice(inodes=frozenset(touched), entries=frozenset(changed_entries)))
 
 
 _SHARD_COLUMNS = "id, length, checksum, nodes, pages"
@@ -1143,6 +1408,8 @@ _QUOTAS_ABOVE = (
     " {start} EXISTS (SELECT 1 FROM quotas)"
     " UNION"
     " SELECT i.parent, up.depth + 1 FROM up JOIN inodes i ON i.id = up.dir WHERE up.dir <> " + str(ROOT_INODE) +
+    # The trash is no part of any quota: the walk stops at its directories.
+    " AND i.flags & " + str(INODE_TRASH) + " = 0"
     ") SELECT " + _QUOTA_COLUMNS + ", MIN(up.depth) FROM up JOIN quotas q ON q.dir = up.dir"
     " GROUP BY q.dir, q.max_bytes, q.max_inodes, q.used_bytes, q.used_inodes ORDER BY MIN(up.depth), q.dir"
 )

@@ -285,7 +285,9 @@ UPDATE shards SET layer = id;
 _SCHEMA_V6 = """
 -- Flags of an inode, a bit set: 1 (INODE_READONLY in dfsfuse/metadata/base.py)
 -- marks an inode of a read-only snapshot, which refuses every change with
--- EROFS. 0 for every inode from before.
+-- EROFS; 2 (INODE_TRASH) the trash's directories and the files in them
+-- (dfsfuse/metadata/trash.py, docs/formats.md "The trash"). 0 for every
+-- inode from before.
 ALTER TABLE inodes ADD COLUMN flags INTEGER NOT NULL DEFAULT 0;
 
 -- Which entries name an inode: the path of a directory or file from its

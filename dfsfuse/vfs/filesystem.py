@@ -18,6 +18,15 @@ another mount changed the file since this one cached it, the open says so
 (`changed_elsewhere`), and the kernel must not keep the pages it cached. A
 file open here that another mount changes (`note_changes`) takes the new
 size and times before its next read or getattr.
+
+The trash (dfsfuse/metadata/trash.py). An unlink, or a rename that replaces
+a file, hands the engine the configured `trash_days`; the engine moves a
+last name into the trash instead of removing it, so the inode stays with its
+data and nlink and nothing here deletes it. Files in the trash cannot be
+changed (EPERM): no setattr, xattr change or open for writing. Files leave
+the trash for good through `purge_trash` (the background expiry,
+vfs/trash.py, and `dfsfuse trash empty`), which deletes them like unlinked
+files: once unreferenced.
 """
 
 from __future__ import annotations
@@ -34,7 +43,14 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from ..cluster.session import MountSession
-from ..errors import DfsError, InvalidArgument, IsADirectory, NoSpace, ReadOnly
+from ..errors import (
+    DfsError,
+    InvalidArgument,
+    IsADirectory,
+    NoSpace,
+    NotPermitted,
+    ReadOnly,
+)
 from ..metadata.base import (
     NAME_MAX,
     REPLICAS_XATTR,
@@ -45,10 +61,12 @@ from ..metadata.base import (
     EntryChange,
     InodeAttrs,
     ProgressReport,
+    TrashPurge,
     TreeChange,
     check_name,
     same_file_state,
 )
+from ..metadata.trash import TRASH_DAYS_XATTR, parse_days
 from ..write.file_writer import WriteServices
 from .contents import FileContents
 from .locking import FileLocks
@@ -91,9 +109,19 @@ class Handle:
 
 class FileSystem:
     """The POSIX layer; `replicas` is the configured R (statfs divides by it);
-    `session` this mount's, if it has one (not in the component tests)."""
+    `session` this mount's, if it has one (not in the component tests);
+    `trash_days` the configured trash_days (0: no trash where no directory
+    asks for one)."""
 
-    def __init__(self, writes: WriteServices, reads: ReadServices, replicas: int, session: MountSession | None = None):
+    def __init__(
+        self, writes: WriteServices, reads: ReadServices, replicas: int, session: MountSession | None = None,
+        trash_days: float = 0.0,
+    ):
+        self._trash_days = trash_days
+        # Set by the mount once the FUSE adapter exists (as session.barrier is):
+        # drops from the kernel's caches what changed without a kernel request
+        # (names purged from the trash), so that the kernel lets go of them.
+        self.kernel_invalidator: Callable[[ChangeNotice], Awaitable[None]] | None = None
         self._meta = writes.meta
         self._replicator = writes.replicator
         self._garbage = writes.garbage
@@ -250,7 +278,7 @@ class FileSystem:
     async def unlink(self, parent: int, name: bytes) -> None:
         check_name(name)
         await self._check_writable(parent)
-        attrs = (await self._meta.unlink(parent, name, time.time_ns())).attrs
+        attrs = (await self._meta.unlink(parent, name, time.time_ns(), self._trash_days)).attrs
         self._quotas.names_changed()
         self._note_links(attrs)
         self._delete_if_unreferenced(attrs.inode)
@@ -266,11 +294,26 @@ class FileSystem:
         check_name(old_name)
         check_name(new_name)
         await self._check_writable(old_parent, new_parent)
-        change = await self._meta.rename(old_parent, old_name, new_parent, new_name, flags, time.time_ns())
+        change = await self._meta.rename(
+            old_parent, old_name, new_parent, new_name, flags, time.time_ns(), self._trash_days
+        )
         self._quotas.names_changed()
         if change is not None and change.replaced is not None:
             self._note_links(change.replaced)
             self._delete_if_unreferenced(change.replaced.inode)
+
+    async def purge_trash(self, entries: list[tuple[int, bytes]]) -> TrashPurge:
+        """Remove these (hour directory, name) entries from the trash for good;
+        their inodes are deleted once unreferenced, as after an unlink. The
+        kernel is told to forget the names, or a name it looked up would
+        keep its inode referenced until the kernel evicts it."""
+        purge = await self._meta.purge_trash(entries)
+        for attrs in purge.unlinked:
+            self._note_links(attrs)
+            self._delete_if_unreferenced(attrs.inode)
+        await self._tell_kernel(purge.notice)
+        return purge
+
 
     async def readlink(self, inode: int) -> bytes:
         attrs = await self._meta.getattr(inode)
@@ -283,14 +326,23 @@ class FileSystem:
         return [dataclasses.replace(entry, attrs=self._overlay(entry.attrs)) for entry in entries]
 
     async def _check_writable(self, *inodes: int) -> None:
-        """ReadOnly (EROFS) if any of these inodes belongs to a read-only snapshot."""
+        """ReadOnly (EROFS) if any of these inodes belongs to a read-only
+        snapshot (names in a directory of the trash the engine guards)."""
         for inode in inodes:
             _check_writable(await self._meta.getattr(inode))
+
+    async def _check_changeable(self, inode: int) -> None:
+        """As _check_writable, and NotPermitted (EPERM) for a file in the trash:
+        its data and attributes stay as they were deleted."""
+        attrs = await self._meta.getattr(inode)
+        _check_writable(attrs)
+        if attrs.in_trash:
+            raise NotPermitted("files in the trash cannot be changed; move one out to restore it")
 
     # -- attributes ------------------------------------------------------------
     async def setattr(self, inode: int, changes: AttrChanges, size: int | None) -> InodeAttrs:
         """One engine call: with a size, the truncate commits the other changes too."""
-        await self._check_writable(inode)
+        await self._check_changeable(inode)
         if size is not None:
             await self._truncate(inode, size, None if changes == AttrChanges() else changes)
         else:
@@ -355,9 +407,11 @@ class FileSystem:
     # -- extended attributes ---------------------------------------------------
     async def setxattr(self, inode: int, name: bytes, value: bytes, flags: int) -> None:
         _check_xattr_name(name)
-        await self._check_writable(inode)
+        await self._check_changeable(inode)
         if name == REPLICAS_XATTR:
             value = _check_replicas_value(value, len(self._replicator.writable))
+        if name == TRASH_DAYS_XATTR:
+            value = _check_trash_days_value(value)
         await self._meta.setxattr(inode, name, value, flags, time.time_ns())
 
     async def getxattr(self, inode: int, name: bytes) -> bytes:
@@ -369,13 +423,13 @@ class FileSystem:
 
     async def removexattr(self, inode: int, name: bytes) -> None:
         _check_xattr_name(name)
-        await self._check_writable(inode)
+        await self._check_changeable(inode)
         await self._meta.removexattr(inode, name, time.time_ns())
 
     # -- open files ------------------------------------------------------------
     async def open(self, inode: int, flags: int) -> int:
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
-            await self._check_writable(inode)
+            await self._check_changeable(inode)
         contents = self._files.get(inode)
         changed = False
         if contents is None or not contents.open_count:
@@ -553,7 +607,9 @@ class FileSystem:
         for contents in list(self._files.values()):
             if not contents.is_clean:
                 await contents.flush(sync=False)
-        return await self._meta.snapshot_tree(source, parent, name, readonly, time.time_ns(), report)
+        change = await self._meta.snapshot_tree(source, parent, name, readonly, time.time_ns(), report)
+        await self._tell_kernel(ChangeNotice(inodes=frozenset({parent}), entries=frozenset({(parent, name)})))
+        return change
 
     async def remove_tree(self, parent: int, name: bytes, report: ProgressReport | None = None) -> TreeChange:
         """Remove `name` in `parent` and everything below it, read-only or not
@@ -564,7 +620,13 @@ class FileSystem:
         for inode in change.unlinked:
             self._unlinked.add(inode)
             self._delete_if_unreferenced(inode)
+        await self._tell_kernel(ChangeNotice(inodes=frozenset({parent, *change.inodes}), entries=frozenset({(parent, name)})))
         return change
+
+    async def _tell_kernel(self, notice: ChangeNotice) -> None:
+        """Drop from the kernel's caches what changed without a kernel request."""
+        if self.kernel_invalidator is not None:
+            await self.kernel_invalidator(notice)
 
     async def release(self, handle: int) -> None:
         entry = self._handles.pop(handle, None)
@@ -610,6 +672,12 @@ def _check_replicas_value(value: bytes, writable_nodes: int) -> bytes:
     if not text.isdigit() or not 1 <= int(text) <= writable_nodes:
         raise InvalidArgument(f"{REPLICAS_XATTR.decode()} must be a number from 1 to {writable_nodes}")
     return str(int(text)).encode()
+
+
+def _check_trash_days_value(value: bytes) -> bytes:
+    """user.dfs.trash_days must be a number of days (0: the trash is off below)."""
+    days = parse_days(value, TRASH_DAYS_XATTR.decode())
+    return (b"%d" % days) if days == int(days) else repr(days).encode()
 
 
 def _check_xattr_name(name: bytes) -> None:

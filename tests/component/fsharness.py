@@ -258,6 +258,7 @@ def make_config(
         shard_cache_bytes=shard_cache,
         write_buffer_bytes=write_buffer,
         metadata_entries=1000,
+        trash_days=0.0,  # deletes are immediate here; the trash has tests of its own
     )
 
 

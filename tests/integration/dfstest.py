@@ -666,6 +666,19 @@ def renameat2(old, new, flags: int) -> None:
 # --------------------------------------------------------------- status output
 
 
+def stored_bytes(mount: Mount) -> int:
+    """Bytes of replicas on the node stores, as `dfsfuse status` reports them."""
+    return sum(node["bytes"] for node in parse_status(mount.status(as_json=True))["nodes"].values())
+
+
+def wait_until(condition, what: str, timeout: float = 15.0) -> None:
+    """Poll `condition` until it holds; fail saying `what` did not happen in `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
 def parse_status(text: str) -> dict:
     """The figures of `dfsfuse status --json`, with each node by name: {"path": its address,
     "shards", "bytes" (used; 0 when unreachable), "alive", "error"}."""

@@ -98,6 +98,7 @@ def test_rename_file(workdir):
 
 
 def test_rename_replaces_file(workdir):
+    os.setxattr(workdir, "user.dfs.trash_days", b"0")  # no trash here: the replaced file has no name left
     write_file(workdir / "a", b"new")
     write_file(workdir / "b", b"old old old")
     fd = os.open(workdir / "b", os.O_RDONLY)  # the replaced file stays readable while open

@@ -16,7 +16,16 @@ import re
 import time
 
 import pytest
-from dfstest import KiB, MiB, drop_caches, expect_errno, parse_status, read_file, run
+from dfstest import (
+    KiB,
+    MiB,
+    drop_caches,
+    expect_errno,
+    read_file,
+    run,
+    stored_bytes,
+    wait_until,
+)
 
 ALSO_POSTGRES = True  # also with its metadata on PostgreSQL (conftest.py)
 
@@ -40,18 +49,6 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     if _libc.fallocate(fd, mode, offset, length) != 0:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code))
-
-
-def _stored_bytes(mount) -> int:
-    """Bytes of replicas on the node stores, as `dfsfuse status` reports them."""
-    return sum(node["bytes"] for node in parse_status(mount.status(as_json=True))["nodes"].values())
-
-
-def _wait_for(condition, what: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
 
 
 def test_fallocate_command_makes_a_file_of_that_size_that_reads_as_zeros(workdir):
@@ -92,7 +89,7 @@ def test_a_punched_hole_reads_as_zeros_and_frees_the_shards_it_covers(workdir, m
     path.write_bytes(data)
     os.sync()
     before_blocks = os.stat(path).st_blocks
-    stored_before = _stored_bytes(mount)
+    stored_before = stored_bytes(mount)
     # From the middle of shard 1 to the middle of shard 8: shards 2..7 go whole.
     start, length = SHARD + SHARD // 2, 7 * SHARD
     run(["fallocate", "--punch-hole", "-o", str(start), "-l", str(length), path])
@@ -103,7 +100,7 @@ def test_a_punched_hole_reads_as_zeros_and_frees_the_shards_it_covers(workdir, m
     freed = (before_blocks - os.stat(path).st_blocks) * 512
     assert freed >= 6 * SHARD, f"punching {length} bytes freed {freed}"
     # The replicas of the shards it covered are collected.
-    _wait_for(lambda: stored_before - _stored_bytes(mount) >= 6 * SHARD, "the punched shards to leave the stores")
+    wait_until(lambda: stored_before - stored_bytes(mount) >= 6 * SHARD, "the punched shards to leave the stores")
     # A punch past the end changes nothing, and the tail of the file can be punched to its end.
     run(["fallocate", "--punch-hole", "-o", str(len(data) + 10), "-l", "4096", path])
     run(["fallocate", "--punch-hole", "-o", str(9 * SHARD), "-l", str(2 * SHARD), path])

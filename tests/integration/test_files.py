@@ -188,6 +188,7 @@ def test_truncate_errors(workdir):
 
 
 def test_unlink_open_file_stays_readable(workdir):
+    os.setxattr(workdir, "user.dfs.trash_days", b"0")  # no trash here: the file has no name left
     path = workdir / "f"
     data = os.urandom(2 * MiB + 3)
     write_file(path, data)

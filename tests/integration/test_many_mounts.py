@@ -50,7 +50,7 @@ def pair(postgres_server, test_root):
     base.mkdir(parents=True, exist_ok=True)
     database = "many_mounts"
     postgres_server.create_database(database)
-    config = postgres_config(postgres_server, database, base / "pgpassword", "")
+    config = postgres_config(postgres_server, database, base / "pgpassword", "trash_days = 0\n")
     config += f"session_timeout = {SESSION_TIMEOUT}\n"
     factory = MountFactory(base, "many_mounts")
     a = factory.new("a", config=config, start=False)
@@ -399,3 +399,25 @@ def test_sqlite_writers_on_both_mounts_lose_no_transaction(pair):
             assert rows == total == 120
         finally:
             db.close()
+
+
+def test_a_file_deleted_on_one_mount_is_in_the_trash_of_the_other(pair):
+    """The pair runs with trash_days = 0; a directory of this test asks for the trash."""
+    a, b = pair
+    (a / "kept").mkdir()
+    os.setxattr(a / "kept", "user.dfs.trash_days", b"1")
+    expect_errno(errno.ENOENT, os.stat, a / ".trash")  # no trash yet: cached as absent
+    write_file(a / "kept" / "file", b"deleted on B")
+    eventually(lambda: (b / "kept" / "file").exists(), what="the file")
+    assert os.listdir(a / "kept") == ["file"]  # A's cache holds the listing
+
+    def trash_files(mount) -> list:
+        return [item for hour in (mount / ".trash").iterdir() for item in hour.iterdir()]
+
+    os.unlink(b / "kept" / "file")
+    eventually(lambda: [read_file(item) for item in trash_files(a)] == [b"deleted on B"], what="the file in the trash")
+    eventually(lambda: os.listdir(a / "kept") == [], what="the unlink")
+    [entry] = trash_files(a)
+    os.rename(entry, a / "kept" / "back")
+    eventually(lambda: read_file(b / "kept" / "back") == b"deleted on B", what="the restore")
+    eventually(lambda: trash_files(b) == [], what="the restored file gone from the trash")

@@ -37,6 +37,7 @@ ALSO_POSTGRES = True  # also with its metadata on PostgreSQL (conftest.py)
 MOUNT_CONFIG = """
 shard_size = "1MiB"
 block_size = "64KiB"
+trash_days = 0
 """
 
 

@@ -26,6 +26,7 @@ from dfsfuse.cluster.snapshots import is_snapshot_id
 
 CONFIG = """
 replicas = 2
+trash_days = 0
 shard_size = "1MiB"
 block_size = "64KiB"
 """

@@ -59,6 +59,7 @@ from dfsfuse.metadata.base import (
     RenameChange,
     ShardRecord,
     ShardRef,
+    TrashEntry,
     UsageCounts,
     check_name,
 )
@@ -74,6 +75,16 @@ from dfsfuse.metadata.engines import (
 from dfsfuse.metadata.locks import FLOCK, OFFSET_MAX, POSIX, LockRecord
 from dfsfuse.metadata.postgres import PostgresMetadata
 from dfsfuse.metadata.sqlite import SqliteMetadata
+from dfsfuse.metadata.trash import (
+    DAY_NS,
+    TRASH_DAYS_XATTR,
+    TRASH_DELETED_XATTR,
+    TRASH_EXPIRES_XATTR,
+    TRASH_NAME,
+    TRASH_PATH_XATTR,
+    entry_name,
+    hour_name,
+)
 
 FILE = stat.S_IFREG | 0o644
 DIRECTORY = stat.S_IFDIR | 0o755
@@ -158,11 +169,13 @@ async def names_in(store: MetadataStore, directory: int) -> set[bytes]:
 
 
 async def check_nlinks(store: MetadataStore) -> None:
-    """Walk the tree from the root: every nlink must match the names and
-    subdirectories found, and every directory's ".." its parent."""
+    """Walk the tree from the root, and the trash's: every nlink must match
+    the names and subdirectories found, and every directory's ".." its parent."""
     names_of: dict[int, int] = {}
     subdirectories: dict[int, int] = {}
     pending = [ROOT_INODE]
+    with contextlib.suppress(NotFound):
+        pending.append((await store.lookup(ROOT_INODE, TRASH_NAME)).inode)  # in no listing of the root
     while pending:
         directory = pending.pop()
         subdirectories[directory] = 0
@@ -580,6 +593,192 @@ def test_rename_replaces_a_file(harness):
         change = await store.rename(ROOT_INODE, b"victim", ROOT_INODE, b"linked", 0, now())
         assert change is not None and change.replaced is not None
         assert (change.replaced.inode, change.replaced.nlink) == (linked.inode, 1)
+        await check_nlinks(store)
+
+    run_with_store(harness, body)
+
+
+# -- the trash ------------------------------------------------------------------
+
+
+async def trash_listing(store: MetadataStore) -> dict[bytes, list[bytes]]:
+    """Hour directory name -> the names in it."""
+    trash = await store.lookup(ROOT_INODE, TRASH_NAME)
+    return {hour.name: [entry.name for entry in await list_all(store, hour.attrs.inode)]
+            for hour in await list_all(store, trash.inode)}
+
+
+def test_unlink_with_the_trash_moves_the_last_name_into_it(harness):
+    async def body(store: MetadataStore) -> None:
+        with pytest.raises(NotFound):
+            await store.lookup(ROOT_INODE, TRASH_NAME)  # made by the first deletion
+        a = await mkdir(store, ROOT_INODE, b"a")
+        file = await mkfile(store, a.inode, b"file")
+        t = now()
+        change = await store.unlink(a.inode, b"file", t, trash_days=1)
+        assert change.trash is not None
+        assert (change.attrs.inode, change.attrs.nlink, change.attrs.in_trash) == (file.inode, 1, True)
+        with pytest.raises(NotFound):
+            await store.lookup(a.inode, b"file")
+        name = entry_name(b"/a/file", file.inode)
+        assert name == b"a\xe2\x88\x95file~%d" % file.inode
+        assert await trash_listing(store) == {hour_name(t + DAY_NS): [name]}
+        assert TRASH_NAME not in await names_in(store, ROOT_INODE)
+        trash = await store.lookup(ROOT_INODE, TRASH_NAME)
+        assert trash.in_trash and (await store.lookup(trash.inode, b"..")).inode == ROOT_INODE
+        assert await store.getxattr(file.inode, TRASH_PATH_XATTR) == b"/a/file"
+        assert await store.getxattr(file.inode, TRASH_DELETED_XATTR) == b"%d" % t
+        assert await store.getxattr(file.inode, TRASH_EXPIRES_XATTR) == b"%d" % (t + DAY_NS)
+        assert await store.orphan_inodes() == []
+        hour = await store.lookup(trash.inode, hour_name(t + DAY_NS))
+        assert await store.trash_entries() == [
+            TrashEntry(hour.inode, hour_name(t + DAY_NS), name, file.inode, 0, 0, b"/a/file", t, t + DAY_NS)
+        ]
+        await check_nlinks(store)
+
+        # Not its last name, or no trash: removed as ever.
+        linked = await mkfile(store, a.inode, b"linked")
+        await store.link(linked.inode, ROOT_INODE, b"other", now())
+        assert (await store.unlink(a.inode, b"linked", now(), trash_days=1)).trash is None
+        plain = await mkfile(store, a.inode, b"plain")
+        change = await store.unlink(a.inode, b"plain", now(), trash_days=0)
+        assert (change.trash, change.attrs.nlink) == (None, 0)
+        assert await store.orphan_inodes() == [plain.inode]
+        await check_nlinks(store)
+
+    run_with_store(harness, body)
+
+
+def test_a_directory_trash_days_wins_over_the_configured_one(harness):
+    async def body(store: MetadataStore) -> None:
+        off = await mkdir(store, ROOT_INODE, b"off")
+        await store.setxattr(off.inode, TRASH_DAYS_XATTR, b"0", 0, now())
+        below = await mkdir(store, off.inode, b"below")
+        gone = await mkfile(store, below.inode, b"gone")
+        assert (await store.unlink(below.inode, b"gone", now(), trash_days=1)).attrs.nlink == 0
+        kept = await mkdir(store, ROOT_INODE, b"kept")
+        await store.setxattr(kept.inode, TRASH_DAYS_XATTR, b"2.5", 0, now())
+        file = await mkfile(store, kept.inode, b"file")
+        t = now()
+        change = await store.unlink(kept.inode, b"file", t, trash_days=0)
+        assert change.attrs.nlink == 1
+        expires = t + int(2.5 * DAY_NS)
+        assert await store.getxattr(file.inode, TRASH_EXPIRES_XATTR) == b"%d" % expires
+        assert await trash_listing(store) == {hour_name(expires): [entry_name(b"/kept/file", file.inode)]}
+        assert await store.orphan_inodes() == [gone.inode]
+
+    run_with_store(harness, body)
+
+
+def test_the_trash_is_read_only(harness):
+    async def body(store: MetadataStore) -> None:
+        file = await mkfile(store, ROOT_INODE, b"file")
+        await store.unlink(ROOT_INODE, b"file", now(), trash_days=1)
+        trash = await store.lookup(ROOT_INODE, TRASH_NAME)
+        [hour] = await list_all(store, trash.inode)
+        [entry] = await list_all(store, hour.attrs.inode)
+        for directory in (trash.inode, hour.attrs.inode):
+            with pytest.raises(NotPermitted):
+                await store.create(directory, b"new", FILE, 0, 0, now())
+            with pytest.raises(NotPermitted):
+                await mkdir(store, directory, b"newdir")
+        other = await mkfile(store, ROOT_INODE, b"other")
+        with pytest.raises(NotPermitted):
+            await store.link(other.inode, hour.attrs.inode, b"link", now())
+        with pytest.raises(NotPermitted):
+            await store.link(file.inode, ROOT_INODE, b"second-name", now())
+        with pytest.raises(NotPermitted):
+            await store.rename(ROOT_INODE, b"other", hour.attrs.inode, b"moved-in", 0, now())
+        with pytest.raises(NotPermitted):
+            await store.unlink(hour.attrs.inode, entry.name, now(), trash_days=1)
+        with pytest.raises(NotPermitted):
+            await store.rmdir(trash.inode, hour.name, now())
+        with pytest.raises(NotPermitted):
+            await store.rename(trash.inode, hour.name, ROOT_INODE, b"hour", 0, now())  # only files come out
+        with pytest.raises(NotPermitted):
+            await store.rename(hour.attrs.inode, entry.name, ROOT_INODE, b"other", RENAME_EXCHANGE, now())
+        for make in (lambda: mkfile(store, ROOT_INODE, TRASH_NAME), lambda: mkdir(store, ROOT_INODE, TRASH_NAME),
+                     lambda: store.link(other.inode, ROOT_INODE, TRASH_NAME, now()),
+                     lambda: store.rename(ROOT_INODE, b"other", ROOT_INODE, TRASH_NAME, 0, now())):
+            with pytest.raises(Exists):
+                await make()
+        assert [e.name for e in await list_all(store, hour.attrs.inode)] == [entry.name]
+        await check_nlinks(store)
+
+    run_with_store(harness, body)
+
+
+def test_rename_over_a_file_puts_the_old_one_in_the_trash(harness):
+    async def body(store: MetadataStore) -> None:
+        source = await mkfile(store, ROOT_INODE, b"new")
+        victim = await mkfile(store, ROOT_INODE, b"old")
+        change = await store.rename(ROOT_INODE, b"new", ROOT_INODE, b"old", 0, now(), trash_days=1)
+        assert change is not None and change.replaced is not None and change.trash is not None
+        assert (change.replaced.inode, change.replaced.nlink, change.replaced.in_trash) == (victim.inode, 1, True)
+        assert (await store.lookup(ROOT_INODE, b"old")).inode == source.inode
+        assert list((await trash_listing(store)).values()) == [[entry_name(b"/old", victim.inode)]]
+        assert await store.orphan_inodes() == []
+        await check_nlinks(store)
+
+    run_with_store(harness, body)
+
+
+def test_moving_a_file_out_of_the_trash_restores_it(harness):
+    async def body(store: MetadataStore) -> None:
+        d = await mkdir(store, ROOT_INODE, b"d")
+        file = await mkfile(store, d.inode, b"file")
+        await store.unlink(d.inode, b"file", now(), trash_days=1)
+        [entry] = await store.trash_entries()
+        change = await store.rename(entry.hour_dir, entry.name, ROOT_INODE, b"back", 0, now(), trash_days=1)
+        assert change is not None and change.trash is not None
+        assert (change.moved.inode, change.moved.nlink, change.moved.in_trash) == (file.inode, 1, False)
+        assert await store.listxattr(file.inode) == []
+        assert await store.trash_entries() == []
+        assert (await store.lookup(ROOT_INODE, b"back")).inode == file.inode
+        await check_nlinks(store)
+        # Restored over a file: that one goes into the trash in its place.
+        await store.unlink(ROOT_INODE, b"back", now(), trash_days=1)
+        [entry] = await store.trash_entries()
+        other = await mkfile(store, ROOT_INODE, b"other")
+        change = await store.rename(entry.hour_dir, entry.name, ROOT_INODE, b"other", 0, now(), trash_days=1)
+        assert change is not None and change.trash is not None and change.replaced is not None
+        assert {file.inode, other.inode, entry.hour_dir} <= change.trash.inodes
+        assert [e.inode for e in await store.trash_entries()] == [other.inode]
+        assert await store.getxattr(other.inode, TRASH_PATH_XATTR) == b"/other"
+        assert await store.listxattr(file.inode) == []
+        assert (await store.lookup(ROOT_INODE, b"other")).inode == file.inode
+        await check_nlinks(store)
+        [entry] = await store.trash_entries()
+        await store.rename(entry.hour_dir, entry.name, ROOT_INODE, b"back", 0, now())
+        # The hour directory left empty goes with the next purge.
+        purge = await store.purge_trash([])
+        assert [attrs.inode for attrs in purge.unlinked] == [entry.hour_dir]
+        assert await trash_listing(store) == {}
+        await check_nlinks(store)
+
+    run_with_store(harness, body)
+
+
+def test_purge_trash_removes_files_for_good(harness):
+    async def body(store: MetadataStore) -> None:
+        first = await mkfile(store, ROOT_INODE, b"first")
+        second = await mkfile(store, ROOT_INODE, b"second")
+        await store.commit_shards(first.inode, {0: ref((await store.allocate_shard_ids(1)).start, 1234)}, 1234)
+        for name in (b"first", b"second"):
+            await store.unlink(ROOT_INODE, name, now(), trash_days=1)
+        entries = await store.trash_entries()
+        assert [(entry.inode, entry.size, entry.stored_bytes) for entry in entries] == [
+            (first.inode, 1234, 1234), (second.inode, 0, 0)]
+        assert await store.trash_entries(expiring_before_ns=now()) == []  # they expire tomorrow
+        purge = await store.purge_trash([(entries[0].hour_dir, entries[0].name), (entries[0].hour_dir, b"gone")])
+        assert [(attrs.inode, attrs.nlink) for attrs in purge.unlinked] == [(first.inode, 0)]
+        assert await store.orphan_inodes() == [first.inode]
+        assert [entry.inode for entry in await store.trash_entries()] == [second.inode]
+        purge = await store.purge_trash([(entries[1].hour_dir, entries[1].name)])
+        assert [(attrs.inode, attrs.nlink) for attrs in purge.unlinked] == [(second.inode, 0), (entries[1].hour_dir, 0)]
+        assert await trash_listing(store) == {}
+        await store.delete_inodes(await store.orphan_inodes())
+        assert await store.orphan_inodes() == []
         await check_nlinks(store)
 
     run_with_store(harness, body)
