@@ -2074,3 +2074,30 @@ def test_snapshot_tree_and_remove_tree_keep_quota_usage_exact(harness):
         assert {quota.directory for quota in await store.quotas()} == {limited.inode}  # inner's went with it
 
     run_with_store(harness, body)
+
+
+def test_files_in_the_trash_count_against_no_quota_and_restoring_one_is_charged(harness):
+    async def body(store: MetadataStore) -> None:
+        root_quota = await store.set_quota(ROOT_INODE, None, None)  # the trash is below the root, not in its quota
+        limited = await mkdir(store, ROOT_INODE, b"limited")
+        file = await mkfile(store, limited.inode, b"file")
+        await store.commit_shards(file.inode, {0: ref(1, 1000)}, 1000)
+        await store.set_quota(limited.inode, 1500, None)
+        assert await quota_usage(store, limited.inode) == (1000, 1)
+        assert await quota_usage(store, ROOT_INODE) == (1000, 2)
+
+        deleted = await store.unlink(limited.inode, b"file", now(), trash_days=1)
+        assert deleted.attrs.in_trash
+        assert await quota_usage(store, limited.inode) == (0, 0)
+        assert await quota_usage(store, ROOT_INODE) == (0, 1)
+
+        other = await mkfile(store, limited.inode, b"other")
+        await store.commit_shards(other.inode, {0: ref(2, 1000)}, 1000)
+        (entry,) = await store.trash_entries()
+        with pytest.raises(QuotaExceeded):  # back in: 2000 bytes where 1500 are allowed
+            await store.rename(entry.hour_dir, entry.name, limited.inode, b"file", 0, now())
+        await store.rename(entry.hour_dir, entry.name, ROOT_INODE, b"restored", 0, now())
+        assert await quota_usage(store, ROOT_INODE) == (2000, 3)
+        assert root_quota.directory == ROOT_INODE
+
+    run_with_store(harness, body)
