@@ -91,6 +91,17 @@ def dfsfuse_mounts() -> list[tuple[Path, str]]:
     return found
 
 
+def mount_holding(resolved: str) -> tuple[Path, str] | None:
+    """(data dir, mount point) of the innermost dfsfuse mount that the
+    absolute, resolved path `resolved` lies in (or is the mount point of)."""
+    found = [
+        (data_dir, mountpoint)
+        for data_dir, mountpoint in dfsfuse_mounts()
+        if resolved == mountpoint or resolved.startswith(mountpoint.rstrip("/") + "/")
+    ]
+    return max(found, key=lambda mount: len(mount[1])) if found else None
+
+
 def _unescape(field: str) -> str:
     """/proc/mounts writes space, tab, newline and backslash as octal escapes."""
     for escaped, plain in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):

@@ -1,5 +1,5 @@
 """Commands that act on paths inside a running dfsfuse mount (`dfsfuse
-snapshot`): which mount holds a path, the inode a path names there, and
+snapshot`, `dfsfuse trash empty`): which mount holds a path, the inode a path names there, and
 asking that mount to act over its control socket.
 
 A path is resolved by the kernel, through the mount, so symlinks and ".."
@@ -16,7 +16,7 @@ from typing import Any
 
 from .cluster import control
 from .cluster.commands import TerminalOutput
-from .datadir import dfsfuse_mounts
+from .datadir import mount_holding
 from .errors import UserError
 
 CONTROL_SOCKET = "control.sock"  # in the data dir (Config.control_socket_path)
@@ -30,7 +30,10 @@ class MountedFileSystem:
     def ask(self, operation: str, arguments: dict[str, Any]) -> int:
         """Run a tree operation in the mount (dfsfuse.cluster.tree); its exit code."""
         socket_path = self.data_dir / CONTROL_SOCKET
-        client = control.connect(socket_path)
+        try:
+            client = control.connect(socket_path)
+        except OSError as error:
+            raise UserError(f"cannot ask the mount at {self.mountpoint}: {error.strerror or error}") from None
         if client is None:
             raise UserError(f"the mount at {self.mountpoint} does not answer on {socket_path} (has it been unmounted?)")
         output = TerminalOutput()
@@ -58,17 +61,13 @@ def mounted_path(path: str) -> MountedPath:
     else:
         directory = os.path.realpath(directory)
     within = os.path.join(directory, name) if name else directory
-    best: tuple[str, Path] | None = None
-    for data_dir, mountpoint in dfsfuse_mounts():
-        if (within == mountpoint or within.startswith(mountpoint.rstrip("/") + "/")) and (
-            best is None or len(mountpoint) > len(best[0])
-        ):
-            best = (mountpoint, data_dir)
-    if best is None:
+    found = mount_holding(within)
+    if found is None:
         raise UserError(f"{path} is not inside a dfsfuse mount (see `mount -t fuse.dfsfuse`)")
-    if within == best[0]:
+    data_dir, mountpoint = found
+    if within == mountpoint:
         directory, name = within, ""
-    return MountedPath(MountedFileSystem(best[0], best[1]), directory, os.fsencode(name))
+    return MountedPath(MountedFileSystem(mountpoint, data_dir), directory, os.fsencode(name))
 
 
 def inode_of(path: str, follow: bool = False) -> int:

@@ -20,7 +20,7 @@ from typing import Any, TextIO
 
 from .cluster import control
 from .config import parse_size
-from .datadir import dfsfuse_mounts
+from .datadir import mount_holding
 from .errors import UserError
 from .report import size as show_size
 from .report import table
@@ -48,14 +48,9 @@ def locate(path: str, *, directory: bool) -> Place:
         raise UserError(f"{path}: {error.strerror or error}") from None
     if directory and not stat.S_ISDIR(info.st_mode):
         raise UserError(f"{path}: not a directory")
-    real = os.path.realpath(path)
-    found = [
-        (data_dir, mountpoint)
-        for data_dir, mountpoint in dfsfuse_mounts()
-        if real == mountpoint or real.startswith(mountpoint.rstrip("/") + "/")
-    ]
+    found = mount_holding(os.path.realpath(path))
     if found:
-        data_dir, mountpoint = max(found, key=lambda pair: len(pair[1]))  # the innermost mount
+        data_dir, mountpoint = found
         if os.stat(mountpoint).st_dev == info.st_dev:  # not in another file system mounted below it
             return Place(mountpoint, data_dir / "control.sock", info.st_ino)
     raise UserError(f"{path}: not in a dfsfuse mount (see `mount -t fuse.dfsfuse`)")

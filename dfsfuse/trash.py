@@ -21,9 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from .cluster import control
-from .cluster.commands import TerminalOutput
-from .datadir import dfsfuse_mounts
+from .datadir import mount_holding
 from .errors import UserError
 from .metadata.trash import (
     ELLIPSIS,
@@ -34,6 +32,7 @@ from .metadata.trash import (
     TRASH_PATH_XATTR,
     hour_start_ns,
 )
+from .mounted import MountedFileSystem
 from .report import size, table
 
 RENAME_NOREPLACE = 1  # linux/fs.h
@@ -41,12 +40,10 @@ RENAME_NOREPLACE = 1  # linux/fs.h
 
 def mount_of(path: str) -> tuple[Path, str]:
     """(data dir, mount point) of the dfsfuse mount that `path` is in."""
-    real = os.path.realpath(path)
-    found = [(data_dir, where) for data_dir, where in dfsfuse_mounts()
-             if real == where or real.startswith(where.rstrip("/") + "/")]
-    if not found:
+    found = mount_holding(os.path.realpath(path))
+    if found is None:
         raise UserError(f"{path} is not in a dfsfuse mount (see `mount -t fuse.dfsfuse`)")
-    return max(found, key=lambda mount: len(mount[1]))
+    return found
 
 
 def entries(mountpoint: str) -> list[dict[str, Any]]:
@@ -167,13 +164,5 @@ def _rename_noreplace(source: str, destination: str) -> None:
 def empty(path: str, older_than_days: float) -> int:
     """`dfsfuse trash empty [PATH] [--older-than DAYS]`, run by the mount."""
     data_dir, mountpoint = mount_of(path)
-    socket_path = data_dir / "control.sock"
-    try:
-        client = control.connect(socket_path)
-    except OSError as error:
-        raise UserError(f"cannot ask the mount at {mountpoint} ({socket_path}): {error.strerror or error}") from None
-    if client is None:
-        raise UserError(f"the mount at {mountpoint} does not answer on {socket_path} (has it been unmounted?)")
-    output = TerminalOutput()
-    return control.request(client, "trash empty", {"older_than_days": older_than_days}, output.line, output.progress)
+    return MountedFileSystem(mountpoint, data_dir).ask("trash empty", {"older_than_days": older_than_days})
 
