@@ -322,11 +322,10 @@ class CachedMetadata(MetadataStore):
     async def remove_tree(self, parent: int, name: bytes, now_ns: int, report: ProgressReport | None = None) -> TreeChange:
         async with self._changing():
             change = await self._engine.remove_tree(parent, name, now_ns, report)
-            self._name_removed(parent, name)
-            self._refresh_attrs(change.entry.parent)
-            for inode in change.inodes:
-                self._forget_inode(inode)
-                self._directory_removed(inode)
+            # Names, listings and attrs all through the tree changed, and links
+            # out of it: forget everything, as after a notice too large to say
+            # (removing a tree is rare; looking each record up is not worth it).
+            self._forget_everything()
             return change
 
     async def rmdir(self, parent: int, name: bytes, now_ns: int) -> EntryChange:

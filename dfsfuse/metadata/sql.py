@@ -850,11 +850,14 @@ def _snapshot_tree(
     report: ProgressReport | None,
 ) -> TreeChange:
     check_name(name)
+    _refuse_trash_name(parent, name)
     top = _inode_attrs(tx, source)
     if top.nlink == 0:
         raise NotFound(f"inode {source} has no name left to snapshot")
+    _refuse_in_trash(top)  # a deleted file is snapshotted once it is moved out
     is_directory = stat.S_ISDIR(top.mode)
     _require_directory(tx, parent)
+    _refuse_in_trash(_inode_attrs(tx, parent))
     if is_directory and _is_within(tx, parent, source):
         raise InvalidArgument(f"cannot snapshot directory {source} into itself")
     below, logical_bytes = _tree_below(tx, source) if is_directory else ([], 0)
@@ -894,6 +897,16 @@ def _remove_tree(tx: Transaction, parent: int, name: bytes, now_ns: int, report:
     if stat.S_ISREG(top.mode):
         logical_bytes = top.size
     tx.lock_inodes([parent, top.inode, *(entry[3] for entry in below)])
+    names_in_tree: dict[int, int] = {}
+    for entry in below:
+        names_in_tree[entry[3]] = names_in_tree.get(entry[3], 0) + 1
+    # Files with names outside the tree too: charged, after, only to the
+    # quotas their names left lie under (as an unlink of one name is).
+    keeping = {
+        inode: (attrs, quotas_of_inode(tx, inode))
+        for inode, count in names_in_tree.items()
+        if not stat.S_ISDIR((attrs := _inode_attrs(tx, inode)).mode) and attrs.nlink > count
+    }
     names_removed: dict[int, int] = {top.inode: 1}
     for done, (below_entry, directory, name_below, inode, _) in enumerate(reversed(below), 1):
         _remove_entry(tx, below_entry, directory, name_below)
@@ -917,6 +930,8 @@ def _remove_tree(tx: Transaction, parent: int, name: bytes, now_ns: int, report:
             if stat.S_ISDIR(mode):
                 tx.execute("DELETE FROM quotas WHERE dir = ?", (inode,))
     charge(tx, parent, -freed_bytes, -len(unlinked), enforce=False)
+    for attrs, charged in keeping.values():
+        _uncharge_name(tx, attrs, charged)
     attrs = _inode_attrs(tx, top.inode)
     return TreeChange(
         EntryChange(attrs, parent_attrs, entry_id), tuple(names_removed), logical_bytes, tuple(unlinked)
@@ -1544,6 +1559,7 @@ def _quota_row(tx: Transaction, directory: int) -> QuotaRecord | None:
 
 def _set_quota(tx: Transaction, directory: int, max_bytes: int | None, max_inodes: int | None) -> QuotaRecord:
     _require_directory(tx, directory)
+    _refuse_in_trash(_inode_attrs(tx, directory))  # what is in the trash counts against no quota
     tx.changed(directory)  # other mounts learn of the new limits
     row = tx.execute(
         f"UPDATE quotas SET max_bytes = ?, max_inodes = ? WHERE dir = ? RETURNING {_QUOTA_COLUMNS.replace('q.', '')}",

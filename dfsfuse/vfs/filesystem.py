@@ -606,7 +606,7 @@ class FileSystem:
         await self._check_writable(parent)
         for contents in list(self._files.values()):
             if not contents.is_clean:
-                await contents.flush(sync=False)
+                await contents.flush(sync=True)  # the snapshot's own fsync would not reach them
         change = await self._meta.snapshot_tree(source, parent, name, readonly, time.time_ns(), report)
         await self._tell_kernel(ChangeNotice(inodes=frozenset({parent}), entries=frozenset({(parent, name)})))
         return change

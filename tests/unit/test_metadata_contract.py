@@ -2101,3 +2101,63 @@ def test_files_in_the_trash_count_against_no_quota_and_restoring_one_is_charged(
         assert root_quota.directory == ROOT_INODE
 
     run_with_store(harness, body)
+
+
+def test_snapshots_and_quotas_keep_out_of_the_trash(harness):
+    async def body(store: MetadataStore) -> None:
+        top = await mkdir(store, ROOT_INODE, b"top")
+        await mkfile(store, top.inode, b"file")
+        await store.unlink(top.inode, b"file", now(), trash_days=1)
+        trash = await store.lookup(ROOT_INODE, TRASH_NAME)
+        (entry,) = await store.trash_entries()
+        refusals = [
+            (Exists, store.snapshot_tree(top.inode, ROOT_INODE, TRASH_NAME, False, now())),
+            (NotPermitted, store.snapshot_tree(top.inode, trash.inode, b"snap", False, now())),
+            (NotPermitted, store.snapshot_tree(top.inode, entry.hour_dir, b"snap", False, now())),
+            (NotPermitted, store.snapshot_tree(entry.inode, top.inode, b"snap", False, now())),
+            (NotPermitted, store.set_quota(trash.inode, None, 5)),
+            (NotPermitted, store.set_quota(entry.hour_dir, None, 5)),
+        ]
+        for error, call in refusals:
+            with pytest.raises(error):
+                await call
+        assert await store.quotas() == []
+        assert [e.inode for e in await store.trash_entries()] == [entry.inode]
+        await check_nlinks(store)
+
+    run_with_store(harness, body)
+
+
+def test_remove_tree_uncharges_a_file_that_keeps_a_name_outside_the_quota(harness):
+    async def body(store: MetadataStore) -> None:
+        limited = await mkdir(store, ROOT_INODE, b"limited")
+        tree = await mkdir(store, limited.inode, b"tree")
+        file = await mkfile(store, tree.inode, b"file")
+        await store.commit_shards(file.inode, {0: ref(1, 1000)}, 1000)
+        await store.link(file.inode, ROOT_INODE, b"outside", now())
+        await store.set_quota(limited.inode, None, None)  # set after the link: counts the file once
+        assert await quota_usage(store, limited.inode) == (1000, 2)
+        await store.remove_tree(limited.inode, b"tree", now())
+        assert await quota_usage(store, limited.inode) == (0, 0)
+        assert (await store.lookup(ROOT_INODE, b"outside")).nlink == 1
+
+    run_with_store(harness, body)
+
+
+def test_names_below_a_removed_tree_are_gone_from_the_cache_too(harness):
+    async def main() -> None:
+        async with harness.store() as store:
+            top = await mkdir(store, ROOT_INODE, b"top")
+            sub = await mkdir(store, top.inode, b"sub")
+            file = await mkfile(store, sub.inode, b"file")
+            await store.link(file.inode, ROOT_INODE, b"outside", now())
+        async with harness.store() as store:  # a fresh cache: the lookup is a record of its own
+            assert (await store.lookup(sub.inode, b"file")).inode == file.inode
+            await store.remove_tree(ROOT_INODE, b"top", now())
+            assert (await store.getattr(file.inode)).nlink == 1  # its attrs cached again
+            with pytest.raises(NotFound):
+                await store.lookup(sub.inode, b"file")
+            assert await store.readdir(sub.inode, 0, 10) == []
+            assert (await store.getattr(file.inode)).nlink == 1
+
+    trio.run(main)
