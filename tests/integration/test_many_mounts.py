@@ -39,7 +39,7 @@ from dfstest import (
 
 pytestmark = pytest.mark.mounted
 
-SESSION_TIMEOUT = 5  # seconds; short, but long enough for a loaded 2-core CI machine
+SESSION_TIMEOUT = 10  # seconds: short, yet past the fsync stalls of a 2-core machine where another test writes GiBs
 VISIBLE_WITHIN = 1.0  # seconds: what the issue asks for a change made on another mount
 
 
