@@ -99,7 +99,7 @@ async def _fsck(config: Config) -> FsckReport:
         total = (await meta.usage()).shards
         async for record in live_shards(meta):
             live.add(record.ref.shard_id)
-            await repair_shard(meta, replicator, record, await targets.of(record.inode), tally)
+            await repair_shard(meta, replicator, record, await targets.of_record(record), tally)
             output.progress(tally.shards, max(total, tally.shards), "shards verified")
         if tally.shards < total:  # fewer than counted (deleted meanwhile): end the bar all the same
             output.progress(tally.shards, tally.shards, "shards verified")

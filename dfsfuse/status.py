@@ -74,7 +74,7 @@ async def gather(config: Config) -> dict[str, Any]:
         under = 0
         targets = ReplicaTargets(parts.meta, config.replicas)
         async for record in live_shards(parts.meta):
-            if present_copies(record, held) < await targets.of(record.inode):
+            if present_copies(record, held) < await targets.of_record(record):
                 under += 1
         now_ns = time.time_ns()
         sessions = [

@@ -37,7 +37,7 @@ async def repair_pass(cluster: Cluster, lock: trio.Lock, rate: float = REPAIR_RA
             if lock.statistics().tasks_waiting:
                 log.info("background repair yields to a command after %d shards", tally.shards)
                 break
-            await repair_shard(cluster.meta, cluster.replicator, record, await targets.of(record.inode), tally)
+            await repair_shard(cluster.meta, cluster.replicator, record, await targets.of_record(record), tally)
             await trio.sleep(1 / rate)
     if tally.shards:
         log.info("background repair: %d shards, %d replicas repaired, %d unrecoverable",

@@ -56,6 +56,11 @@ class ReplicaTargets:
         self._default = default
         self._known: dict[int, int] = {}
 
+    async def of_record(self, record: ShardRecord) -> int:
+        """How many replicas a shard should have: the most that any file
+        sharing it asks for (snapshots share shards)."""
+        return max([await self.of(inode) for inode in record.sharers or (record.inode,)])
+
     async def of(self, inode: int) -> int:
         if inode not in self._known:
             try:

@@ -102,7 +102,7 @@ async def endangered_shards(
             copies = await _replicas_present(by_name, record)
         else:
             copies = present_copies(record, held)
-        if copies < await targets.of(record.inode):
+        if copies < await targets.of_record(record):
             short.append((copies, record))
     short.sort(key=lambda item: (item[0], item[1].ref.shard_id))
     return [record for _, record in short]

@@ -137,7 +137,7 @@ async def _moves_off(cluster: Cluster, name: str, targets: ReplicaTargets) -> li
         ref = record.ref
         if name not in ref.nodes:
             continue
-        wanted = await targets.of(record.inode)
+        wanted = await targets.of_record(record)
         nodes = [node for node in ref.nodes if node != name]
         for candidate in place(ref.shard_id, writable):
             if sum(1 for node in nodes if node in writable) >= wanted:
@@ -197,7 +197,7 @@ async def rebalance(cluster: Cluster, out: Output) -> int:
     shards = 0
     async for record in live_shards(cluster.meta):
         shards += 1
-        wanted = await targets.of(record.inode)
+        wanted = await targets.of_record(record)
         if len(writable) < wanted:
             continue  # cannot be placed in full now; repair will when nodes come back
         nodes = tuple(place(record.ref.shard_id, writable)[:wanted])
@@ -226,7 +226,7 @@ async def repair(cluster: Cluster, out: Output) -> int:
     short = await endangered_shards(cluster.meta, cluster.replicator.stores, targets, ask_each=True)
     tally = RepairTally()
     for done, record in enumerate(short, 1):
-        await repair_shard(cluster.meta, cluster.replicator, record, await targets.of(record.inode), tally)
+        await repair_shard(cluster.meta, cluster.replicator, record, await targets.of_record(record), tally)
         out.progress(done, len(short), "shards repaired")
     for line in tally.lost:
         out.line(line)
@@ -243,7 +243,7 @@ async def scrub(cluster: Cluster, out: Output) -> int:
     total = (await cluster.meta.usage()).shards
     tally = RepairTally()
     async for record in live_shards(cluster.meta):
-        await repair_shard(cluster.meta, cluster.replicator, record, await targets.of(record.inode), tally)
+        await repair_shard(cluster.meta, cluster.replicator, record, await targets.of_record(record), tally)
         out.progress(tally.shards, max(total, tally.shards), "shards scrubbed")
     for line in tally.lost:
         out.line(line)

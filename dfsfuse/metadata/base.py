@@ -287,11 +287,15 @@ class QuotaRecord:
 
 @dataclasses.dataclass(frozen=True)
 class ShardRecord:
-    """One live shard as listed for fsck and status."""
+    """One live shard as listed for fsck and status: `inode` and `index` of
+    the file with the lowest inode number that has it, and `sharers`, every
+    file that has it (more than one when snapshots share it; empty: `inode`
+    alone, as a record built by hand says)."""
 
     inode: int
     index: int
     ref: ShardRef
+    sharers: tuple[int, ...] = ()
 
 
 NODE_ACTIVE = "active"  # takes new replicas

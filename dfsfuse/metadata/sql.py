@@ -1309,8 +1309,16 @@ def _shards(tx: Transaction, after_shard_id: int, limit: int) -> list[ShardRecor
         f"SELECT inode, idx, {_SHARD_COLUMNS} FROM shards s WHERE id > ? AND NOT EXISTS"
         " (SELECT 1 FROM shards t WHERE t.id = s.id AND t.inode < s.inode) ORDER BY id LIMIT ?",
         (after_shard_id, max(limit, 0)),
-    )
-    return [ShardRecord(row[0], row[1], _shard_ref(row[2:])) for row in rows]
+    ).fetchall()
+    if not rows:
+        return []
+    # Every file that has each of them (the page is a range of ids).
+    sharers: dict[int, list[int]] = {}
+    for shard_id, inode in tx.execute(
+        "SELECT id, inode FROM shards WHERE id > ? AND id <= ? ORDER BY id, inode", (after_shard_id, rows[-1][2])
+    ):
+        sharers.setdefault(shard_id, []).append(inode)
+    return [ShardRecord(row[0], row[1], _shard_ref(row[2:]), tuple(sharers[row[2]])) for row in rows]
 
 
 def _set_shard_nodes(tx: Transaction, shard_id: int, nodes: tuple[str, ...]) -> None:

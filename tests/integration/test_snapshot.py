@@ -246,3 +246,16 @@ def test_a_snapshot_counts_against_the_quotas_above_it(workdir):
     assert (quota["used_bytes"], quota["used_inodes"]) == (2 * 40 * KiB, 4)
     _snapshot("--delete", limited / "first")
     _snapshot(workdir / "source", limited / "third")
+
+
+def test_a_shared_shard_gets_the_most_replicas_any_of_its_files_asks_for(workdir, mount):
+    (workdir / "single").mkdir()
+    os.setxattr(workdir / "single", "user.dfs.replicas", b"1")
+    write_file(workdir / "single" / "file", os.urandom(100 * KiB))
+    _snapshot(workdir / "single", workdir / "copy")
+    assert parse_status(mount.status(as_json=True))["under_replicated"] == 0
+    os.setxattr(workdir / "copy" / "file", "user.dfs.replicas", b"3")  # the copy (the higher inode) wants more
+    assert parse_status(mount.status(as_json=True))["under_replicated"] >= 1
+    dfsfuse_cli("repair", "--data-dir", mount.data_dir, "--config", mount.config_path)
+    assert parse_status(mount.status(as_json=True))["under_replicated"] == 0
+    assert read_file(workdir / "single" / "file") == read_file(workdir / "copy" / "file")

@@ -1161,11 +1161,11 @@ def test_shards_listing_and_set_shard_nodes(harness):
         await store.commit_shards(two.inode, {5: ref(20)}, 6000)
         assert await store.shard_map(one.inode) == {0: (ref(10),), 1: (ref(30),)}  # cached, if it is a cache
         assert await store.shards(0, 10) == [
-            ShardRecord(one.inode, 0, ref(10)),
-            ShardRecord(two.inode, 5, ref(20)),
-            ShardRecord(one.inode, 1, ref(30)),
+            ShardRecord(one.inode, 0, ref(10), (one.inode,)),
+            ShardRecord(two.inode, 5, ref(20), (two.inode,)),
+            ShardRecord(one.inode, 1, ref(30), (one.inode,)),
         ]
-        assert await store.shards(10, 1) == [ShardRecord(two.inode, 5, ref(20))]
+        assert await store.shards(10, 1) == [ShardRecord(two.inode, 5, ref(20), (two.inode,))]
         assert await store.shards(30, 10) == []
         await store.set_shard_nodes(30, ("c", "d"))
         assert await store.shard_map(one.inode) == {0: (ref(10),), 1: (ref(30, nodes=("c", "d")),)}
@@ -1983,6 +1983,10 @@ def test_snapshot_tree_copies_names_attrs_xattrs_and_shares_objects(harness):
         assert file_copy == await store.lookup(copy.inode, b"hardlink")
         assert (file_copy.nlink, file_copy.size, file_copy.blocks) == (2, 4196, (4096 + 100 + PAGE_SIZE + 511) // 512)
         assert await store.shard_map(file_copy.inode) == await store.shard_map(file.inode)
+        records = await store.shards(0, 10)  # each object once, with every file that has it
+        assert [(r.ref.shard_id, r.inode, r.sharers) for r in records] == [
+            (shard_id, file.inode, (file.inode, file_copy.inode)) for shard_id in (1, 2, 3)
+        ]
         assert await store.getxattr(sub_copy.inode, b"user.color") == b"blue"
         assert (await store.lookup(copy.inode, b"symlink")).target == b"sub/file"
         assert (await store.lookup(sub_copy.inode, b"..")).inode == copy.inode
