@@ -16,6 +16,7 @@ we check that no process we started and no FUSE mount under our temp dir remains
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import re
@@ -23,6 +24,7 @@ import shutil
 import signal
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import dfstest
@@ -180,6 +182,36 @@ def pytest_generate_tests(metafunc):
         kinds.append("postgresql")
     if len(kinds) > 1:
         metafunc.parametrize("mount", kinds, indirect=True, scope="module")
+
+
+@contextlib.contextmanager
+def two_postgres_mounts(
+    server, test_root: Path, name: str, config: str, metadata: str = ""
+) -> Iterator[tuple[dfstest.Mount, dfstest.Mount]]:
+    """Mounts A and B of one file system whose metadata is database `name`
+    on the test run's PostgreSQL server (`metadata`: more settings of its
+    [metadata] section): formatted, both mounted; at the end
+    B and A are unmounted (fsck once neither runs), killed if they would not
+    go, and the database dropped."""
+    base = test_root / name
+    base.mkdir(parents=True, exist_ok=True)
+    server.create_database(name)
+    config = postgres_config(server, name, base / "pgpassword", config) + metadata
+    factory = MountFactory(base, name)
+    a = factory.new("a", config=config, start=False)
+    b = factory.new("b", config=config, start=False)
+    try:
+        dfstest.dfsfuse_cli("format", "--data-dir", a.data_dir, "--config", a.config_path)
+        a.start()
+        b.start()
+        yield a, b
+        b.stop(fsck=False)  # fsck runs once no mount uses the file system
+        a.stop()
+    finally:
+        for mount in (b, a):
+            mount.kill()
+        factory.mounts.clear()
+        server.drop_database(name)
 
 
 def postgres_config(server, database: str, password_file: Path, config: str | None) -> str:

@@ -24,7 +24,7 @@ import threading
 import time
 
 import pytest
-from conftest import MountFactory, postgres_config
+from conftest import two_postgres_mounts
 from dfstest import (
     PYTHON,
     MiB,
@@ -46,27 +46,9 @@ VISIBLE_WITHIN = 1.0  # seconds: what the issue asks for a change made on anothe
 @pytest.fixture(scope="module")
 def pair(postgres_server, test_root):
     """Mounts A and B of one file system on the session's PostgreSQL server."""
-    base = test_root / "many_mounts"
-    base.mkdir(parents=True, exist_ok=True)
-    database = "many_mounts"
-    postgres_server.create_database(database)
-    config = postgres_config(postgres_server, database, base / "pgpassword", "trash_days = 0\n")
-    config += f"session_timeout = {SESSION_TIMEOUT}\n"
-    factory = MountFactory(base, "many_mounts")
-    a = factory.new("a", config=config, start=False)
-    b = factory.new("b", config=config, start=False)
-    try:
-        dfsfuse_cli("format", "--data-dir", a.data_dir, "--config", a.config_path)
-        a.start()
-        b.start()
-        yield a, b
-        b.stop(fsck=False)  # fsck runs once no mount uses the file system
-        a.stop()
-    finally:
-        for mount in (b, a):
-            mount.kill()
-        factory.mounts.clear()
-        postgres_server.drop_database(database)
+    metadata = f"session_timeout = {SESSION_TIMEOUT}\n"
+    with two_postgres_mounts(postgres_server, test_root, "many_mounts", "trash_days = 0\n", metadata) as mounts:
+        yield mounts
 
 
 def eventually(check, within: float = VISIBLE_WITHIN, what: str = "the change") -> float:

@@ -20,7 +20,7 @@ import threading
 import time
 from pathlib import Path
 
-from conftest import MountFactory, postgres_config
+from conftest import two_postgres_mounts
 from dfstest import (
     PYTHON,
     KiB,
@@ -266,18 +266,7 @@ def test_two_mounts_on_postgresql_share_their_quotas(postgres_server, test_root)
     """A quota set through one mount holds on the other at once (its write path
     hears of it through the change notices), and creates from both mounts
     at the same moment stop exactly at the limit."""
-    base = test_root / "quota_two_mounts"
-    base.mkdir(parents=True, exist_ok=True)
-    database = "quota_two_mounts"
-    postgres_server.create_database(database)
-    config = postgres_config(postgres_server, database, base / "pgpassword", MOUNT_CONFIG)
-    factory = MountFactory(base, "quota_two_mounts")
-    a = factory.new("a", config=config, start=False)
-    b = factory.new("b", config=config, start=False)
-    try:
-        dfsfuse_cli("format", "--data-dir", a.data_dir, "--config", a.config_path)
-        a.start()
-        b.start()
+    with two_postgres_mounts(postgres_server, test_root, "quota_two_mounts", MOUNT_CONFIG) as (a, b):
         (a.mountpoint / "shared").mkdir()
         (b.mountpoint / "shared" / "early").write_bytes(b"before any quota")  # b knows of no quota yet
         quota("set", a.mountpoint / "shared", "--bytes", "256KiB", "--inodes", "20")
@@ -309,10 +298,3 @@ def test_two_mounts_on_postgresql_share_their_quotas(postgres_server, test_root)
         assert made[a] + made[b] == 20 - 2, made  # early and big took two
         assert usage_of(b.mountpoint / "shared") == counted(a.mountpoint / "shared")
         assert usage_of(a.mountpoint / "shared")[1] == 20
-        b.stop(fsck=False)  # fsck runs once no mount uses the file system
-        a.stop()
-    finally:
-        for mount in (b, a):
-            mount.kill()
-        factory.mounts.clear()
-        postgres_server.drop_database(database)
