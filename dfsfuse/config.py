@@ -12,6 +12,7 @@ local node stores inside it. A config file may set:
     snapshot_interval = 300       # seconds between metadata snapshots on the nodes; 0: only at unmount
     trash_days = 1                # days deleted and overwritten files stay in /.trash; 0: off (or -o trash_days=)
     trash_sweep_interval = 300    # seconds between looks for expired files in the trash
+    compression = "off"           # zstd, lz4 or off: how new shards are compressed (user.dfs.compression per directory)
     [cache]
     shard_cache = "256MiB"        # verified shard data kept for reads
     write_buffer = "128MiB"       # dirty data held before writers wait
@@ -47,6 +48,7 @@ from .metadata.postgres import ENGINE_NAME as POSTGRES_ENGINE
 from .metadata.postgres import URL_SCHEMES as POSTGRES_URL_SCHEMES
 from .metadata.postgres import redacted
 from .metadata.trash import parse_days
+from .shards.policy import parse_compression
 from .storage.addresses import split_host_port
 
 KiB = 1024
@@ -88,6 +90,7 @@ class Config:
     metrics_listen: str | None = None  # HOST:PORT of the Prometheus endpoint ([metrics] listen, -o metrics=)
     trash_days: float = 1.0  # how long deleted files stay in the trash (dfsfuse/metadata/trash.py); 0: off
     trash_sweep_interval: float = 300.0  # seconds between the mount's looks for expired files in the trash
+    compression: str = ""  # how new shards are compressed ("", "zstd", "lz4"); user.dfs.compression wins
     # Whether shard_size or block_size were set (config file, format flags): if
     # not, a command takes the ones the file system was made with.
     layout_given: bool = False
@@ -170,6 +173,7 @@ def load(
     known = {
         "data_dir", "replicas", "write_quorum", "secret_file", "tls_ca_file", "shard_size", "block_size", "cache", "nodes",
         "snapshot_interval", "metadata", "metrics", "trash_days", "trash_sweep_interval",
+        "compression",
     }
     _reject_unknown(settings, known, "")
     cache = settings.get("cache", {})
@@ -213,6 +217,7 @@ def load(
         metrics_listen=_metrics_listen(settings),
         trash_days=_trash_days(settings),
         trash_sweep_interval=_trash_sweep_interval(settings),
+        compression=parse_compression(str(_expect(settings, "compression", str, default="off")), "config"),
         **_metadata_settings(settings, meta_url, meta_password_file),
     )
 

@@ -159,7 +159,7 @@ async def running_file_system(
         reads = ReadServices(meta=meta, replicator=replicator, cache=cache, garbage=garbage, nursery=nursery)
         await nursery.start(Flusher(flusher_inbox).run)
         await nursery.start(garbage.run)
-        fs = FileSystem(writes, reads, config.replicas, session, config.trash_days)
+        fs = FileSystem(writes, reads, config.replicas, session, config.trash_days, config.compression)
         await nursery.start(TrashSweeper(fs, meta, config.trash_sweep_interval).run)
         yield FileSystemParts(fs, budget, cache, garbage)
         nursery.cancel_scope.cancel()

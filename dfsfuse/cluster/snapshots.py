@@ -38,6 +38,7 @@ from dfsfuse.cluster.inventory import listed_ids
 from dfsfuse.errors import DfsError
 from dfsfuse.metadata.base import MetadataStore
 from dfsfuse.shards import replica
+from dfsfuse.shards.policy import StoragePolicy
 from dfsfuse.shards.replicator import Replicator
 from dfsfuse.storage.base import NodeStore
 
@@ -92,7 +93,9 @@ class SnapshotWriter:
         dump = await self._meta.snapshot()
         snapshot_id = max(SNAPSHOT_ID_BASE + time.time_ns() // 1_000_000, self._last_id + 1)
         everywhere = len(self._replicator.writable)
-        ref = await self._replicator.write(snapshot_id, dump, sync=True, replicas=everywhere)
+        ref = await self._replicator.write(
+            snapshot_id, dump, sync=True, policy=StoragePolicy(replicas=everywhere), raw=True
+        )
         self._last_id = snapshot_id
         log.info("metadata snapshot %d (%d bytes) stored on %s", snapshot_id, len(dump), ", ".join(ref.nodes))
         await self._prune()

@@ -26,6 +26,7 @@ import trio
 
 from dfsfuse.errors import InvalidArgument, NameTooLong
 from dfsfuse.metadata.locks import LockRecord
+from dfsfuse.shards.encoding import Encoding
 
 ROOT_INODE = 1
 NAME_MAX = 255  # the longest name in bytes, as on Linux file systems
@@ -48,6 +49,13 @@ INODE_TRASH = 2
 # inherited by the files and subdirectories created in it. Absent: the
 # configured R.
 REPLICAS_XATTR = b"user.dfs.replicas"
+# How a file's new shards are compressed ("zstd", "lz4", "off") and erasure
+# coded ("K+M", "off"); inherited like REPLICAS_XATTR. Absent: the config's
+# compression, and replication.
+COMPRESSION_XATTR = b"user.dfs.compression"
+ERASURE_XATTR = b"user.dfs.ec"
+# The xattrs a new file or directory copies from its directory.
+POLICY_XATTRS = (REPLICAS_XATTR, COMPRESSION_XATTR, ERASURE_XATTR)
 
 # The jobs that run in one place at a time however many mounts there are
 # (try_role): collecting garbage, and repairing and scrubbing replicas.
@@ -142,6 +150,10 @@ class ShardRef:
     (pages of the shard index, ascending), one after another, so
     length == len(pages) * PAGE_SIZE. Patches let a small overwrite store
     only the pages it changed instead of the whole shard.
+
+    `encoding` says how the object's bytes are kept (compressed, sealed,
+    erasure coded: dfsfuse/shards/encoding.py); None: plain replicas. For an
+    erasure-coded object `nodes` has one slot per fragment, in order.
     """
 
     shard_id: int
@@ -149,6 +161,7 @@ class ShardRef:
     checksum: bytes
     nodes: tuple[str, ...]
     pages: tuple[int, ...] = ()
+    encoding: Encoding | None = None
 
     @property
     def is_patch(self) -> bool:
@@ -269,6 +282,7 @@ class UsageCounts:
     logical_bytes: int  # sum of file sizes (regular files)
     stored_bytes: int  # sum of shard lengths (one copy)
     shards: int
+    payload_bytes: int = 0  # sum of the objects' payloads: compressed and sealed, one copy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -588,6 +602,15 @@ class MetadataStore(abc.ABC):
     @abc.abstractmethod
     async def usage(self) -> UsageCounts:
         """Counts for status and statfs."""
+
+    @abc.abstractmethod
+    async def setting(self, name: str) -> bytes | None:
+        """A named value of the whole file system (the encryption keyring);
+        None if it was never set."""
+
+    @abc.abstractmethod
+    async def set_setting(self, name: str, value: bytes) -> None:
+        """Set a named value, replacing any earlier one."""
 
     # -- directory quotas ---------------------------------------------------
     # Usage is kept by every change in its own transaction: create, link,

@@ -495,6 +495,12 @@ class CachedMetadata(MetadataStore):
     async def usage(self) -> UsageCounts:
         return await self._engine.usage()
 
+    async def setting(self, name: str) -> bytes | None:
+        return await self._engine.setting(name)
+
+    async def set_setting(self, name: str, value: bytes) -> None:
+        await self._engine.set_setting(name, value)
+
     # -- directory quotas: passed through (kept by the engine, callers want them fresh) --
     async def set_quota(self, directory: int, max_bytes: int | None, max_inodes: int | None) -> QuotaRecord:
         return await self._engine.set_quota(directory, max_bytes, max_inodes)

@@ -25,7 +25,7 @@ their own, which PostgreSQL releases when the holder dies.
 Commits are durable when they return (PostgreSQL's synchronous_commit, on by
 default), so `sync()` has nothing to do.
 
-_SCHEMA_V1 to _SCHEMA_V4 are the definition of the tables. They have the names, columns and
+_SCHEMA_V1 to _SCHEMA_V5 are the definition of the tables. They have the names, columns and
 meaning of the SQLite engine's (dfsfuse/metadata/sqlite.py documents every
 column); here integers are BIGINT, byte strings BYTEA, and the ids that only
 grow are identity columns, whose sequences never hand a number out twice.
@@ -186,9 +186,17 @@ CREATE TABLE quotas (
     used_inodes BIGINT NOT NULL
 );
 """
+_SCHEMA_V5 = """
+ALTER TABLE shards ADD COLUMN encoding TEXT;
+ALTER TABLE shards ADD COLUMN payload_length BIGINT;
+CREATE TABLE settings (
+    name  TEXT PRIMARY KEY,
+    value BYTEA NOT NULL
+);
+"""
 # _MIGRATIONS[n] turns a database at schema version n - 1 (0: empty) into one
 # at version n, inside the transaction that records version n.
-_MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3, 4: _SCHEMA_V4}
+_MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3, 4: _SCHEMA_V4, 5: _SCHEMA_V5}
 SCHEMA_VERSION = max(_MIGRATIONS)
 _HAS_SCHEMA = "SELECT to_regclass('meta') IS NOT NULL"  # whether the database holds a file system
 # The identity columns, whose sequences must move past rows loaded with ids.

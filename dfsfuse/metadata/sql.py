@@ -46,9 +46,9 @@ from dfsfuse.metadata.base import (
     INODE_TRASH,
     NODE_ACTIVE,
     NODE_STATES,
+    POLICY_XATTRS,
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
-    REPLICAS_XATTR,
     ROOT_INODE,
     SETTLE_NS,
     XATTR_CREATE,
@@ -88,6 +88,7 @@ from dfsfuse.metadata.trash import (
     hour_start_ns,
     parse_days,
 )
+from dfsfuse.shards.encoding import encoding_of_text, encoding_text
 
 FILE_TYPE_BITS = 0o170000  # the S_IFMT part of a mode
 SCHEMA_VERSION_KEY = "schema_version"  # the meta row each engine keeps its own schema's version in
@@ -103,11 +104,12 @@ TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
         "atime_ns", "mtime_ns", "ctime_ns", "target", "parent", "flags",
     ),
     "entries": ("id", "parent", "name", "inode"),
-    "shards": ("id", "inode", "idx", "length", "checksum", "nodes", "pages", "layer"),
+    "shards": ("id", "inode", "idx", "length", "checksum", "nodes", "pages", "layer", "encoding", "payload_length"),
     "garbage": ("shard_id", "nodes", "inode", "since_ns"),
     "xattrs": ("inode", "name", "value"),
     "nodes": ("name", "address", "state", "capacity", "used", "shard_count", "last_seen_ns"),
     "quotas": ("dir", "max_bytes", "max_inodes", "used_bytes", "used_inodes"),
+    "settings": ("name", "value"),
 }
 
 
@@ -273,6 +275,12 @@ class SqlMetadata(MetadataStore):
 
     async def usage(self) -> UsageCounts:
         return await self._read(_usage)
+
+    async def setting(self, name: str) -> bytes | None:
+        return await self._read(_setting, name)
+
+    async def set_setting(self, name: str, value: bytes) -> None:
+        await self._write(_set_setting, name, bytes(value))
 
     # -- directory quotas ---------------------------------------------------
     async def set_quota(self, directory: int, max_bytes: int | None, max_inodes: int | None) -> QuotaRecord:
@@ -573,20 +581,20 @@ def _create(
     ).fetchone()[0]
     offset = _add_entry(tx, parent, name, inode)
     attrs = InodeAttrs(inode, mode, nlink, uid, gid, rdev, size, 0, now_ns, now_ns, now_ns, target)
-    xattrs = _inherit_replicas(tx, parent, inode) if is_directory or stat.S_ISREG(mode) else {}
+    xattrs = _inherit_policy(tx, parent, inode) if is_directory or stat.S_ISREG(mode) else {}
     if opened_by is not None and stat.S_ISREG(mode):
         _record_open(tx, opened_by, inode)
     return EntryChange(attrs, parent_attrs, offset, xattrs)
 
 
-def _inherit_replicas(tx: Transaction, parent: int, inode: int) -> dict[bytes, bytes]:
-    """Give a new inode the REPLICAS_XATTR of its directory, if it has one; the xattrs given."""
-    row = tx.execute(
+def _inherit_policy(tx: Transaction, parent: int, inode: int) -> dict[bytes, bytes]:
+    """Give a new inode the POLICY_XATTRS its directory has; the xattrs given."""
+    rows = tx.execute(
         "INSERT INTO xattrs (inode, name, value) SELECT ?, name, value FROM xattrs"
-        " WHERE inode = ? AND name = ? RETURNING value",
-        (inode, parent, REPLICAS_XATTR),
-    ).fetchone()
-    return {} if row is None else {REPLICAS_XATTR: row[0]}
+        f" WHERE inode = ? AND name IN ({', '.join('?' * len(POLICY_XATTRS))}) RETURNING name, value",
+        (inode, parent, *POLICY_XATTRS),
+    ).fetchall()
+    return {bytes(name): bytes(value) for name, value in rows}
 
 
 def _link(tx: Transaction, inode: int, new_parent: int, new_name: bytes, now_ns: int) -> EntryChange:
@@ -838,8 +846,9 @@ def _copy_inode(tx: Transaction, source: int, parent: int | None, flags: int, no
     ).fetchone()[0]
     tx.execute("INSERT INTO xattrs (inode, name, value) SELECT ?, name, value FROM xattrs WHERE inode = ?", (inode, source))
     tx.execute(
-        "INSERT INTO shards (id, inode, idx, length, checksum, nodes, pages, layer)"
-        " SELECT id, ?, idx, length, checksum, nodes, pages, layer FROM shards WHERE inode = ?",
+        "INSERT INTO shards (id, inode, idx, length, checksum, nodes, pages, layer, encoding, payload_length)"
+        " SELECT id, ?, idx, length, checksum, nodes, pages, layer, encoding, payload_length FROM shards"
+        " WHERE inode = ?",
         (inode, source),
     )
     return inode
@@ -1164,12 +1173,14 @@ def _purge_trash(tx: Transaction, entries: list[tuple[int, bytes]]) -> TrashPurg
     return TrashPurge(tuple(unlinked), ChangeNotice(inodes=frozenset(touched), entries=frozenset(changed_entries)))
 
 
-_SHARD_COLUMNS = "id, length, checksum, nodes, pages"
+_SHARD_COLUMNS = "id, length, checksum, nodes, pages, encoding"
 
 
 def _shard_ref(row: Sequence[Any]) -> ShardRef:
     """A ShardRef from the columns _SHARD_COLUMNS, in that order."""
-    return ShardRef(row[0], row[1], row[2], _decode_nodes(row[3]), _decode_pages(row[4]))
+    return ShardRef(
+        row[0], row[1], bytes(row[2]), _decode_nodes(row[3]), _decode_pages(row[4]), encoding_of_text(row[5])
+    )
 
 
 def _encode_pages(pages: tuple[int, ...]) -> bytes | None:
@@ -1236,11 +1247,12 @@ def _commit_shards(
         inserted = tx.execute(
             # A new object: in no other file's map (snapshots share objects
             # only through snapshot_tree).
-            "INSERT INTO shards (id, inode, idx, length, checksum, nodes, pages, layer) SELECT ?, ?, ?, ?, ?, ?, ?,"
-            " (SELECT COALESCE(MAX(layer), 0) + 1 FROM shards WHERE inode = ? AND idx = ?)"
+            "INSERT INTO shards (id, inode, idx, length, checksum, nodes, pages, encoding, payload_length, layer)"
+            " SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, (SELECT COALESCE(MAX(layer), 0) + 1 FROM shards WHERE inode = ? AND idx = ?)"
             " WHERE NOT EXISTS (SELECT 1 FROM shards WHERE id = ? AND inode <> ?)"
             " ON CONFLICT (id, inode) DO NOTHING RETURNING id",
             (ref.shard_id, inode, index, ref.length, ref.checksum, _encode_nodes(ref.nodes), _encode_pages(ref.pages),
+             encoding_text(ref.encoding), None if ref.encoding is None else ref.encoding.payload_length,
              inode, index, ref.shard_id, inode),
         ).fetchone()
         if inserted is None:
@@ -1337,11 +1349,24 @@ def _usage(tx: Transaction) -> UsageCounts:
         (FILE_TYPE_BITS, stat.S_IFREG),
     ).fetchone()
     # Each object once, however many files (snapshots) share it.
-    shards, stored_bytes = tx.execute(
-        "SELECT COUNT(*), CAST(COALESCE(SUM(length), 0) AS BIGINT) FROM shards s"
+    shards, stored_bytes, payload_bytes = tx.execute(
+        "SELECT COUNT(*), CAST(COALESCE(SUM(length), 0) AS BIGINT),"
+        " CAST(COALESCE(SUM(COALESCE(payload_length, length)), 0) AS BIGINT) FROM shards s"
         " WHERE NOT EXISTS (SELECT 1 FROM shards t WHERE t.id = s.id AND t.inode < s.inode)"
     ).fetchone()
-    return UsageCounts(inodes, logical_bytes, stored_bytes, shards)
+    return UsageCounts(inodes, logical_bytes, stored_bytes, shards, payload_bytes)
+
+
+def _setting(tx: Transaction, name: str) -> bytes | None:
+    row = tx.execute("SELECT value FROM settings WHERE name = ?", (name,)).fetchone()
+    return None if row is None else bytes(row[0])
+
+
+def _set_setting(tx: Transaction, name: str, value: bytes) -> None:
+    tx.execute(
+        "INSERT INTO settings (name, value) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+        (name, value),
+    )
 
 
 def _setxattr(

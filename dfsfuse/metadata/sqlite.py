@@ -13,8 +13,8 @@ the death of the process, not of the machine; `sync()` makes it survive the
 machine. `allocate_shard_ids` alone commits with synchronous=FULL, because a
 shard id handed out must never be handed out again.
 
-_SCHEMA_V1 to _SCHEMA_V6 below are the only definition of the tables (V2, V4
-and V5 add to the ones before, V3 and V6 replace the shards table and V6 adds), and their comments are
+_SCHEMA_V1 to _SCHEMA_V7 below are the only definition of the tables (V2, V4,
+V5 and V7 add to the ones before, V3 and V6 replace the shards table and V6 adds), and their comments are
 the reference for what each column holds (docs/formats.md mirrors them).
 """
 
@@ -332,6 +332,22 @@ CREATE TABLE quotas (
     used_inodes INTEGER NOT NULL
 ) WITHOUT ROWID;
 """
+_SCHEMA_V7 = """
+-- How an object's bytes are kept (dfsfuse/shards/encoding.py): compressed,
+-- sealed, erasure coded. NULL: plain replicas of the object's bytes, as every
+-- object was before. The same on every row of one id.
+ALTER TABLE shards ADD COLUMN encoding TEXT;
+-- The bytes of the object's payload (after compression and sealing, one
+-- copy, before erasure coding); NULL: `length`, a plain object.
+ALTER TABLE shards ADD COLUMN payload_length INTEGER;
+
+-- Named values of the whole file system that are not integers (meta holds
+-- those): the encryption keyring (dfsfuse/shards/sealing.py).
+CREATE TABLE settings (
+    name  TEXT PRIMARY KEY,
+    value BLOB NOT NULL
+) WITHOUT ROWID;
+"""
 # References between tables (entries.parent, entries.inode, shards.inode,
 # xattrs.inode -> inodes.id) are kept by the code, not by SQLite foreign keys:
 # enforcing them would need an index on entries.inode and a check on every
@@ -379,6 +395,11 @@ def _add_schema_v6(db: sqlite3.Connection) -> None:
         db.execute(statement)
 
 
+def _add_schema_v7(db: sqlite3.Connection) -> None:
+    for statement in _statements(_SCHEMA_V7):
+        db.execute(statement)
+
+
 # _MIGRATIONS[n] turns a database at schema version n - 1 (0: empty) into one
 # at version n, inside the transaction that records version n.
 _MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
@@ -388,6 +409,7 @@ _MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
     4: _add_schema_v4,
     5: _add_schema_v5,
     6: _add_schema_v6,
+    7: _add_schema_v7,
 }
 SCHEMA_VERSION = max(_MIGRATIONS)
 

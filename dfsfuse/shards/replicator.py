@@ -36,8 +36,10 @@ from dfsfuse import metrics
 from dfsfuse.errors import DataError, DfsError, NoSpace, ShardMissing, StoreUnavailable
 from dfsfuse.metadata.base import ShardRef
 from dfsfuse.shards import replica
-from dfsfuse.shards.checksum import shard_checksum
+from dfsfuse.shards.encoding import Encoding, copy_length
+from dfsfuse.shards.objects import ObjectCodec
 from dfsfuse.shards.placement import place
+from dfsfuse.shards.policy import StoragePolicy
 from dfsfuse.storage.base import Buffer, NodeStore
 
 logger = logging.getLogger("dfsfuse.replicator")
@@ -80,6 +82,7 @@ class Replicator:
         *,
         write_quorum: int | None = None,
         repair_queue_size: int = DEFAULT_REPAIR_QUEUE_SIZE,
+        codec: ObjectCodec | None = None,
     ):
         if not 1 <= replicas <= len(stores):
             raise ValueError(f"cannot keep {replicas} replicas on {len(stores)} stores")
@@ -94,6 +97,7 @@ class Replicator:
         self._replicas = replicas
         self._write_quorum = write_quorum
         self._block_size = block_size
+        self.codec = codec or ObjectCodec()
         self._repair_send, self._repair_receive = trio.open_memory_channel[ShardRef](repair_queue_size)
         self._repair_pending: set[int] = set()
 
@@ -145,19 +149,26 @@ class Replicator:
             logger.info("shard %d: repair done: %s", ref.shard_id, result)
 
     # -- writing -----------------------------------------------------------
-    async def write(self, shard_id: int, data: Buffer, sync: bool, replicas: int | None = None) -> ShardRef:
-        """Store `replicas` (default R) replicas of `data` and return where they are.
+    async def write(
+        self, shard_id: int, data: Buffer, sync: bool, policy: StoragePolicy = StoragePolicy(), *, raw: bool = False
+    ) -> ShardRef:
+        """Store `data` as the object `shard_id` as `policy` says (compressed,
+        and sealed when the file system has a key, unless `raw`) on
+        `policy.replicas` (default R) stores, and return where it is.
 
         Writable stores are tried in placement order: one that is unavailable
         or full is replaced by the next. If fewer than the write quorum
-        (W, at most `replicas`) can be made, the ones made are deleted and
+        (W, at most the replica count) can be made, the ones made are deleted and
         NoSpace (every failure was NoSpace) or DataError is raised; between W
-        and `replicas` the write succeeds with the shard under-replicated.
+        and the replica count the write succeeds with the shard under-replicated.
         """
-        wanted = replicas or self._replicas
+        wanted = policy.replicas or self._replicas
         quorum = min(self._write_quorum, wanted)
         view = memoryview(data).cast("B")
-        checksum, parts = await self._hash_work(len(view), self._encode, view)
+        checksum, encoding, payload = await self._hash_work(
+            len(view), self._encode, shard_id, view, "" if raw else policy.compression, raw
+        )
+        parts = replica.encode(payload, self._block_size, checksum if encoding is None else encoding.payload_checksum)
         order = place(shard_id, self._writable)
         placed, failures = await self._put_to_first_available(shard_id, parts, order, wanted, sync)
         if len(placed) < quorum:
@@ -173,11 +184,16 @@ class Replicator:
             metrics.UNDER_REPLICATED_WRITES.inc()
             logger.warning("shard %d: stored %d of %d replicas; under-replicated until repaired",
                            shard_id, len(placed), wanted)
-        return ShardRef(shard_id, len(view), checksum, tuple(name for name in order if name in placed))
+        return ShardRef(
+            shard_id, len(view), checksum, tuple(name for name in order if name in placed), encoding=encoding
+        )
 
-    def _encode(self, data: memoryview) -> tuple[bytes, list[Buffer]]:
-        checksum = shard_checksum(data)
-        return checksum, replica.encode(data, self._block_size, checksum)
+    def _encode(
+        self, shard_id: int, data: memoryview, compression: str, raw: bool
+    ) -> tuple[bytes, Encoding | None, Buffer]:
+        if raw:
+            return ObjectCodec().encode(shard_id, data, "")
+        return self.codec.encode(shard_id, data, compression)
 
     async def _put_to_first_available(
         self, shard_id: int, parts: Sequence[Buffer], candidates: Sequence[str], count: int, sync: bool
@@ -217,6 +233,8 @@ class Replicator:
 
         Reads only the blocks the range touches from the first replica in
         ref.nodes that verifies; a whole-shard read also checks ref.checksum.
+        An encoded object (compressed, sealed) is read whole, verified,
+        decoded and checked against ref.checksum, then cut to the range.
         Raises DataError if no replica is good.
         """
         if offset < 0 or length < 0:
@@ -224,7 +242,7 @@ class Replicator:
         length = min(length, ref.length - offset)
         if length <= 0:
             return b""
-        whole = offset == 0 and length == ref.length
+        whole = offset == 0 and length == ref.length or ref.encoding is not None
         failures: list[str] = []
         found_bad_replica = False
         for node in ref.nodes:
@@ -235,7 +253,9 @@ class Replicator:
                 continue
             try:
                 with _timed(node, "read"):
-                    if whole:
+                    if ref.encoding is not None:
+                        data = (await self._read_decoded(store, ref))[offset : offset + length]
+                    elif whole:
                         data = await self._read_whole(store, ref)
                     else:
                         data = await self._read_range(store, ref, offset, length)
@@ -257,8 +277,21 @@ class Replicator:
 
     async def _read_whole(self, store: NodeStore, ref: ShardRef) -> bytes:
         head, data = await self._read_replica(store, ref)
-        await self._hash_work(len(data), replica.verify_replica, head, data, ref.checksum, ref.length)
+        await self._verify(ref, head, data)
         return data
+
+    async def _read_decoded(self, store: NodeStore, ref: ShardRef) -> bytes:
+        """The plain bytes of an encoded object from one store's replica."""
+        payload = await self._read_whole(store, ref)
+        return await self._hash_work(max(len(payload), ref.length), self.codec.decode, ref, payload)
+
+    async def _verify(self, ref: ShardRef, head: Buffer, data: Buffer) -> None:
+        """Check a whole replica (header and table, data) of the object against its ref."""
+        encoding = ref.encoding
+        checksum = ref.checksum if encoding is None else encoding.payload_checksum
+        await self._hash_work(
+            len(data), replica.verify_replica, head, data, checksum, copy_length(ref.length, encoding)
+        )
 
     async def _read_range(self, store: NodeStore, ref: ShardRef, offset: int, length: int) -> bytes:
         window = replica.block_window(ref.length, self._block_size, offset, length)
@@ -271,7 +304,7 @@ class Replicator:
 
     async def _read_replica(self, store: NodeStore, ref: ShardRef) -> tuple[bytes, bytes]:
         """The whole replica as (header and block table, data), unverified."""
-        split = replica.data_offset(ref.length, self._block_size)
+        split = replica.data_offset(copy_length(ref.length, ref.encoding), self._block_size)
         head, data = await store.read(ref.shard_id, [(0, split), (split, -1)])
         return head, data
 
@@ -309,7 +342,7 @@ class Replicator:
                 return
             try:
                 head, data = await self._read_replica(store, ref)
-                await self._hash_work(len(data), replica.verify_replica, head, data, ref.checksum, ref.length)
+                await self._verify(ref, head, data)
             except ShardMissing:
                 logger.warning("shard %d: replica missing on node %r", ref.shard_id, node)
                 missing.append(node)
@@ -384,7 +417,7 @@ class Replicator:
                 continue
             try:
                 head, data = await self._read_replica(store, ref)
-                await self._hash_work(len(data), replica.verify_replica, head, data, ref.checksum, ref.length)
+                await self._verify(ref, head, data)
             except (StoreUnavailable, ShardMissing, replica.ReplicaCorrupt) as exc:
                 logger.warning("shard %d: cannot copy from node %r: %s", ref.shard_id, node, exc)
                 continue

@@ -11,16 +11,17 @@ from __future__ import annotations
 
 from ..layout import shard_span
 from ..metadata.base import AttrChanges, InodeAttrs
+from ..shards.policy import StoragePolicy
 from ..write.file_writer import FileWriter, WriteServices
 from .reader import FileReader, ReadServices, read_ahead_for
 
 
 class FileContents:
-    def __init__(self, attrs: InodeAttrs, replicas: int | None, writes: WriteServices, reads: ReadServices):
+    def __init__(self, attrs: InodeAttrs, policy: StoragePolicy, writes: WriteServices, reads: ReadServices):
         self.inode = attrs.inode
         self.open_count = 0
         self._reader = FileReader(attrs.inode, reads)
-        self.writer = FileWriter(attrs, replicas, self._reader, writes)
+        self.writer = FileWriter(attrs, policy, self._reader, writes)
         self._shard_size = writes.shard_size
 
     @property

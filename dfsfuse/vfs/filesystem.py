@@ -52,7 +52,10 @@ from ..errors import (
     ReadOnly,
 )
 from ..metadata.base import (
+    COMPRESSION_XATTR,
+    ERASURE_XATTR,
     NAME_MAX,
+    POLICY_XATTRS,
     REPLICAS_XATTR,
     ROOT_INODE,
     AttrChanges,
@@ -67,6 +70,12 @@ from ..metadata.base import (
     same_file_state,
 )
 from ..metadata.trash import TRASH_DAYS_XATTR, parse_days
+from ..shards.policy import (
+    StoragePolicy,
+    check_compression_value,
+    check_erasure_value,
+    policy_of,
+)
 from ..write.file_writer import WriteServices
 from .contents import FileContents
 from .locking import FileLocks
@@ -115,9 +124,10 @@ class FileSystem:
 
     def __init__(
         self, writes: WriteServices, reads: ReadServices, replicas: int, session: MountSession | None = None,
-        trash_days: float = 0.0,
+        trash_days: float = 0.0, compression: str = "",
     ):
         self._trash_days = trash_days
+        self._compression = compression  # the config's, for files without user.dfs.compression
         # Set by the mount once the FUSE adapter exists (as session.barrier is):
         # drops from the kernel's caches what changed without a kernel request
         # (names purged from the trash), so that the kernel lets go of them.
@@ -181,9 +191,9 @@ class FileSystem:
         await self._meta.sync()
         await trio.to_thread.run_sync(os.sync)
 
-    def _contents(self, attrs: InodeAttrs, replicas: int | None) -> FileContents:
+    def _contents(self, attrs: InodeAttrs, policy: StoragePolicy) -> FileContents:
         """A file's contents, registered, so every open shares them."""
-        contents = self._files[attrs.inode] = FileContents(attrs, replicas, self._writes, self._reads)
+        contents = self._files[attrs.inode] = FileContents(attrs, policy, self._writes, self._reads)
         return contents
 
     # -- kernel references -----------------------------------------------------
@@ -248,7 +258,7 @@ class FileSystem:
         opened_by: int | None = None,
     ) -> EntryChange:
         """One engine call, which also gives a new file or directory the
-        parent's replica count (REPLICAS_XATTR), and records a file created
+        parent's storage policy (POLICY_XATTRS), and records a file created
         open as open in `opened_by`, a session."""
         check_name(name)
         parent_attrs = await self._meta.getattr(parent)
@@ -260,11 +270,10 @@ class FileSystem:
         self.add_ref(created.attrs.inode)
         return created
 
-    async def _replicas_of(self, inode: int) -> int | None:
-        """The file's own replica count, or None for the configured R."""
-        if REPLICAS_XATTR not in await self._meta.listxattr(inode):
-            return None
-        return int(await self._meta.getxattr(inode, REPLICAS_XATTR))
+    async def _policy_of(self, inode: int) -> StoragePolicy:
+        """How the file's new objects are stored: its xattrs over the config."""
+        names = [name for name in await self._meta.listxattr(inode) if name in POLICY_XATTRS]
+        return policy_of({name: await self._meta.getxattr(inode, name) for name in names}, self._compression)
 
     async def link(self, inode: int, new_parent: int, new_name: bytes) -> InodeAttrs:
         check_name(new_name)
@@ -365,11 +374,11 @@ class FileSystem:
             raise IsADirectory("cannot truncate a directory")
         if not stat.S_ISREG(attrs.mode):
             raise InvalidArgument("only regular files can be truncated")
-        replicas = await self._replicas_of(inode)
+        policy = await self._policy_of(inode)
         contents = self._files.get(inode)  # opened meanwhile?
         if contents is None:
             # Registered while it works, so an open in the meantime shares it.
-            contents = self._contents(attrs, replicas)
+            contents = self._contents(attrs, policy)
         try:
             await contents.truncate(size, changes)
         finally:
@@ -410,6 +419,10 @@ class FileSystem:
         await self._check_changeable(inode)
         if name == REPLICAS_XATTR:
             value = _check_replicas_value(value, len(self._replicator.writable))
+        if name == COMPRESSION_XATTR:
+            value = check_compression_value(value)
+        if name == ERASURE_XATTR:
+            value = check_erasure_value(value, len(self._replicator.writable))
         if name == TRASH_DAYS_XATTR:
             value = _check_trash_days_value(value)
         await self._meta.setxattr(inode, name, value, flags, time.time_ns())
@@ -441,10 +454,10 @@ class FileSystem:
                     raise IsADirectory("cannot open a directory as a file")
                 raise InvalidArgument("not a regular file")
             if contents is None:
-                replicas = await self._replicas_of(inode)
+                policy = await self._policy_of(inode)
                 contents = self._files.get(inode)  # another open may have won the race
                 if contents is None:
-                    contents = self._contents(attrs, replicas)
+                    contents = self._contents(attrs, policy)
             elif changed:
                 contents.writer.adopt(attrs)
         handle = await self._open_contents(contents, flags)
@@ -527,8 +540,7 @@ class FileSystem:
     async def create(self, parent: int, name: bytes, mode: int, flags: int, caller: Caller) -> tuple[int, InodeAttrs]:
         opened_by = None if self._session is None else self._session.opened_by()
         created = await self._create(parent, name, stat.S_IFREG | stat.S_IMODE(mode), caller, opened_by=opened_by)
-        replicas = created.xattrs.get(REPLICAS_XATTR)
-        contents = self._contents(created.attrs, None if replicas is None else int(replicas))
+        contents = self._contents(created.attrs, policy_of(created.xattrs, self._compression))
         return await self._open_contents(contents, flags & ~os.O_TRUNC), created.attrs
 
     def _handle(self, handle: int) -> Handle:
@@ -568,20 +580,22 @@ class FileSystem:
         writer = self._handle(handle).contents.writer
         end = offset + length
         if not punch:
-            await self._check_room(end - max(offset, writer.size), writer.replicas or self._replicas)
+            await self._check_room(end - max(offset, writer.size), writer.policy.copies(self._replicas))
         grow_to = None if keep_size else end  # the writer never shrinks the file for it
         if punch or zero:
             await writer.zero_range(offset, length, grow_to)
         elif grow_to is not None and grow_to > writer.size:
             await writer.zero_range(grow_to, 0, grow_to)  # nothing to zero: grows, under the writer's locks
 
-    async def _check_room(self, new_bytes: int, replicas: int) -> None:
-        """NoSpace unless the nodes have room for `new_bytes` more file data of `replicas` copies."""
+    async def _check_room(self, new_bytes: int, copies: float) -> None:
+        """NoSpace unless the nodes have room for `new_bytes` more file data
+        stored `copies` times (replicas, or the share of erasure coding)."""
         if new_bytes <= 0:
             return
         _, free = await self._replicator.capacity()
-        if new_bytes > free // replicas:
-            raise NoSpace(f"fallocate of {new_bytes} bytes: the nodes have room for {free // replicas}")
+        room = int(free / copies)
+        if new_bytes > room:
+            raise NoSpace(f"fallocate of {new_bytes} bytes: the nodes have room for {room}")
 
     async def flush(self, handle: int) -> None:
         contents = self._handle(handle).contents

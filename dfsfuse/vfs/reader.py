@@ -5,7 +5,9 @@ shard map as the metadata cache holds it (the one copy; commits and replica
 moves update it there). A large or sequential read fetches the whole shard,
 its objects merged, into the ShardCache and starts fetching the shards after
 it (read ahead); a small random read fetches only the checksum blocks it
-touches, from whichever objects hold its pages. Every object read is held
+touches, from whichever objects hold its pages (an encoded object, which
+can only be decoded whole, goes through the cache whatever the read's
+size). Every object read is held
 in the garbage collector's in-use accounting, so a shard replaced meanwhile
 keeps its replicas until the read is done.
 """
@@ -80,7 +82,8 @@ class FileReader:
             metrics.SHARD_CACHE_HITS.inc()
             return cached[inner : inner + length]
         metrics.SHARD_CACHE_MISSES.inc()
-        if ahead:
+        if ahead or any(ref.encoding is not None for ref in layers):
+            # An encoded object is decoded whole anyway: keep it for the next read.
             return (await self._merged(layers))[inner : inner + length]
         base = base_of(layers)
         if len(layers) == 1 and base is not None:

@@ -53,6 +53,7 @@ from ..metadata.base import (
 from ..shards.cache import ShardCache
 from ..shards.garbage import GarbageCollector
 from ..shards.layers import patch_count, stored_length
+from ..shards.policy import StoragePolicy
 from ..shards.replicator import Replicator
 from .buffer import ShardBuffer, WriteBudget
 from .quotas import QuotaGuard
@@ -95,10 +96,10 @@ class WriteServices:
 
 class FileWriter:
     def __init__(
-        self, attrs: InodeAttrs, replicas: int | None, stored: StoredData, services: WriteServices
+        self, attrs: InodeAttrs, policy: StoragePolicy, stored: StoredData, services: WriteServices
     ):
         self.inode = attrs.inode
-        self.replicas = replicas  # how many replicas its shards get; None: the configured R
+        self.policy = policy  # how its new objects are stored (replicas, compression, erasure coding)
         self.size = attrs.size
         self.mtime_ns = attrs.mtime_ns
         self.ctime_ns = attrs.ctime_ns
@@ -295,13 +296,13 @@ class FileWriter:
         pages = buffer.pages
         if buffer.covers(length):
             joined = b"".join(pages[page] for page in range(-(-length // PAGE_SIZE)))
-            return await storer.store(memoryview(joined)[:length], sync, self.replicas), length
+            return await storer.store(memoryview(joined)[:length], sync, self.policy), length
         if layers and self._patch_fits(layers, buffer, length):
             numbers = sorted(page for page in pages if page * PAGE_SIZE < limit)
-            ref = await storer.store(b"".join(pages[page] for page in numbers), sync, self.replicas)
+            ref = await storer.store(b"".join(pages[page] for page in numbers), sync, self.policy)
             return dataclasses.replace(ref, pages=tuple(numbers)), (numbers[-1] + 1) * PAGE_SIZE
         data = await self._merged(index, buffer, stored, length)
-        return await storer.store(data, sync, self.replicas), length
+        return await storer.store(data, sync, self.policy), length
 
     async def _merged(self, index: int, buffer: ShardBuffer, stored: int, length: int) -> bytearray:
         """The first `length` bytes of shard `index`: the buffer's pages over
@@ -526,7 +527,7 @@ class FileWriter:
         if not kept:
             return None
         del data[kept:]
-        return await self._services.storer.store(data, sync=False, replicas=self.replicas)
+        return await self._services.storer.store(data, sync=False, policy=self.policy)
 
     async def _drop_dirty(self, index: int) -> None:
         self._failed.discard(index)
@@ -541,4 +542,4 @@ class FileWriter:
         if held <= length:
             return None
         data = await self._merged(index, buffer, stored, length)
-        return await self._services.storer.store(data, sync=False, replicas=self.replicas)
+        return await self._services.storer.store(data, sync=False, policy=self.policy)

@@ -16,6 +16,7 @@ import trio
 
 from ..errors import DfsError
 from ..metadata.base import MetadataStore, ShardRef
+from ..shards.policy import StoragePolicy
 from ..shards.replicator import Replicator
 
 log = logging.getLogger("dfsfuse.storer")
@@ -32,12 +33,13 @@ class ShardStorer:
         self._id_lock = trio.Lock()
         self._limiter = trio.CapacityLimiter(parallel_stores)
 
-    async def store(self, data: bytes | bytearray | memoryview, sync: bool, replicas: int | None = None) -> ShardRef:
-        """Store `data` as a new object on `replicas` (default R) node stores;
-        raises DataError/NoSpace."""
+    async def store(
+        self, data: bytes | bytearray | memoryview, sync: bool, policy: StoragePolicy = StoragePolicy()
+    ) -> ShardRef:
+        """Store `data` as a new object as `policy` says; raises DataError/NoSpace."""
         shard_id = await self._next_id()
         async with self._limiter:
-            return await self._replicator.write(shard_id, data, sync, replicas)
+            return await self._replicator.write(shard_id, data, sync, policy)
 
     async def discard(self, ref: ShardRef) -> None:
         """Delete the replicas of an object no commit points at; fsck deletes

@@ -1341,7 +1341,7 @@ def test_usage(harness):
         await mkdir(store, ROOT_INODE, b"dir")
         await store.create(ROOT_INODE, b"link", SYMLINK, 0, 0, now(), target=b"target")
         await store.commit_shards(one.inode, {0: ref(1, 4096), 2: ref(2, 10)}, 9000)
-        assert await store.usage() == UsageCounts(inodes=4, logical_bytes=9000, stored_bytes=4106, shards=2)
+        assert await store.usage() == UsageCounts(inodes=4, logical_bytes=9000, stored_bytes=4106, shards=2, payload_bytes=4106)
 
     run_with_store(harness, body)
 
@@ -1516,6 +1516,7 @@ def test_a_schema_1_database_gains_the_node_registry_and_patches(tmp_path):
     inode = trio.run(make_file)
     db = sqlite3.connect(path, isolation_level=None)
     db.execute("BEGIN")
+    db.execute("DROP TABLE settings")
     db.execute("DROP TABLE nodes")
     db.execute("DROP TABLE quotas")
     db.execute("DROP INDEX entries_by_inode")
@@ -1548,7 +1549,7 @@ def test_a_schema_1_database_gains_the_node_registry_and_patches(tmp_path):
 
     trio.run(main)
     version = sqlite3.connect(path).execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-    assert version == (engine.SCHEMA_VERSION,) == (6,)
+    assert version == (engine.SCHEMA_VERSION,) == (7,)
 
 
 def test_a_snapshot_opens_as_the_metadata_of_its_instant(harness, tmp_path):

@@ -16,6 +16,7 @@ from dfsfuse.metadata.base import ShardRef
 from dfsfuse.shards import replica
 from dfsfuse.shards.checksum import shard_checksum
 from dfsfuse.shards.placement import place
+from dfsfuse.shards.policy import StoragePolicy
 from dfsfuse.shards.replicator import RepairResult, Replicator
 from dfsfuse.storage.base import Buffer
 from dfsfuse.storage.local import LocalStore, replica_name
@@ -387,8 +388,8 @@ def test_write_quorum_must_fit_the_replicas(tmp_path):
 def test_a_write_can_ask_for_its_own_replica_count(tmp_path):
     async def body(cluster: Cluster) -> None:
         replicator = await cluster.open(replicas=2)
-        assert len((await replicator.write(1, b"x" * 100, sync=True, replicas=3)).nodes) == 3
-        assert len((await replicator.write(2, b"x" * 100, sync=True, replicas=1)).nodes) == 1
+        assert len((await replicator.write(1, b"x" * 100, sync=True, policy=StoragePolicy(replicas=3))).nodes) == 3
+        assert len((await replicator.write(2, b"x" * 100, sync=True, policy=StoragePolicy(replicas=1))).nodes) == 1
 
     run(tmp_path, body)
 
