@@ -23,20 +23,27 @@ relocate=True to move replicas off stores that stay away.
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import logging
-import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
 from dfsfuse import metrics
 from dfsfuse.errors import DataError, DfsError, NoSpace, ShardMissing, StoreUnavailable
 from dfsfuse.metadata.base import ShardRef
-from dfsfuse.shards import replica
+from dfsfuse.shards import erasure, replica
+from dfsfuse.shards.copies import (
+    RepairResult,
+    hash_work,
+    is_erasure_coded,
+    listed_nodes,
+    needed_copies,
+    timed,
+    write_failure,
+)
 from dfsfuse.shards.encoding import Encoding, copy_length
+from dfsfuse.shards.fragments import Fragments
 from dfsfuse.shards.objects import ObjectCodec
 from dfsfuse.shards.placement import place
 from dfsfuse.shards.policy import StoragePolicy
@@ -45,30 +52,6 @@ from dfsfuse.storage.base import Buffer, NodeStore
 logger = logging.getLogger("dfsfuse.replicator")
 
 DEFAULT_REPAIR_QUEUE_SIZE = 1000
-
-# Checksumming less than this runs on the trio thread: xxh3 does a megabyte in
-# well under a millisecond, less than handing it to a worker thread costs.
-_HASH_IN_THREAD_BYTES = 1 << 20
-
-_T = TypeVar("_T")
-
-
-@dataclasses.dataclass(frozen=True)
-class RepairResult:
-    """What repair() found and did for one shard."""
-
-    shard_id: int
-    good: int  # replicas that verified
-    missing: int  # listed stores that held no replica
-    corrupt: int  # replicas that were short or did not verify
-    unreachable: int  # listed stores that could not be read (or are not configured)
-    repaired: int  # replicas rewritten from a good copy, in place or relocated
-    nodes: tuple[str, ...]  # the stores holding a verified replica afterwards
-
-    @property
-    def unrecoverable(self) -> bool:
-        """No replica verified, so nothing could be repaired."""
-        return self.good == 0
 
 
 class Replicator:
@@ -100,6 +83,7 @@ class Replicator:
         self.codec = codec or ObjectCodec()
         self._repair_send, self._repair_receive = trio.open_memory_channel[ShardRef](repair_queue_size)
         self._repair_pending: set[int] = set()
+        self._fragments = Fragments(block_size, self._queue_repair)
 
     def update_nodes(self, stores: Sequence[NodeStore], writable: Sequence[str]) -> None:
         """Read from `stores` from now on, and put new replicas only on the
@@ -154,7 +138,9 @@ class Replicator:
     ) -> ShardRef:
         """Store `data` as the object `shard_id` as `policy` says (compressed,
         and sealed when the file system has a key, unless `raw`) on
-        `policy.replicas` (default R) stores, and return where it is.
+        `policy.replicas` (default R) stores, or erasure coded with
+        `policy.erasure` (fragments.py; an object too small to be worth
+        fragmenting gets m + 1 replicas), and return where it is.
 
         Writable stores are tried in placement order: one that is unavailable
         or full is replaced by the next. If fewer than the write quorum
@@ -163,23 +149,25 @@ class Replicator:
         and the replica count the write succeeds with the shard under-replicated.
         """
         wanted = policy.replicas or self._replicas
-        quorum = min(self._write_quorum, wanted)
         view = memoryview(data).cast("B")
-        checksum, encoding, payload = await self._hash_work(
+        checksum, encoding, payload = await hash_work(
             len(view), self._encode, shard_id, view, "" if raw else policy.compression, raw
         )
+        if policy.erasure is not None and not raw:
+            k, m = policy.erasure
+            if erasure.worth_fragmenting(len(payload), k):
+                if encoding is None:  # nothing changed the bytes: the payload is the plain bytes
+                    encoding = Encoding(len(payload), checksum)
+                ref = ShardRef(shard_id, len(view), checksum, (), encoding=encoding)
+                return await self._fragments.write(self._stores, self._writable, ref, payload, (k, m), sync)
+            wanted = m + 1  # too small to fragment: replicas that survive as many losses
+        quorum = min(self._write_quorum, wanted)
         parts = replica.encode(payload, self._block_size, checksum if encoding is None else encoding.payload_checksum)
         order = place(shard_id, self._writable)
         placed, failures = await self._put_to_first_available(shard_id, parts, order, wanted, sync)
         if len(placed) < quorum:
             await self._delete_quietly(shard_id, placed)
-            message = (
-                f"shard {shard_id}: could store only {len(placed)} of {wanted} replicas"
-                f" ({quorum} needed): " + ("; ".join(str(failure) for failure in failures) or "too few writable nodes")
-            )
-            if failures and all(isinstance(failure, NoSpace) for failure in failures):
-                raise NoSpace(message)
-            raise DataError(message)
+            raise write_failure(shard_id, len(placed), wanted, quorum, "replicas", failures)
         if len(placed) < wanted:
             metrics.UNDER_REPLICATED_WRITES.inc()
             logger.warning("shard %d: stored %d of %d replicas; under-replicated until repaired",
@@ -211,7 +199,7 @@ class Replicator:
             # to the next store that no task has tried yet.
             for name in remaining:
                 try:
-                    with _timed(name, "put"):
+                    with timed(name, "put"):
                         await self._stores[name].put(shard_id, parts, sync)
                 except (StoreUnavailable, NoSpace) as exc:
                     logger.warning("shard %d: node %r cannot take a replica: %s", shard_id, name, exc)
@@ -233,15 +221,18 @@ class Replicator:
 
         Reads only the blocks the range touches from the first replica in
         ref.nodes that verifies; a whole-shard read also checks ref.checksum.
-        An encoded object (compressed, sealed) is read whole, verified,
-        decoded and checked against ref.checksum, then cut to the range.
-        Raises DataError if no replica is good.
+        An encoded object (compressed, sealed, erasure coded) is read whole
+        (from any k fragments), verified, decoded and checked against
+        ref.checksum, then cut to the range. Raises DataError if no replica
+        (fewer than k fragments) is good.
         """
         if offset < 0 or length < 0:
             raise ValueError(f"invalid range ({offset}, {length})")
         length = min(length, ref.length - offset)
         if length <= 0:
             return b""
+        if is_erasure_coded(ref):
+            return (await self._read_erasure_coded(ref))[offset : offset + length]
         whole = offset == 0 and length == ref.length or ref.encoding is not None
         failures: list[str] = []
         found_bad_replica = False
@@ -252,7 +243,7 @@ class Replicator:
                 failures.append(f"{node}: not a configured store")
                 continue
             try:
-                with _timed(node, "read"):
+                with timed(node, "read"):
                     if ref.encoding is not None:
                         data = (await self._read_decoded(store, ref))[offset : offset + length]
                     elif whole:
@@ -283,20 +274,28 @@ class Replicator:
     async def _read_decoded(self, store: NodeStore, ref: ShardRef) -> bytes:
         """The plain bytes of an encoded object from one store's replica."""
         payload = await self._read_whole(store, ref)
-        return await self._hash_work(max(len(payload), ref.length), self.codec.decode, ref, payload)
+        return await hash_work(max(len(payload), ref.length), self.codec.decode, ref, payload)
+
+    async def _read_erasure_coded(self, ref: ShardRef) -> bytes:
+        """The plain bytes of an erasure-coded object, from any k fragments."""
+        payload = await self._fragments.read_payload(self._stores, ref)
+        try:
+            return await hash_work(max(len(payload), ref.length), self.codec.decode, ref, payload)
+        except replica.ReplicaCorrupt as error:
+            raise DataError(f"shard {ref.shard_id}: {error}") from None
 
     async def _verify(self, ref: ShardRef, head: Buffer, data: Buffer) -> None:
         """Check a whole replica (header and table, data) of the object against its ref."""
         encoding = ref.encoding
         checksum = ref.checksum if encoding is None else encoding.payload_checksum
-        await self._hash_work(
+        await hash_work(
             len(data), replica.verify_replica, head, data, checksum, copy_length(ref.length, encoding)
         )
 
     async def _read_range(self, store: NodeStore, ref: ShardRef, offset: int, length: int) -> bytes:
         window = replica.block_window(ref.length, self._block_size, offset, length)
         table_entries, blocks = await store.read(ref.shard_id, [window.table_range, window.data_range])
-        await self._hash_work(len(blocks), replica.verify_blocks, window, table_entries, blocks)
+        await hash_work(len(blocks), replica.verify_blocks, window, table_entries, blocks)
         start = offset - window.data_start
         if start == 0 and length == len(blocks):
             return blocks
@@ -327,7 +326,11 @@ class Replicator:
         replicas are on writable stores (others are unavailable, full, not
         configured, or being drained), more are made on the next writable
         stores in placement order; the caller records the result's `nodes`.
+        An erasure-coded object's fragments are repaired by Fragments.repair
+        (its `replicas` are its k + m fragments).
         """
+        if is_erasure_coded(ref):
+            return await self._fragments.repair(self._stores, self._writable, ref, relocate)
         good: list[str] = []
         missing: list[str] = []
         corrupt: list[str] = []
@@ -430,6 +433,20 @@ class Replicator:
             logger.warning("shard %d: could not copy to node %r: %s", ref.shard_id, node, error)
         return [name for name in dict.fromkeys(targets) if name not in failures]
 
+    async def move_to(self, ref: ShardRef, nodes: Sequence[str]) -> tuple[str, ...]:
+        """Make the copies `nodes` names and ref.nodes does not (a replica
+        set, or an erasure-coded object's slots), from verified ones, with sync.
+
+        Returns where the object is now: `nodes` if every copy was made, else
+        ref.nodes with the copies that were (slot by slot for fragments).
+        Raises DataError if there is nothing good to copy from.
+        """
+        if is_erasure_coded(ref):
+            return await self._fragments.copy_to_slots(self._stores, ref, nodes)
+        targets = [node for node in nodes if node not in ref.nodes]
+        took = await self.copy(ref, targets) if targets else []
+        return tuple(nodes) if len(took) == len(targets) else ref.nodes + tuple(took)
+
     # -- deleting and syncing ----------------------------------------------
     async def delete(self, shard_id: int, nodes: Sequence[str]) -> None:
         """Delete the replicas on `nodes`; absent ones are fine, and so are
@@ -461,28 +478,21 @@ class Replicator:
 
         Tries every store, then raises StoreUnavailable naming those that failed.
         """
-        by_node: dict[str, list[int]] = collections.defaultdict(list)
-        for ref in refs:
-            for node in ref.nodes:
-                by_node[node].append(ref.shard_id)
-        failures = await self._on_each_store(list(by_node), lambda store: store.sync(by_node[store.name]))
+        failures = await self._sync_stores(refs)
         if failures:
             raise StoreUnavailable("could not sync replicas: " + _describe(failures))
 
     async def sync_durably(self, refs: Sequence[ShardRef]) -> list[ShardRef]:
         """Like sync, for fsync: a replica that cannot be synced (its node died
         since the write) is made again from a verified replica, with sync, on
-        the next writable node in placement order.
+        the next writable node in placement order; a fragment is rebuilt from
+        k others into its slot on such a node.
 
         Returns the refs whose nodes changed (the caller records them). Raises
         StoreUnavailable if a shard is left with fewer than the write quorum
-        of durable replicas.
+        of durable replicas (k durable fragments).
         """
-        by_node: dict[str, list[int]] = collections.defaultdict(list)
-        for ref in refs:
-            for node in ref.nodes:
-                by_node[node].append(ref.shard_id)
-        failures = await self._on_each_store(list(by_node), lambda store: store.sync(by_node[store.name]))
+        failures = await self._sync_stores(refs)
         if not failures:
             return []
         changed: list[ShardRef] = []
@@ -490,10 +500,16 @@ class Replicator:
         for ref in refs:
             if not any(node in failures for node in ref.nodes):
                 continue
-            durable = dataclasses.replace(ref, nodes=tuple(node for node in ref.nodes if node not in failures))
-            result = await self.repair(durable, relocate=True, replicas=len(ref.nodes))
-            if len(result.nodes) < min(self._write_quorum, len(ref.nodes)):
-                short.append(f"shard {ref.shard_id}: {len(result.nodes)} durable replicas on {list(result.nodes)}")
+            if is_erasure_coded(ref):  # a fragment not synced is one more to rebuild
+                kept = tuple("" if node in failures else node for node in ref.nodes)
+                needed = needed_copies(ref)
+            else:
+                kept = tuple(node for node in ref.nodes if node not in failures)
+                needed = min(self._write_quorum, len(ref.nodes))
+            result = await self.repair(dataclasses.replace(ref, nodes=kept), relocate=True, replicas=len(ref.nodes))
+            durable = listed_nodes(result.nodes)
+            if result.unrecoverable or len(durable) < needed:
+                short.append(f"shard {ref.shard_id}: {len(durable)} durable copies on {durable}")
                 continue
             logger.warning("shard %d: replicas not synced on %s; durable on %s now",
                            ref.shard_id, [node for node in ref.nodes if node in failures], list(result.nodes))
@@ -503,6 +519,14 @@ class Replicator:
                 "could not sync replicas: " + _describe(failures) + "; too few elsewhere: " + "; ".join(short)
             )
         return changed
+
+    async def _sync_stores(self, refs: Sequence[ShardRef]) -> dict[str, str]:
+        """Sync the copies of `refs`, one call per store; what went wrong, by store."""
+        by_node: dict[str, list[int]] = collections.defaultdict(list)
+        for ref in refs:
+            for node in listed_nodes(ref.nodes):
+                by_node[node].append(ref.shard_id)
+        return await self._on_each_store(list(by_node), lambda store: store.sync(by_node[store.name]))
 
     async def _delete_quietly(self, shard_id: int, nodes: Sequence[str]) -> None:
         """Delete replicas of a failed write; one left behind is an orphan for fsck."""
@@ -531,23 +555,6 @@ class Replicator:
                 nursery.start_soon(run_on, node)
         return failures
 
-    @staticmethod
-    async def _hash_work(nbytes: int, function: Callable[..., _T], *args: object) -> _T:
-        """Run checksum work on the trio thread if small, else in a worker thread."""
-        if nbytes < _HASH_IN_THREAD_BYTES:
-            return function(*args)
-        return await trio.to_thread.run_sync(function, *args)
-
 
 def _describe(failures: dict[str, str]) -> str:
     return "; ".join(f"{node}: {error}" for node, error in failures.items())
-
-
-@contextlib.contextmanager
-def _timed(node: str, operation: str) -> Iterator[None]:
-    """Time one request to a node store for the metrics, failed ones too."""
-    started = time.perf_counter()
-    try:
-        yield
-    finally:
-        metrics.NODE_REQUEST_SECONDS.labels(node, operation).observe(time.perf_counter() - started)
