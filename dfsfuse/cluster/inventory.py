@@ -1,12 +1,20 @@
 """Listing what is where: the replicas each node store holds, the live shards
-the metadata lists, and how many of a shard's replicas are present."""
+the metadata lists, and how many of a shard's copies (replicas, or the
+fragments of an erasure-coded object) are present and wanted."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
 
 from dfsfuse.errors import NoData, NotFound
-from dfsfuse.metadata.base import REPLICAS_XATTR, MetadataStore, ShardRecord
+from dfsfuse.metadata.base import (
+    ERASURE_XATTR,
+    REPLICAS_XATTR,
+    MetadataStore,
+    ShardRecord,
+)
+from dfsfuse.shards.copies import listed_nodes
+from dfsfuse.shards.policy import parse_erasure
 from dfsfuse.storage.base import NodeStore
 
 LIST_PAGE = 10_000
@@ -43,13 +51,16 @@ async def live_shards(meta: MetadataStore) -> AsyncIterator[ShardRecord]:
 
 def present_copies(record: ShardRecord, held: Mapping[str, set[int]]) -> int:
     """How many of the nodes the metadata names for the shard hold a replica
-    (by listing, not verified); a node missing from `held` counts as holding none."""
-    return sum(1 for node in dict.fromkeys(record.ref.nodes) if record.ref.shard_id in held.get(node, ()))
+    or fragment (by listing, not verified); a node missing from `held`
+    counts as holding none, an empty fragment slot is no node."""
+    return sum(1 for node in listed_nodes(record.ref.nodes) if record.ref.shard_id in held.get(node, ()))
 
 
 class ReplicaTargets:
-    """How many replicas each inode's shards should have: its user.dfs.replicas,
-    else the configured R. Remembered per inode, for one pass over the shards."""
+    """How many copies each shard should have: an erasure-coded object its
+    k + m fragments; a replicated one its file's user.dfs.replicas, or m + 1
+    under user.dfs.ec (an object too small to fragment: fragments.py), else
+    the configured R. Remembered per inode, for one pass over the shards."""
 
     def __init__(self, meta: MetadataStore, default: int):
         self._meta = meta
@@ -57,14 +68,26 @@ class ReplicaTargets:
         self._known: dict[int, int] = {}
 
     async def of_record(self, record: ShardRecord) -> int:
-        """How many replicas a shard should have: the most that any file
-        sharing it asks for (snapshots share shards)."""
+        """How many copies a shard should have: its fragments, or the most
+        replicas that any file sharing it asks for (snapshots share shards)."""
+        encoding = record.ref.encoding
+        if encoding is not None and encoding.erasure_coded:
+            return encoding.fragments
         return max([await self.of(inode) for inode in record.sharers or (record.inode,)])
 
     async def of(self, inode: int) -> int:
         if inode not in self._known:
-            try:
-                self._known[inode] = int(await self._meta.getxattr(inode, REPLICAS_XATTR))
-            except (NoData, NotFound):
-                self._known[inode] = self._default
+            self._known[inode] = await self._replicas_of(inode)
         return self._known[inode]
+
+    async def _replicas_of(self, inode: int) -> int:
+        try:
+            erasure = parse_erasure((await self._meta.getxattr(inode, ERASURE_XATTR)).decode())
+        except (NoData, NotFound):
+            erasure = None
+        if erasure is not None:
+            return erasure[1] + 1
+        try:
+            return int(await self._meta.getxattr(inode, REPLICAS_XATTR))
+        except (NoData, NotFound):
+            return self._default

@@ -65,7 +65,8 @@ async def repair_shard(
     tally.corrupt += result.corrupt
     tally.repaired += result.repaired
     if result.unrecoverable:
-        tally.lost.append(f"inode {record.inode} shard {ref.shard_id} (index {record.index}): no good replica")
+        what = "no good replica" if result.needed == 1 else f"{result.good} good fragments, {result.needed} needed"
+        tally.lost.append(f"inode {record.inode} shard {ref.shard_id} (index {record.index}): {what}")
     elif result.nodes != ref.nodes:
         try:
             await meta.set_shard_nodes(ref.shard_id, result.nodes)
@@ -87,8 +88,8 @@ async def held_replicas(stores: Iterable[NodeStore]) -> dict[str, set[int]]:
 async def endangered_shards(
     meta: MetadataStore, stores: Iterable[NodeStore], targets: ReplicaTargets, *, ask_each: bool = False
 ) -> list[ShardRecord]:
-    """The shards fewer of whose listed nodes hold a replica than their
-    target, fewest first; a store that cannot be reached holds nothing.
+    """The shards fewer of whose listed nodes hold a replica (a fragment)
+    than their target, fewest first; a store that cannot be reached holds nothing.
 
     Presence comes from each store's listing, or with `ask_each` from asking
     the store about every replica (slower, but it notices files lost behind
@@ -128,7 +129,8 @@ async def _replicas_present(stores: dict[str, NodeStore], record: ShardRecord) -
 
 @dataclasses.dataclass(frozen=True)
 class Move:
-    """Give a shard the replica set `nodes` (which may share nodes with the current one)."""
+    """Give a shard the replica set `nodes` (which may share nodes with the
+    current one), or an erasure-coded object the fragment slots `nodes`."""
 
     record: ShardRecord
     nodes: tuple[str, ...]
@@ -143,34 +145,37 @@ class MoveTally:
 
 
 async def move_shards(meta: MetadataStore, replicator: Replicator, moves: Sequence[Move], tally: MoveTally) -> None:
-    """Give each shard its new replica set: copy, commit, sync, then delete the old replicas."""
+    """Give each shard its new replica set (fragment slots): copy, commit,
+    sync, then delete the old copies no longer listed."""
     retired: list[tuple[int, list[str]]] = []
     for move in moves:
         ref = move.record.ref
-        targets = [node for node in move.nodes if node not in ref.nodes]
+        targets = [node for node in move.nodes if node and node not in ref.nodes]
         try:
-            took = await replicator.copy(ref, targets) if targets else []
+            nodes = await replicator.move_to(ref, move.nodes)
         except DataError as error:
             tally.failed.append(f"shard {ref.shard_id}: {error}")
             continue
+        took = [node for node in targets if node in nodes]
         tally.copied += len(took)
         if len(took) < len(targets):
             tally.failed.append(f"shard {ref.shard_id}: could not copy to {sorted(set(targets) - set(took))}")
-            if took:  # keep what was made: the shard is better off with them listed
-                await _set_nodes(meta, ref.shard_id, ref.nodes + tuple(took))
-            continue
-        if not await _set_nodes(meta, ref.shard_id, move.nodes):
+            if not took:
+                continue
+            # Keep what was made: the shard is better off with them listed.
+        if not await _set_nodes(meta, ref.shard_id, nodes):
             retired.append((ref.shard_id, took))  # deleted meanwhile: what we copied is an orphan
             continue
-        tally.moved += 1
-        retired.append((ref.shard_id, [node for node in ref.nodes if node not in move.nodes]))
+        if nodes == move.nodes:
+            tally.moved += 1
+        retired.append((ref.shard_id, [node for node in ref.nodes if node and node not in nodes]))
     if not retired:
         return
     await meta.sync()  # the new node lists are durable before any old replica goes
-    for shard_id, nodes in retired:
+    for shard_id, old in retired:
         try:
-            await replicator.delete(shard_id, nodes)
-            tally.deleted += len(nodes)
+            await replicator.delete(shard_id, old)
+            tally.deleted += len(old)
         except DfsError as error:
             log.warning("shard %d: old replicas not deleted (fsck will): %s", shard_id, error)
 

@@ -37,7 +37,9 @@ from dfsfuse.metadata.base import (
     ROLE_MAINTENANCE,
     MetadataStore,
     NodeRecord,
+    ShardRef,
 )
+from dfsfuse.shards.copies import is_erasure_coded, listed_nodes, needed_copies
 from dfsfuse.shards.placement import place
 from dfsfuse.shards.replicator import Replicator
 from dfsfuse.vfs.filesystem import FileSystem
@@ -130,29 +132,42 @@ async def node_drain(cluster: Cluster, out: Output, name: str) -> int:
 
 async def _moves_off(cluster: Cluster, name: str, targets: ReplicaTargets) -> list[Move]:
     """For each shard with a replica on `name`: the same replicas without it,
-    topped up from the writable nodes in placement order."""
+    topped up from the writable nodes in placement order. A fragment on
+    `name` goes to the first writable node holding no fragment of its
+    object (none left: its slot empties, for repair to fill later)."""
     writable = cluster.replicator.writable
     moves = []
     async for record in live_shards(cluster.meta):
         ref = record.ref
         if name not in ref.nodes:
             continue
+        free = (candidate for candidate in place(ref.shard_id, writable) if candidate not in ref.nodes)
+        if is_erasure_coded(ref):
+            moves.append(Move(record, tuple(next(free, "") if node == name else node for node in ref.nodes)))
+            continue
         wanted = await targets.of_record(record)
-        nodes = [node for node in ref.nodes if node != name]
-        for candidate in place(ref.shard_id, writable):
+        nodes = list(_without(ref, name))
+        for candidate in free:
             if sum(1 for node in nodes if node in writable) >= wanted:
                 break
-            if candidate not in nodes:
-                nodes.append(candidate)
+            nodes.append(candidate)
         moves.append(Move(record, tuple(nodes)))
     return moves
 
 
-async def node_remove(cluster: Cluster, out: Output, name: str) -> int:
-    """Drop the node from the registry, unless it holds the only copy of a shard.
+def _without(ref: ShardRef, name: str) -> tuple[str, ...]:
+    """The shard's nodes without `name` (an erasure-coded object's slot on it empties)."""
+    if is_erasure_coded(ref):
+        return tuple("" if node == name else node for node in ref.nodes)
+    return tuple(node for node in ref.nodes if node != name)
 
-    Shards that listed it lose that replica (a drained node holds none);
-    `dfsfuse repair` makes them whole again.
+
+async def node_remove(cluster: Cluster, out: Output, name: str) -> int:
+    """Drop the node from the registry, unless it holds the only copy of a
+    shard (one of only k fragments of an erasure-coded object).
+
+    Shards that listed it lose that replica or fragment (a drained node
+    holds none); `dfsfuse repair` makes them whole again.
     """
     await _node(cluster, name)
     if len(await cluster.meta.nodes()) <= cluster.replicas:
@@ -164,14 +179,14 @@ async def node_remove(cluster: Cluster, out: Output, name: str) -> int:
         ref = record.ref
         if name not in ref.nodes:
             continue
-        rest = tuple(node for node in ref.nodes if node != name)
-        if any(ref.shard_id in held.get(node, ()) for node in rest):
+        rest = _without(ref, name)
+        if sum(1 for node in listed_nodes(rest) if ref.shard_id in held.get(node, ())) >= needed_copies(ref):
             others.append((ref.shard_id, rest))
         else:
             only_here.append(ref.shard_id)
     if only_here:
         raise UserError(
-            f"node {name} holds the only copy of {len(only_here)} shards (the first: shard {only_here[0]});"
+            f"node {name} holds the last copy of {len(only_here)} shards (the first: shard {only_here[0]});"
             f" drain it first: dfsfuse node drain {name}"
         )
     for shard_id, rest in others:
@@ -200,9 +215,9 @@ async def rebalance(cluster: Cluster, out: Output) -> int:
         wanted = await targets.of_record(record)
         if len(writable) < wanted:
             continue  # cannot be placed in full now; repair will when nodes come back
-        nodes = tuple(place(record.ref.shard_id, writable)[:wanted])
+        nodes = place(record.ref.shard_id, writable)[:wanted]
         if set(nodes) != set(record.ref.nodes):
-            moves.append(Move(record, nodes))
+            moves.append(Move(record, _balanced(record.ref, nodes)))
     tally = MoveTally()
     await _move_in_batches(cluster, out, moves, tally, "shards moved")
     for failure in tally.failed:
@@ -212,6 +227,16 @@ async def rebalance(cluster: Cluster, out: Output) -> int:
         f" {tally.deleted} deleted), {shards - len(moves)} already in place, {len(tally.failed)} failed"
     )
     return 1 if tally.failed else 0
+
+
+def _balanced(ref: ShardRef, nodes: list[str]) -> tuple[str, ...]:
+    """The node list that puts the shard on `nodes`; for an erasure-coded
+    object, its slots with each fragment not on one of `nodes` (or on none)
+    given one of `nodes` that holds none."""
+    if not is_erasure_coded(ref):
+        return tuple(nodes)
+    free = iter(node for node in nodes if node not in ref.nodes)
+    return tuple(node if node in nodes else next(free) for node in ref.nodes)
 
 
 async def _move_in_batches(cluster: Cluster, out: Output, moves: list[Move], tally: MoveTally, what: str) -> None:

@@ -53,11 +53,6 @@ def needed_copies(ref: ShardRef) -> int:
     return ref.encoding.data_fragments if ref.encoding is not None and ref.encoding.erasure_coded else 1
 
 
-def wanted_copies(ref: ShardRef, replicas: int) -> int:
-    """How many copies the object should have: its k + m fragments, or `replicas`."""
-    return ref.encoding.fragments if ref.encoding is not None and ref.encoding.erasure_coded else replicas
-
-
 def listed_nodes(nodes: Sequence[str]) -> list[str]:
     """The distinct nodes of a ref's `nodes` (an empty slot is no node)."""
     return [node for node in dict.fromkeys(nodes) if node]

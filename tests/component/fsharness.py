@@ -358,6 +358,19 @@ class Env:
             assert not missing, f"{name}: live shards without their replica: {sorted(missing)}"
 
 
+class Recorder:
+    """An Output that keeps what an operation reports."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def line(self, text: str) -> None:
+        self.lines.append(text)
+
+    def progress(self, done: int, total: int, what: str) -> None:
+        pass
+
+
 class Harness:
     """A data directory; `running()` builds a FileSystem over it, each time anew."""
 

@@ -9,7 +9,7 @@ import os
 
 import pytest
 import trio
-from fsharness import SHARD, Harness, run, wait_until
+from fsharness import SHARD, Harness, Recorder, run, wait_until
 
 from dfsfuse.cluster.autorepair import repair_pass
 from dfsfuse.cluster.nodeset import NodeSet
@@ -137,19 +137,6 @@ def test_the_node_set_follows_the_registry(tmp_path):
 
     run(main)
 
-
-
-class Recorder:
-    """An Output that keeps what an operation reports."""
-
-    def __init__(self):
-        self.lines: list[str] = []
-
-    def line(self, text: str) -> None:
-        self.lines.append(text)
-
-    def progress(self, done: int, total: int, what: str) -> None:
-        pass
 
 
 def test_background_repair_remakes_replicas_of_a_removed_node_and_yields_to_commands(tmp_path):
