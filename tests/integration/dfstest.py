@@ -679,6 +679,30 @@ def wait_until(condition, what: str, timeout: float = 15.0) -> None:
         time.sleep(0.1)
 
 
+def copy_with_interruption(source: Path, target: Path, interrupt, what: str) -> None:
+    """`cp source target`, calling `interrupt()` once a third of it is copied;
+    fails saying `what` happened if cp does not succeed."""
+    size = os.stat(source).st_size
+    copy = subprocess.Popen(["cp", source, target], stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: target.exists() and target.stat().st_size >= size // 3, "a third of the copy", 120)
+        interrupt()
+        _, stderr = copy.communicate(timeout=180)
+    finally:
+        if copy.poll() is None:
+            copy.kill()
+            copy.wait()
+    assert copy.returncode == 0, f"cp failed after {what}: {stderr}"
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def parse_status(text: str) -> dict:
     """The figures of `dfsfuse status --json`, with each node by name: {"path": its address,
     "shards", "bytes" (used; 0 when unreachable), "alive", "error"}."""

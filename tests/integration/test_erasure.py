@@ -14,21 +14,22 @@ from __future__ import annotations
 
 import hashlib
 import os
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 from dfstest import (
     MiB,
     NodeServer,
+    copy_with_interruption,
     dfsfuse_cli,
     drop_caches,
+    fsync_path,
     parse_fsck,
     parse_status,
     read_file,
     remote_config,
     run,
+    wait_until,
     write_file,
     write_secret,
 )
@@ -79,13 +80,6 @@ def copies_per_shard(fs) -> dict[str, int]:
     return {shard: len(paths) for shard, paths in fs.replica_files().items()}
 
 
-def wait_for(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
-        time.sleep(0.05)
-
-
 @pytest.mark.timeout(300)
 def test_two_nodes_killed_during_a_large_copy(cluster, local_tmp):
     fs, servers = cluster
@@ -94,23 +88,9 @@ def test_two_nodes_killed_during_a_large_copy(cluster, local_tmp):
     with open(source, "wb") as handle:
         handle.writelines(os.urandom(8 * MiB) for _ in range(BIG // (8 * MiB)))
 
-    copy = subprocess.Popen(["cp", source, target], stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for(lambda: target.exists() and target.stat().st_size >= BIG // 3, 120, "a third of the copy")
-        victims = [servers[1], servers[4]]
-        for victim in victims:
-            victim.crash()
-        _, stderr = copy.communicate(timeout=180)
-    finally:
-        if copy.poll() is None:
-            copy.kill()
-            copy.wait()
-    assert copy.returncode == 0, f"cp failed after two nodes were killed: {stderr}"
-    fd = os.open(target, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # fragments on the dead nodes were never synced: their slots empty
-    finally:
-        os.close(fd)
+    victims = [servers[1], servers[4]]
+    copy_with_interruption(source, target, lambda: [victim.crash() for victim in victims], "two nodes were killed")
+    fsync_path(target)  # fragments on the dead nodes were never synced: their slots empty
     drop_caches()
     run(["cmp", source, target], timeout=120)
     info = status(fs)
@@ -125,7 +105,7 @@ def test_two_nodes_killed_during_a_large_copy(cluster, local_tmp):
         assert "0 unrecoverable" in result.stdout, result.stdout
         return status(fs)["under_replicated"] == 0
 
-    wait_for(repaired, 60, "a repair that fills every empty slot")
+    wait_until(repaired, "a repair that fills every empty slot", 60)
     copies = copies_per_shard(fs)
     assert len(copies) == BIG // (4 * MiB) and set(copies.values()) == {SERVERS}, copies
     drop_caches()

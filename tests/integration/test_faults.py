@@ -16,7 +16,6 @@ import hashlib
 import os
 import re
 import signal
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -26,8 +25,10 @@ from dfstest import (
     KiB,
     MiB,
     NodeServer,
+    copy_with_interruption,
     dfsfuse_cli,
     drop_caches,
+    fsync_path,
     parse_status,
     read_file,
     remote_config,
@@ -151,24 +152,11 @@ def test_sigkill_of_a_node_during_a_large_copy(cluster, local_tmp):
     make_big_source(source)
     target = fs / "big.bin"
 
-    copy = subprocess.Popen(["cp", source, target], stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for(lambda: target.exists() and target.stat().st_size >= BIG // 3, 120, "a third of the copy")
-        victim = servers[1]
-        victim.crash()
-        _, stderr = copy.communicate(timeout=180)
-    finally:
-        if copy.poll() is None:
-            copy.kill()
-            copy.wait()
-    assert copy.returncode == 0, f"cp failed after a node was killed: {stderr}"
+    victim = servers[1]
+    copy_with_interruption(source, target, victim.crash, "a node was killed")
     # The copy's replicas stored on the victim before it died were never
     # synced: fsync makes them again on the live nodes (and succeeds).
-    fd = os.open(target, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(target)
 
     drop_caches()
     run(["cmp", source, target], timeout=120)
