@@ -3,7 +3,9 @@ the config's default, shards stored smaller and read back in any range,
 incompressible data stored plain, overwrites and truncates of compressed
 files, a tree mixing plain, zstd and lz4 files, and status's figures.
 
-Small shards (256 KiB) so that files span several and patches happen.
+Small shards (256 KiB) so that files span several and patches happen. The
+module runs on local node stores and on node servers (compressed payloads
+over the wire).
 """
 
 import errno
@@ -21,6 +23,8 @@ from dfstest import (
     stored_bytes,
     write_file,
 )
+
+ALSO_REMOTE = True
 
 MOUNT_CONFIG = """
 shard_size = "256KiB"
