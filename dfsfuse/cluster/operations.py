@@ -186,7 +186,7 @@ async def node_remove(cluster: Cluster, out: Output, name: str) -> int:
             only_here.append(ref.shard_id)
     if only_here:
         raise UserError(
-            f"node {name} holds the last copy of {len(only_here)} shards (the first: shard {only_here[0]});"
+            f"node {name} holds the only copy of {len(only_here)} shards (the first: shard {only_here[0]});"
             f" drain it first: dfsfuse node drain {name}"
         )
     for shard_id, rest in others:

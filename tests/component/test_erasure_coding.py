@@ -132,7 +132,7 @@ def test_drain_moves_fragments_to_nodes_without_one_and_remove_keeps_the_last_k(
             try:
                 await node_remove(cluster, out, "node2")
             except Exception as error:  # noqa: BLE001 - the refusal is the point
-                assert "holds the last copy of 1 shards" in str(error), error
+                assert "holds the only copy of 1 shards" in str(error), error
             else:
                 raise AssertionError(f"node2 was removed: {out.lines}")
             assert await repair(cluster, Recorder()) == 0
