@@ -14,6 +14,12 @@ quorum) of its R replicas are stored; the shard is then under-replicated
 until a repair (dfsfuse repair, or the mount's background repair) adds the
 rest.
 
+An erasure-coded object (user.dfs.ec, or an encoding with fragments) is
+handed to Fragments (fragments.py) by write, read, repair, move_to and
+sync_durably: k + m fragments on distinct stores, any k of which give it
+back. Delete, sync and garbage work on its nodes like on replicas, skipping
+empty fragment slots.
+
 A store that cannot be reached is not a bad replica: reads skip it but do not
 queue a repair, because during an outage every read of its shards would
 otherwise trigger a full repair that cannot succeed. fsck calls repair() with
