@@ -28,6 +28,7 @@ from dfsfuse.cluster.inventory import (
 )
 from dfsfuse.errors import DataError, DfsError, NotFound
 from dfsfuse.metadata.base import MetadataStore, ShardRecord
+from dfsfuse.shards.copies import needed_copies
 from dfsfuse.shards.replicator import Replicator
 from dfsfuse.storage.base import NodeStore
 
@@ -89,7 +90,8 @@ async def endangered_shards(
     meta: MetadataStore, stores: Iterable[NodeStore], targets: ReplicaTargets, *, ask_each: bool = False
 ) -> list[ShardRecord]:
     """The shards fewer of whose listed nodes hold a replica (a fragment)
-    than their target, fewest first; a store that cannot be reached holds nothing.
+    than their target, those closest to loss first (fewest copies beyond the
+    ones needed: 1 replica, k fragments); a store that cannot be reached holds nothing.
 
     Presence comes from each store's listing, or with `ask_each` from asking
     the store about every replica (slower, but it notices files lost behind
@@ -104,7 +106,7 @@ async def endangered_shards(
         else:
             copies = present_copies(record, held)
         if copies < await targets.of_record(record):
-            short.append((copies, record))
+            short.append((copies - needed_copies(record.ref), record))
     short.sort(key=lambda item: (item[0], item[1].ref.shard_id))
     return [record for _, record in short]
 

@@ -165,3 +165,25 @@ def test_rebalance_moves_fragments_onto_a_new_node(tmp_path):
                                                ReplicaTargets(env.meta, env.config.replicas)) == []
 
     run(main)
+
+
+def test_the_shards_closest_to_loss_are_repaired_first(tmp_path):
+    async def main():
+        async with harness(tmp_path, nodes=6).running() as env:
+            await write_ec_files(env, 1)
+            handle, plain_inode = await env.create(b"plain")
+            await env.fs.write(handle, 0, os.urandom(SHARD))
+            await env.fs.release(handle)
+            records = await env.live_shards()
+            plain = next(record for record in records if record.inode == plain_inode)
+            one_lost, two_lost = [record for record in records if record.ref.encoding is not None][:2]
+            for record, count in ((plain, 1), (one_lost, 1), (two_lost, 2)):
+                for node in record.ref.nodes[:count]:
+                    await env.store[node].delete(record.ref.shard_id)
+            targets = ReplicaTargets(env.meta, env.config.replicas)
+            short = await endangered_shards(env.meta, env.stores, targets)
+            # One replica of two left, and four fragments of six: no copy to spare; five of six: one.
+            closest = sorted([plain.ref.shard_id, two_lost.ref.shard_id])
+            assert [record.ref.shard_id for record in short] == [*closest, one_lost.ref.shard_id]
+
+    run(main)
