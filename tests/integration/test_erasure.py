@@ -106,11 +106,18 @@ def test_two_nodes_killed_during_a_large_copy(cluster, local_tmp):
         return status(fs)["under_replicated"] == 0
 
     wait_until(repaired, "a repair that fills every empty slot", 60)
-    copies = copies_per_shard(fs)
-    assert len(copies) == BIG // (4 * MiB) and set(copies.values()) == {SERVERS}, copies
     drop_caches()
     run(["cmp", source, target], timeout=120)
-    fs.stop()
+    copies = copies_per_shard(fs)  # garbage of replaced objects may linger beside the file's shards
+    assert sum(count == SERVERS for count in copies.values()) >= BIG // (4 * MiB), copies
+    assert_fsck_clean(fs)
+
+
+def assert_fsck_clean(fs) -> None:
+    """Unmount, then fsck: every fragment and replica of every shard there and verified."""
+    fs.stop(fsck=False)
+    report = parse_fsck(fs.fsck())
+    assert (report["missing"], report["corrupt"], report["repaired"], report["unrecoverable"]) == (0, 0, 0, 0), report
 
 
 @pytest.mark.timeout(300)
@@ -151,6 +158,4 @@ def test_a_mixed_tree_and_fragments_lost_or_damaged_behind_the_nodes_backs(clust
     assert "0 unrecoverable" in result.stdout, result.stdout
     assert {path: path.read_bytes() for path in kept} == kept, "the fragments were not rebuilt as they were"
     assert copies_per_shard(fs)[shard] == SERVERS
-    fs.stop(fsck=False)
-    report = parse_fsck(fs.fsck())
-    assert (report["missing"], report["corrupt"], report["repaired"], report["unrecoverable"]) == (0, 0, 0, 0), report
+    assert_fsck_clean(fs)
