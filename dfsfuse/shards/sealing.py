@@ -221,9 +221,9 @@ def snapshot_key(envelope: bytes, key_file: Path) -> FileSystemKey:
     return unlock(keyring, read_key_file(key_file), key_file)
 
 
-async def create_keyring(meta: MetadataStore, key_file: Path) -> None:
+async def create_keyring(meta: MetadataStore, passphrase: bytes) -> None:
     """Make a new file system's keyring (`dfsfuse format --encrypt`)."""
-    key = await trio.to_thread.run_sync(new_key, read_key_file(key_file))
+    key = await trio.to_thread.run_sync(new_key, passphrase)
     await meta.set_setting(KEYRING_SETTING, key.keyring.to_bytes())
 
 

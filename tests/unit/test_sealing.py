@@ -123,7 +123,7 @@ def test_mount_key_tells_each_mistake_apart(tmp_path):
             assert await sealing.mount_key(plain, None, "plain") is None
             with pytest.raises(UserError, match="is not encrypted"):
                 await sealing.mount_key(plain, good, "plain")
-            await sealing.create_keyring(encrypted, good)
+            await sealing.create_keyring(encrypted, PASSPHRASE)
             with pytest.raises(UserError, match="is encrypted: give its key file"):
                 await sealing.mount_key(encrypted, None, "encrypted")
             key = await sealing.mount_key(encrypted, good, "encrypted")
