@@ -5,6 +5,9 @@ scripts (`--json`).
 It reads the metadata and lists each node store, so it works whether or not
 the file system is mounted (SQLite in WAL mode lets it read beside a mount).
 The sessions are the mounts using the file system, wherever they run.
+Usage shows the file sizes (logical), the bytes the shards hold (stored,
+one copy), their payloads after compression and encryption (one copy), and
+what the node stores hold in all (every replica and fragment).
 A shard counts as under-replicated when fewer of the stores its metadata
 names hold a replica than its file's replica count (user.dfs.replicas, else
 R); checksums are `dfsfuse scrub`'s and `dfsfuse fsck`'s job. A node's
@@ -85,11 +88,19 @@ async def gather(config: Config) -> dict[str, Any]:
         quotas = [await describe(parts.meta, quota) for quota in await parts.meta.quotas()]
     report.update(
         nodes=nodes, inodes=usage.inodes, logical_bytes=usage.logical_bytes, stored_bytes=usage.stored_bytes,
+        payload_bytes=usage.payload_bytes, node_bytes=sum(node["used"] or 0 for node in nodes),
         replicas=config.replicas, shards=usage.shards, under_replicated=under, quotas=quotas, sessions=sessions,
         trash={"files": len(in_trash), "logical_bytes": sum(entry.size for entry in in_trash),
                "stored_bytes": sum(entry.stored_bytes for entry in in_trash)},
     )
     return report
+
+
+def _ratio(report: dict[str, Any]) -> str:
+    """Bytes on the nodes per logical byte, when there are logical bytes."""
+    if not report["logical_bytes"]:
+        return ""
+    return f"; {report['node_bytes'] / report['logical_bytes']:.2f} bytes per logical byte"
 
 
 def render(report: dict[str, Any]) -> list[str]:
@@ -108,7 +119,10 @@ def render(report: dict[str, Any]) -> list[str]:
     lines += [
         "",
         f"files: {report['inodes']} inodes, {size(report['logical_bytes'])} logical,"
-        f" {size(report['stored_bytes'])} stored (x{report['replicas']} replicas), {report['shards']} shards",
+        f" {size(report['stored_bytes'])} stored, {report['shards']} shards",
+        f"stored: {size(report['payload_bytes'])} after compression and encryption (one copy),"
+        f" {size(report['node_bytes'])} on the nodes (x{report['replicas']} replicas, erasure coding, snapshots)"
+        + _ratio(report),
         f"trash: {report['trash']['files']} files, {size(report['trash']['logical_bytes'])} logical,"
         f" {size(report['trash']['stored_bytes'])} stored (dfsfuse trash list MOUNTPOINT)",
         f"replication: {report['under_replicated']} under-replicated shards"

@@ -138,8 +138,10 @@ def test_mount_point_is_a_file(local_tmp):
         ("replicas = 5\n", ("replicas",)),  # more than the three node stores
         ("no_such_setting = 1\n", ("no_such_setting",)),
         ('[[nodes]]\nname = "a b"\npath = "x"\n', ("node",)),
+        ('compression = "brotli"\n', ("compression", "zstd")),
     ],
-    ids=["bad-toml", "zero-replicas", "bad-size", "too-many-replicas", "unknown-key", "bad-node-name"],
+    ids=["bad-toml", "zero-replicas", "bad-size", "too-many-replicas", "unknown-key", "bad-node-name",
+         "bad-compression"],
 )
 def test_malformed_config(local_tmp, config, mentions):
     mountpoint = local_tmp / "mnt"

@@ -9,6 +9,7 @@ whole suite on another engine.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import os
 import pathlib
@@ -39,6 +40,8 @@ from dfsfuse.errors import (
 from dfsfuse.layout import PAGE_SIZE
 from dfsfuse.metadata import dump as dump_format
 from dfsfuse.metadata.base import (
+    COMPRESSION_XATTR,
+    ERASURE_XATTR,
     NAME_MAX,
     NODE_ACTIVE,
     NODE_DRAINED,
@@ -85,6 +88,7 @@ from dfsfuse.metadata.trash import (
     entry_name,
     hour_name,
 )
+from dfsfuse.shards.encoding import Encoding
 
 FILE = stat.S_IFREG | 0o644
 DIRECTORY = stat.S_IFDIR | 0o755
@@ -2166,3 +2170,44 @@ def test_names_below_a_removed_tree_are_gone_from_the_cache_too(harness):
             assert (await store.getattr(file.inode)).nlink == 1
 
     trio.run(main)
+
+
+def test_object_encodings_settings_and_policy_xattrs_are_kept(harness):
+    """An encoded object's ShardRef comes back whole (also to a snapshot and
+    through set_shard_nodes), usage counts its payload, settings hold bytes,
+    and a new file or directory copies every policy xattr of its directory."""
+    compressed = Encoding(300, b"\7" * 16, "zstd", sealed=True)
+    coded = Encoding(2000, b"\5" * 16, "", False, 4, 2, tuple(bytes([n]) * 16 for n in range(6)))
+
+    async def body(store: MetadataStore) -> None:
+        top = await mkdir(store, ROOT_INODE, b"top")
+        file = await mkfile(store, top.inode, b"file")
+        shards = {0: dataclasses.replace(ref(1, 1000), encoding=compressed),
+                  1: dataclasses.replace(ref(2, 5000, ("a", "", "c", "d", "e", "f")), encoding=coded)}
+        await store.commit_shards(file.inode, shards, 6000)
+        assert await store.shard_map(file.inode) == {index: (shard,) for index, shard in shards.items()}
+        usage = await store.usage()
+        assert (usage.stored_bytes, usage.payload_bytes) == (6000, 2300)
+        await store.set_shard_nodes(2, ("a", "b", "c", "d", "e", "f"))
+        moved = (await store.shard_map(file.inode))[1][0]
+        assert moved.encoding == coded and moved.nodes == ("a", "b", "c", "d", "e", "f")
+        copy = (await store.snapshot_tree(top.inode, ROOT_INODE, b"snap", False, now())).entry.attrs
+        file_copy = await store.lookup(copy.inode, b"file")
+        assert await store.shard_map(file_copy.inode) == await store.shard_map(file.inode)
+
+        assert await store.setting("keyring") is None
+        await store.set_setting("keyring", b"\0\1binary")
+        await store.set_setting("keyring", b"\0\2binary")
+        assert await store.setting("keyring") == b"\0\2binary"
+
+        for name, value in ((REPLICAS_XATTR, b"3"), (COMPRESSION_XATTR, b"lz4"), (ERASURE_XATTR, b"4+2")):
+            await store.setxattr(top.inode, name, value, 0, now())
+        await store.setxattr(top.inode, b"user.other", b"not inherited", 0, now())
+        created = await store.create(top.inode, b"new", stat.S_IFREG | 0o644, 0, 0, now())
+        expected = {REPLICAS_XATTR: b"3", COMPRESSION_XATTR: b"lz4", ERASURE_XATTR: b"4+2"}
+        assert dict(created.xattrs) == expected
+        assert sorted(await store.listxattr(created.attrs.inode)) == sorted(expected)
+        sub = await store.create(top.inode, b"sub", stat.S_IFDIR | 0o755, 0, 0, now())
+        assert dict(sub.xattrs) == expected
+
+    run_with_store(harness, body)
