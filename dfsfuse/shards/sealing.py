@@ -59,6 +59,7 @@ KDF_MEMORY_KIB = 64 * 1024
 KDF_ITERATIONS = 3
 KDF_LANES = 4
 SALT_BYTES = 16
+MAX_KDF_MEMORY_KIB = 4 * 1024 * 1024  # 4 GiB
 AEAD = "aes-256-gcm"
 
 SNAPSHOT_MAGIC = b"DFSSEAL\n"  # a sealed metadata snapshot; plain dumps start DFSMETA\n or with SQLite's header
@@ -113,12 +114,18 @@ class Keyring:
                 raise UserError(f"keyring version {version} is newer than this dfsfuse ({KEYRING_VERSION})")
             if fields["kdf"] != KDF or fields["aead"] != AEAD:
                 raise UserError(f"keyring uses {fields['kdf']} and {fields['aead']}; this dfsfuse knows {KDF}, {AEAD}")
-            return cls(
+            keyring = cls(
                 salt=bytes.fromhex(fields["salt"]), wrapped=bytes.fromhex(fields["key"]), memory_kib=int(fields["m"]),
                 iterations=int(fields["t"]), lanes=int(fields["p"]),
             )
         except (ValueError, KeyError, TypeError):
             raise UserError("the file system's keyring is unreadable") from None
+        # Bounds, since restore reads a keyring from a snapshot on an untrusted node:
+        # parameters that would take all memory or hours are refused, not tried.
+        if not (8 * keyring.lanes <= keyring.memory_kib <= MAX_KDF_MEMORY_KIB and 1 <= keyring.iterations <= 64
+                and 1 <= keyring.lanes <= 64):
+            raise UserError("the file system's keyring has Argon2id parameters out of bounds")
+        return keyring
 
     def derive(self, passphrase: bytes) -> bytes:
         """The passphrase key (Argon2id, about 0.15 s and 64 MiB)."""

@@ -76,6 +76,8 @@ def test_the_keyring_unwraps_only_with_its_passphrase(key, tmp_path):
         sealing.Keyring.from_bytes(stored.replace(b'"v":1', b'"v":2'))
     with pytest.raises(UserError, match="unreadable"):
         sealing.Keyring.from_bytes(b"{}")
+    with pytest.raises(UserError, match="out of bounds"):
+        sealing.Keyring.from_bytes(stored.replace(b'"m":65536', b'"m":1099511627776'))
 
 
 def test_key_files_are_checked(tmp_path):
