@@ -69,6 +69,9 @@ PACK_LIMIT = 64 << 20  # a pack this large is sealed and a new one started
 COMPACT_DEAD_SHARE = 0.5  # a sealed pack is compacted once this share of it is dead
 COPY_BATCH = 4 << 20  # bytes of live records compaction copies per append
 _IN_FILE = -1  # in the index's pack column: the replica is a file of its own
+# Ids from here up are metadata snapshots (docs/formats.md), never packed: a
+# restore after a disaster may have nothing but one node's files to work from.
+FILE_IDS_FROM = 2**63
 
 _MAX_SHARD_ID = 2**64 - 1
 _T = TypeVar("_T")
@@ -226,7 +229,7 @@ class LocalStore(NodeStore):
     # -- NodeStore ---------------------------------------------------------
     async def put(self, shard_id: int, parts: Sequence[Buffer], sync: bool) -> None:
         path = self._path(shard_id)
-        if sum(memoryview(part).nbytes for part in parts) < self.pack_below:
+        if shard_id < FILE_IDS_FROM and sum(memoryview(part).nbytes for part in parts) < self.pack_below:
             await self._put_packed(shard_id, parts, sync)
             return
         size = await self._run("write", path, self._put_sync, shard_id, path, parts, sync)
