@@ -29,6 +29,12 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
                         help="a file (mode 600) holding the database password; else libpq's PGPASSFILE or ~/.pgpass")
 
 
+def _add_key_file_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--key-file", metavar="FILE",
+                        help="the encrypted file system's passphrase, a file only its owner may read"
+                        " (default: [encryption] key_file)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dfsfuse", description="A sharded, replicated FUSE file system.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -38,10 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
     format_command.add_argument("--replicas", type=int, metavar="N", help="copies of every shard (default 2)")
     format_command.add_argument("--shard-size", metavar="SIZE", help="bytes of file data per shard (default 4MiB)")
     format_command.add_argument("--block-size", metavar="SIZE", help="checksum block of a replica (default 64KiB)")
+    format_command.add_argument("--encrypt", action="store_true",
+                                help="encrypt everything the node stores hold, under the passphrase in --key-file")
+    _add_key_file_option(format_command)
 
     mount = commands.add_parser("mount", help="mount the file system")
     mount.add_argument("mountpoint", metavar="MOUNTPOINT")
     _add_data_options(mount)
+    _add_key_file_option(mount)
     mount.add_argument("--foreground", action="store_true", help="stay in the foreground, logging to stderr")
     mount.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT...]",
                        help="mount options: allow_other, ro, nosuid, nodev, noexec, noatime;"
@@ -94,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="a node server of the cluster, or a node store directory on this machine")
     restore.add_argument("--secret-file", metavar="FILE", help="the cluster secret (for a node server)")
     _add_data_options(restore)
+    _add_key_file_option(restore)
 
     trash = commands.add_parser("trash", help="deleted and overwritten files kept in MOUNT/.trash")
     trash_commands = trash.add_subparsers(dest="trash_command", required=True, metavar="COMMAND")
@@ -150,12 +161,13 @@ def run(argv: list[str]) -> int:
         names = {"replicas": args.replicas, "shard_size": args.shard_size, "block_size": args.block_size}
         overrides = {name: value for name, value in names.items() if value is not None}
     config = config_module.load(
-        args.data_dir, args.config, meta_url=args.meta, meta_password_file=args.meta_password_file, overrides=overrides
+        args.data_dir, args.config, meta_url=args.meta, meta_password_file=args.meta_password_file,
+        key_file=getattr(args, "key_file", None), overrides=overrides,
     )
     if args.command == "format":
         from .format import format_file_system
 
-        return format_file_system(config, args.replicas)
+        return format_file_system(config, args.replicas, args.encrypt)
     if args.command == "node":
         if args.node_command == "list":
             from .cluster.commands import print_node_list

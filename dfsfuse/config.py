@@ -22,6 +22,8 @@ local node stores inside it. A config file may set:
     url = "postgresql://dfs@db.example/dfs?sslmode=verify-full"  # postgresql: the database (or --meta)
     password_file = "/etc/dfs/pgpass"  # postgresql: its password (or libpq's PGPASSFILE/.pgpass)
     session_timeout = 60          # seconds without a heartbeat after which another mount reclaims a mount's session
+    [encryption]
+    key_file = "/etc/dfs/fs.key"  # an encrypted file system's passphrase (mode 600); --key-file wins
     [[nodes]]                     # node stores; default: three under the data dir
     name = "disk1"
     path = "/srv/dfs1"            # a local directory
@@ -91,6 +93,7 @@ class Config:
     trash_days: float = 1.0  # how long deleted files stay in the trash (dfsfuse/metadata/trash.py); 0: off
     trash_sweep_interval: float = 300.0  # seconds between the mount's looks for expired files in the trash
     compression: str = ""  # how new shards are compressed ("", "zstd", "lz4"); user.dfs.compression wins
+    key_file: Path | None = None  # an encrypted file system's passphrase (--key-file, [encryption] key_file)
     # Whether shard_size or block_size were set (config file, format flags): if
     # not, a command takes the ones the file system was made with.
     layout_given: bool = False
@@ -153,13 +156,15 @@ def load(
     *,
     meta_url: str | None = None,
     meta_password_file: str | None = None,
+    key_file: str | None = None,
     overrides: dict | None = None,
 ) -> Config:
     """Build the configuration; every mistake is a one-line UserError.
 
     `meta_url` and `meta_password_file` (the command line's --meta and
     --meta-password-file) win over the config's [metadata] url and
-    password_file; `overrides` win over the config's top-level settings.
+    password_file, `key_file` (--key-file) over [encryption] key_file;
+    `overrides` win over the config's top-level settings.
     """
     settings: dict = {}
     if config_file is not None:
@@ -173,7 +178,7 @@ def load(
     known = {
         "data_dir", "replicas", "write_quorum", "secret_file", "tls_ca_file", "shard_size", "block_size", "cache", "nodes",
         "snapshot_interval", "metadata", "metrics", "trash_days", "trash_sweep_interval",
-        "compression",
+        "compression", "encryption",
     }
     _reject_unknown(settings, known, "")
     cache = settings.get("cache", {})
@@ -218,6 +223,7 @@ def load(
         trash_days=_trash_days(settings),
         trash_sweep_interval=_trash_sweep_interval(settings),
         compression=parse_compression(str(_expect(settings, "compression", str, default="off")), "config"),
+        key_file=_key_file(settings, key_file),
         **_metadata_settings(settings, meta_url, meta_password_file),
     )
 
@@ -249,6 +255,18 @@ def _metadata_settings(settings: dict, meta_url: str | None, meta_password_file:
         "metadata_password_file": None if password_file is None else Path(password_file).expanduser().absolute(),
         "session_timeout": float(session_timeout),
     }
+
+
+def _key_file(settings: dict, flag: str | None) -> Path | None:
+    """--key-file, else [encryption] key_file; read only by the commands
+    that need the key (format --encrypt, mount, restore), so that the others
+    run on machines without it."""
+    table = settings.get("encryption", {})
+    if not isinstance(table, dict):
+        raise UserError("config: [encryption] must be a table")
+    _reject_unknown(table, {"key_file"}, "encryption.")
+    path = flag or _expect(table, "key_file", str, default="") or None
+    return None if path is None else Path(path).expanduser().absolute()
 
 
 def check_write_buffer(write_buffer: int, shard_size: int) -> None:

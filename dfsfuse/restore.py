@@ -4,7 +4,9 @@ For when the machine that mounted the file system is gone (its metadata
 with it); dfsfuse.cluster.snapshots describes the snapshots. In order:
 1. a data dir that already holds a file system is refused;
 2. the snapshots on the node named on the command line are read newest
-   first, and the first that verifies is taken;
+   first, and the first that verifies is taken (a sealed one, of an
+   encrypted file system, is opened with the key from --key-file and the
+   keyring the snapshot carries: dfsfuse.shards.sealing);
 3. the snapshot's node registry names the rest of the cluster: each of those
    nodes that answers is asked for a newer snapshot that verifies;
 4. the shard id counter is moved past every shard id found on the nodes
@@ -52,8 +54,31 @@ from .metadata.base import NODE_ACTIVE, MetadataStore, NodeRecord
 from .metadata.engines import load_dump, metadata_exists, open_dump
 from .node.secret import load_secret
 from .shards.replica import ReplicaCorrupt
+from .shards.sealing import FileSystemKey, is_sealed_snapshot, snapshot_key
 from .storage.base import NodeStore
 from .storage.local import LocalStore
+
+
+class _SnapshotOpener:
+    """The metadata dumps in stored snapshots: sealed ones are opened with
+    the key file's passphrase (one key derivation for the whole restore)."""
+
+    def __init__(self, key_file: Path | None):
+        self._key_file = key_file
+        self._key: FileSystemKey | None = None
+
+    async def dump(self, snapshot_id: int, stored: bytes) -> bytes:
+        """The dump; ReplicaCorrupt if a sealed one does not authenticate,
+        a one-line UserError if the key file is missing, wrong or not wanted."""
+        if not is_sealed_snapshot(stored):
+            if self._key_file is not None:
+                raise UserError("the metadata snapshots are not encrypted; restore without a key file")
+            return stored
+        if self._key_file is None:
+            raise UserError("the metadata snapshots are encrypted: give the file system's key file with --key-file FILE")
+        if self._key is None:
+            self._key = await trio.to_thread.run_sync(snapshot_key, stored, self._key_file)
+        return self._key.open_snapshot(snapshot_id, stored)
 
 
 @dataclasses.dataclass
@@ -91,11 +116,12 @@ def restore(config: Config, node: str, secret_file: str | None) -> int:
 
 async def _restore(config: Config, node: str) -> tuple[_Snapshot, int]:
     stores: list[NodeStore] = []
+    opener = _SnapshotOpener(config.key_file)
     try:
         source = await _open_source(node, config)
         stores.append(source)
         try:
-            snapshot = await _newest_verified(source, describe_address(node), newer_than=0)
+            snapshot = await _newest_verified(source, describe_address(node), opener, newer_than=0)
         except DfsError as error:
             raise UserError(f"cannot read the snapshots on {node}: {error}") from None
         if snapshot is None:
@@ -103,7 +129,7 @@ async def _restore(config: Config, node: str) -> tuple[_Snapshot, int]:
         for peer in await _registered_peers(snapshot.dump, source, config):
             stores.append(peer)
             try:
-                newer = await _newest_verified(peer, f"node {peer.name}", newer_than=snapshot.snapshot_id)
+                newer = await _newest_verified(peer, f"node {peer.name}", opener, newer_than=snapshot.snapshot_id)
             except DfsError as error:
                 print(f"node {peer.name} not asked for a newer snapshot: {error}")
                 continue
@@ -145,15 +171,18 @@ async def _open_source(node: str, config: Config) -> NodeStore:
     return RemoteStore(name, where.host, where.port, secret, ssl_context=tls)
 
 
-async def _newest_verified(store: NodeStore, where: str, newer_than: int) -> _Snapshot | None:
+async def _newest_verified(
+    store: NodeStore, where: str, opener: _SnapshotOpener, newer_than: int
+) -> _Snapshot | None:
     """The store's newest snapshot newer than `newer_than` whose replica
-    verifies, or None; a bad one is reported and an older one tried.
-    DfsError if the store cannot be read at all."""
+    verifies (and, sealed, authenticates), or None; a bad one is reported
+    and an older one tried. DfsError if the store cannot be read at all."""
     for snapshot_id in reversed(await snapshot_ids(store)):
         if snapshot_id <= newer_than:
             break
         try:
-            return _Snapshot(snapshot_id, await read_snapshot(store, snapshot_id), where)
+            dump = await opener.dump(snapshot_id, await read_snapshot(store, snapshot_id))
+            return _Snapshot(snapshot_id, dump, where)
         except (ReplicaCorrupt, ShardMissing) as error:
             print(f"snapshot {snapshot_id} on {where} does not verify ({error}); trying an older one")
     return None

@@ -43,10 +43,12 @@ from .datadir import DataDirLock, mountpoint_of, prepare_data_dir, require_file_
 from .errors import UserError
 from .metadata.base import NODE_ACTIVE, MetadataStore, NodeRecord
 from .metadata.cache import CachedMetadata
-from .metadata.engines import is_shared, mount_creates, open_engine
+from .metadata.engines import is_shared, metadata_exists, mount_creates, open_engine
 from .shards.cache import ShardCache
 from .shards.garbage import GarbageCollector
+from .shards.objects import ObjectCodec
 from .shards.replicator import Replicator
+from .shards.sealing import FileSystemKey, mount_key
 from .storage.base import NodeStore, StoreStat
 from .vfs.filesystem import FileSystem
 from .vfs.reader import ReadServices
@@ -71,13 +73,19 @@ class Components:
     nodes: list[NodeRecord]  # the registry when the stores were opened, by name
     access: NodeAccess  # how node servers are reached
     config: Config  # the config, with the shard and block size the file system was made with
+    key: FileSystemKey | None  # with `unlock`, an encrypted file system's key (what the replicator seals with)
 
 
 @contextlib.asynccontextmanager
-async def open_components(config: Config, cached: bool, create: bool = False) -> AsyncIterator[Components]:
+async def open_components(
+    config: Config, cached: bool, create: bool = False, unlock: bool = False
+) -> AsyncIterator[Components]:
     """Open the metadata engine and the node stores its registry lists (a
     store that cannot be opened is stood in for by an UnreachableStore);
-    with `create`, a file system is made if the metadata holds none.
+    with `create`, a file system is made if the metadata holds none. With
+    `unlock` (a mount), an encrypted file system is unlocked with the config's
+    key file and the replicator seals and opens objects; without it (the
+    commands, which only move and verify payloads), no key is read.
 
     An empty registry is seeded with the config's [[nodes]] first. A config
     that does not set shard_size and block_size takes the file system's (a
@@ -88,6 +96,7 @@ async def open_components(config: Config, cached: bool, create: bool = False) ->
     meta: MetadataStore = CachedMetadata(engine, config.metadata_entries) if cached else engine
     stores: list[NodeStore] = []
     try:
+        key = await mount_key(meta, config.key_file, config.metadata.where) if unlock else None
         recorded = await meta.layout(config.shard_size, config.block_size)
         if recorded != (config.shard_size, config.block_size):
             if config.layout_given:
@@ -106,9 +115,11 @@ async def open_components(config: Config, cached: bool, create: bool = False) ->
         access = NodeAccess.from_config(config)
         for node in nodes:
             stores.append(await open_store_or_stand_in(node, access))
-        replicator = Replicator(stores, config.replicas, config.block_size, write_quorum=config.write_quorum)
+        replicator = Replicator(
+            stores, config.replicas, config.block_size, write_quorum=config.write_quorum, codec=ObjectCodec(key)
+        )
         replicator.update_nodes(stores, [node.name for node in nodes if node.state == NODE_ACTIVE])
-        yield Components(meta, stores, replicator, nodes, access, config)
+        yield Components(meta, stores, replicator, nodes, access, config, key)
     finally:
         with trio.CancelScope(shield=True):
             for store in stores:
@@ -264,6 +275,11 @@ def mount(config: Config, mountpoint: str, options: list[str], foreground: bool)
                 "this pyfuse3 lacks dfsfuse's lock patch, so file locks would not reach other mounts;"
                 " run scripts/install.sh (docs/pyfuse3-patch.md)"
             )
+    if config.key_file is not None and not metadata_exists(config.metadata):
+        raise UserError(
+            f"{config.metadata.where} holds no file system yet;"
+            f" make an encrypted one with: dfsfuse format --encrypt --key-file {config.key_file}"
+        )
     prepare_data_dir(config)
     lock = DataDirLock(config.lock_path)
     active = mountpoint_of(config)
@@ -336,7 +352,7 @@ def _run_mount(config: Config, mountpoint: str, options: list[str], ready: Calla
             return await mounted()
 
     async def mounted() -> int:
-        async with open_components(config, cached=True, create=mount_creates(config.metadata)) as parts:
+        async with open_components(config, cached=True, create=mount_creates(config.metadata), unlock=True) as parts:
             session = await MountSession.open(parts.meta, mountpoint, config.session_timeout)
             quotas = QuotaGuard(parts.meta)
             async with trio.open_nursery() as nursery:
@@ -378,7 +394,7 @@ async def _start_cluster_services(
     maintenance_lock = trio.Lock()  # one cluster operation or repair pass at a time
     await nursery.start(ControlServer(config.control_socket_path, cluster, maintenance_lock, TREE_OPERATIONS).run)
     await nursery.start(background_repair, cluster, maintenance_lock)
-    snapshots = SnapshotWriter(parts.meta, parts.replicator)
+    snapshots = SnapshotWriter(parts.meta, parts.replicator, parts.key)
     if config.snapshot_interval:
         await nursery.start(snapshots.run, config.snapshot_interval)
     return snapshots

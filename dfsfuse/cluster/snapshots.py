@@ -20,6 +20,12 @@ SNAPSHOT_ID_BASE (2**63) plus the snapshot's time in milliseconds, so the
 newest snapshot has the highest id. The newest KEEP_SNAPSHOTS are kept;
 older ones are deleted from every store after each new one is written.
 
+On an encrypted file system the dump is sealed under the file system's key
+in an envelope that carries the keyring (dfsfuse.shards.sealing), so the
+node servers never see the metadata either, and `dfsfuse restore
+--key-file` opens it without any other metadata. The replica checksums
+cover the sealed bytes: verifying a snapshot needs no key.
+
 Snapshot replicas are not shards of any file: fsck does not count them as
 orphans, and drain, rebalance and repair, which walk the metadata's shards,
 leave them where they are; the next snapshot is placed on the nodes writable
@@ -40,6 +46,7 @@ from dfsfuse.metadata.base import MetadataStore
 from dfsfuse.shards import replica
 from dfsfuse.shards.policy import StoragePolicy
 from dfsfuse.shards.replicator import Replicator
+from dfsfuse.shards.sealing import FileSystemKey
 from dfsfuse.storage.base import NodeStore
 
 log = logging.getLogger("dfsfuse.snapshots")
@@ -79,11 +86,13 @@ async def read_snapshot(store: NodeStore, snapshot_id: int) -> bytes:
 
 
 class SnapshotWriter:
-    """Writes metadata snapshots through the mount's Replicator and prunes old ones."""
+    """Writes metadata snapshots through the mount's Replicator and prunes
+    old ones; with `key` (an encrypted file system), each is sealed first."""
 
-    def __init__(self, meta: MetadataStore, replicator: Replicator):
+    def __init__(self, meta: MetadataStore, replicator: Replicator, key: FileSystemKey | None = None):
         self._meta = meta
         self._replicator = replicator
+        self._key = key
         self._last_id = 0
 
     async def write(self) -> int:
@@ -92,6 +101,8 @@ class SnapshotWriter:
         snapshot could not be stored on W nodes."""
         dump = await self._meta.snapshot()
         snapshot_id = max(SNAPSHOT_ID_BASE + time.time_ns() // 1_000_000, self._last_id + 1)
+        if self._key is not None:
+            dump = await trio.to_thread.run_sync(self._key.seal_snapshot, snapshot_id, dump)
         everywhere = len(self._replicator.writable)
         ref = await self._replicator.write(
             snapshot_id, dump, sync=True, policy=StoragePolicy(replicas=everywhere), raw=True

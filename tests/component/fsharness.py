@@ -127,7 +127,13 @@ class FaultyStore(LocalStore):
     - `sync_gate`, `syncs_waiting`: the same for sync().
     - `durable`: shard ids whose replica here was put with sync=True or synced
       by sync() since its last put (what fsync must have made durable).
+
+    Every replica is a file (no packs), so that tests can find and damage
+    replicas on disk; packs have tests of their own (tests/unit/test_packs.py,
+    tests/integration/test_packs.py).
     """
+
+    pack_below = 0
 
     def __init__(self, name: str, root: str):
         super().__init__(name, root)

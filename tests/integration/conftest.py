@@ -235,8 +235,19 @@ def mount(request, test_root):
     base = test_root / _safe(request.module.__name__.rsplit(".", 1)[-1])
     if kind != "local":
         base = base.with_name(base.name + "-" + kind)
-    factory = MountFactory(base, request.node.nodeid)
     config = getattr(request.module, "MOUNT_CONFIG", None)
+    with module_file_system(request, base, kind, config, getattr(request.module, "MOUNT_OPTIONS", None)) as mount:
+        yield mount
+
+
+@contextlib.contextmanager
+def module_file_system(
+    request, base: Path, kind: str, config: str | None, options: list[str] | None, format_args: tuple[str, ...] = ()
+) -> Iterator[dfstest.Mount]:
+    """A mounted file system in `base` for a module fixture, of `kind` (see
+    `mount`); formatted with `dfsfuse format FORMAT_ARGS` first when they are
+    given or the metadata is PostgreSQL's; all of it stopped and removed at the end."""
+    factory = MountFactory(base, request.node.nodeid)
     servers: list[dfstest.NodeServer] = []
     database = None
     try:
@@ -252,12 +263,11 @@ def mount(request, test_root):
                 servers.append(dfstest.NodeServer(base / "servers", name, secret))
                 servers[-1].start()
             config = dfstest.remote_config(servers, secret, config or "")
-        mount = factory.new("module", config=config, options=getattr(request.module, "MOUNT_OPTIONS", None),
-                            start=False)
+        mount = factory.new("module", config=config, options=options, start=False)
         if servers:
             mount.node_roots = [server.data for server in servers]
-        if database is not None:
-            dfstest.dfsfuse_cli("format", *mount._data_args())
+        if database is not None or format_args:
+            dfstest.dfsfuse_cli("format", *format_args, *mount._data_args())
         mount.start()
         yield mount
     finally:

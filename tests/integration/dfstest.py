@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import errno
 import hashlib
 import json
@@ -402,6 +403,65 @@ class Mount:
                         assert sub.name == replica.name[-2:], f"replica {replica} in the wrong directory"
                         shards.setdefault(replica.name, []).append(replica)
         return shards
+
+    def held_replicas(self) -> dict[str, list[HeldReplica]]:
+        """shard id (16 hex digits) -> every replica the node stores hold of
+        it, as its own file or as a record in a pack (read without changing
+        anything: the stores may be open); metadata snapshots left out."""
+        held: dict[str, list[HeldReplica]] = {}
+        packed_by_node = {node: _packed_records(node) for node in self.node_dirs()}
+        for node, packed in packed_by_node.items():
+            for shard, replica in packed.items():
+                held.setdefault(f"{shard:016x}", []).append(replica)
+        for shard, files in self.replica_files().items():
+            for file in files:
+                if int(shard, 16) not in packed_by_node.get(file.parents[2], {}):
+                    held.setdefault(shard, []).append(HeldReplica(file.parents[2], file.stat().st_size, file, 0))
+        return held
+
+
+@dataclasses.dataclass(frozen=True)
+class HeldReplica:
+    node: Path  # the root of the node store that holds it
+    size: int  # bytes of the replica
+    path: Path  # its own file, or the pack holding it
+    offset: int  # where it starts in `path`
+
+    @property
+    def packed(self) -> bool:
+        return self.path.suffix == ".pack"
+
+    def read_bytes(self) -> bytes:
+        with open(self.path, "rb") as handle:
+            handle.seek(self.offset)
+            return handle.read(self.size)
+
+
+def _packed_records(node: Path) -> dict[int, HeldReplica]:
+    """Shard id -> the live record of it in a node store's packs
+    (docs/formats.md "Pack files"), read only: the later record of an id
+    wins, records named in their pack's dead log are dead, scanning a pack
+    stops at a damaged or torn record."""
+    from dfsfuse.storage import packs
+
+    directory = node / "packs"
+    live: dict[int, HeldReplica] = {}
+    if not directory.is_dir():
+        return live
+    for path in sorted(directory.glob("*.pack")):
+        data = path.read_bytes()
+        dead_path = path.with_suffix(".dead")
+        dead_bytes = dead_path.read_bytes() if dead_path.exists() else b""
+        dead = set(packs.DEAD_ENTRY.iter_unpack(dead_bytes[: len(dead_bytes) - len(dead_bytes) % packs.DEAD_ENTRY.size]))
+        offset = packs.PACK_HEADER.size
+        while offset + packs.RECORD.size <= len(data):
+            magic, _, shard, length = packs.RECORD.unpack_from(data, offset)
+            if magic != packs.RECORD_MAGIC or offset + packs.RECORD.size + length > len(data):
+                break
+            if (shard, offset) not in dead and shard < 2**63:
+                live[shard] = HeldReplica(node, length, path, offset + packs.RECORD.size)
+            offset += packs.RECORD.size + length
+    return live
 
 
 # --------------------------------------------------------------- node servers

@@ -76,8 +76,8 @@ def erasure_coded_dir(path: Path, *extra: tuple[str, str]) -> Path:
 
 
 def copies_per_shard(fs) -> dict[str, int]:
-    """shard id -> how many node servers hold a file of it (a replica or a fragment)."""
-    return {shard: len(paths) for shard, paths in fs.replica_files().items()}
+    """shard id -> how many node servers hold a replica or fragment of it (a file, or a record in a pack)."""
+    return {shard: len(held) for shard, held in fs.held_replicas().items()}
 
 
 @pytest.mark.timeout(300)
@@ -144,7 +144,7 @@ def test_a_mixed_tree_and_fragments_lost_or_damaged_behind_the_nodes_backs(clust
 
     fs.remount()  # nothing cached: the reads below go to the node servers
     shard = fragmented[0]
-    lost, damaged = fs.replica_files()[shard][:2]
+    lost, damaged = [held.path for held in fs.held_replicas()[shard][:2]]  # 1 MiB fragments: files
     kept = {lost: lost.read_bytes(), damaged: damaged.read_bytes()}
     lost.unlink()
     spoiled = bytearray(kept[damaged])

@@ -189,11 +189,11 @@ def test_a_file_written_on_m1_reads_back_and_lands_on_both_node_servers(m1):
     write_file(m1 / "file", data, fsync=True)
     drop_caches()
     assert read_file(m1 / "file") == data
-    replicas = m1.replica_files()
+    replicas = m1.held_replicas()
     assert len(replicas) >= 4, replicas  # 4 shards
     assert all(len(copies) == 2 for copies in replicas.values()), replicas  # replicas = 2
     for server in m1.node_roots:
-        assert any(server in copy.parents for copies in replicas.values() for copy in copies), server
+        assert any(copy.node == server for copies in replicas.values() for copy in copies), server
 
 
 def test_status_from_m1_sees_both_node_servers_at_their_addresses(cluster, m1):

@@ -195,11 +195,14 @@ class TrioFrames:
 
 
 def layout_problems(data_dir: Path) -> list[str]:
-    """Files in a node's directory outside its layout (STORE, shards/<xx>/<16 hex>, tmp/)."""
+    """Files in a node's directory outside its layout (STORE, shards/<xx>/<16 hex>,
+    packs/<10 digits>.pack|.dead, tmp/)."""
     problems = []
     for path in sorted(data_dir.rglob("*")):
         relative = path.relative_to(data_dir).as_posix()
-        if relative in ("STORE", "shards", "tmp") or re.fullmatch(r"shards/[0-9a-f]{2}", relative):
+        if relative in ("STORE", "shards", "tmp", "packs") or re.fullmatch(r"shards/[0-9a-f]{2}", relative):
+            continue
+        if re.fullmatch(r"packs/[0-9]{10}\.(pack|dead)", relative) and path.is_file():
             continue
         match = re.fullmatch(r"shards/([0-9a-f]{2})/([0-9a-f]{14}([0-9a-f]{2}))", relative)
         if not (match and match[1] == match[3] and path.is_file()):

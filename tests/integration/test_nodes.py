@@ -76,7 +76,7 @@ def assert_files(root, digests: dict[str, str]) -> None:
 
 def placement(fs) -> dict[int, set[str]]:
     """Shard id -> the nodes whose directories hold a replica of it."""
-    return {int(shard, 16): {path.parents[2].name for path in paths} for shard, paths in fs.replica_files().items()}
+    return {int(shard, 16): {held.node.name for held in replicas} for shard, replicas in fs.held_replicas().items()}
 
 
 def node_rows(fs) -> dict[str, dict[str, str]]:
@@ -231,7 +231,7 @@ def test_node_list_shows_state_usage_and_who_answers(fs):
         assert row["state"] == "active" and row["alive"] == "yes", row
         assert row["address"] == str(fs.data_dir / "nodes" / name)
         assert int(row["capacity"]) > 0 and row["seen"].endswith("s ago"), row
-    assert sum(int(row["shards"]) for row in rows.values()) == sum(len(p) for p in fs.replica_files().values())
+    assert sum(int(row["shards"]) for row in rows.values()) == sum(len(p) for p in fs.held_replicas().values())
 
     # The disk of node3 "goes away": a file where its directory was.
     gone = fs.data_dir / "nodes" / "node3"
@@ -278,14 +278,14 @@ def test_a_directory_replica_count_applies_to_new_files(fs):
         result = run(["setfattr", "-n", "user.dfs.replicas", "-v", bad, three], check=False)
         assert result.returncode != 0 and "Invalid argument" in result.stderr, result.stderr
 
-    before = set(fs.replica_files())
+    before = set(fs.held_replicas())
     write_file(three / "sub" / "a", os.urandom(600 * KiB), fsync=True)  # 3 shards
-    in_three = {shard: paths for shard, paths in fs.replica_files().items() if shard not in before}
+    in_three = {shard: paths for shard, paths in fs.held_replicas().items() if shard not in before}
     assert len(in_three) == 3 and all(len(paths) == 3 for paths in in_three.values()), in_three
 
-    before = set(fs.replica_files())
+    before = set(fs.held_replicas())
     write_file(one / "b", os.urandom(300 * KiB), fsync=True)  # 2 shards
-    in_one = {shard: paths for shard, paths in fs.replica_files().items() if shard not in before}
+    in_one = {shard: paths for shard, paths in fs.held_replicas().items() if shard not in before}
     assert len(in_one) == 2 and all(len(paths) == 1 for paths in in_one.values()), in_one
     assert parse_status(fs.status(as_json=True))["under_replicated"] == 0
 

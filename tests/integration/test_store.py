@@ -81,16 +81,25 @@ def test_replicas_are_placed_on_distinct_nodes(fs):
     data = os.urandom(4 * MiB + 100)
     write_file(fs / "f", data, fsync=True)
     fs.stop()
-    shards = fs.replica_files()
+    shards = fs.held_replicas()
     assert len(shards) == 5, f"expected 5 shards of a 4 MiB + 100 B file, found {sorted(shards)}"
     nodes_used = set()
     for shard_id, replicas in shards.items():
-        nodes = {replica.parents[2].name for replica in replicas}
+        nodes = {replica.node.name for replica in replicas}
         assert len(replicas) == 2 and len(nodes) == 2, f"shard {shard_id}: replicas {replicas}"
         nodes_used |= nodes
     assert len(nodes_used) == 3, "rendezvous placement should spread five shards over all three nodes"
-    by_index = _map_shards(fs, data)
+    slices = _shard_slices(data)
+    by_index: dict[int, list] = {}
+    for replicas in shards.values():  # the 100 B shard is a record in a pack; the others are files
+        for replica in replicas:
+            content = replica.read_bytes()
+            for chunk, index in slices.items():
+                if content.endswith(chunk):
+                    by_index.setdefault(index, []).append(replica)
+                    break
     assert sorted(by_index) == [0, 1, 2, 3, 4] and all(len(r) == 2 for r in by_index.values()), by_index
+    assert [replica.packed for replica in by_index[4]] == [True, True]
     fs.start()
     assert read_file(fs / "f") == data
 
@@ -284,17 +293,17 @@ def test_small_overwrites_are_stored_as_patches_and_survive_a_remount(fs, tmp_pa
     data = os.urandom(3 * MiB)
     model.write_bytes(data)
     write_file(fs / "big", data, fsync=True)
-    whole = set(fs.replica_files())
+    whole = set(fs.held_replicas())
     for block in (300, 301, 700):  # pages of shard 1 (1 MiB shards): three closes, three patches
         patch = tmp_path / f"patch{block}"
         patch.write_bytes(os.urandom(4 * KiB))
         for target in (fs / "big", model):
             run(["dd", f"if={patch}", f"of={target}", "bs=4096", f"seek={block}", "conv=notrunc", "status=none"])
-    new = {shard: replicas for shard, replicas in fs.replica_files().items() if shard not in whole}
+    new = {shard: replicas for shard, replicas in fs.held_replicas().items() if shard not in whole}
     assert len(new) == 3, new
-    assert set(fs.replica_files()) >= whole  # the shards stay; the patches go on top
+    assert set(fs.held_replicas()) >= whole  # the shards stay; the patches go on top
     for replicas in new.values():
-        assert len(replicas) == 2 and all(replica.stat().st_size < 8 * KiB for replica in replicas)
+        assert len(replicas) == 2 and all(replica.size < 8 * KiB for replica in replicas)
     run(["cmp", fs / "big", model])
     fs.remount()
     run(["cmp", fs / "big", model])

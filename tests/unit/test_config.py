@@ -141,3 +141,14 @@ def test_metrics_listen_is_off_by_default(tmp_path):
     path.write_text('[metrics]\nlisten = "[::1]:9567"\n')
     assert config.load(str(tmp_path), str(path)).metrics_listen == "[::1]:9567"
     assert config.parse_metrics_listen("[::1]:9567") == ("::1", 9567)
+
+
+def test_the_key_file_flag_wins_over_the_encryption_table(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[encryption]\nkey_file = "~/fs.key"\n')
+    assert config.load(str(tmp_path / "data")).key_file is None
+    assert config.load(str(tmp_path / "data"), str(path)).key_file == Path.home() / "fs.key"
+    assert config.load(str(tmp_path / "data"), str(path), key_file="/k").key_file == Path("/k")
+    path.write_text('[encryption]\nkey = "x"\n')
+    with pytest.raises(UserError, match="unknown setting encryption.key"):
+        config.load(str(tmp_path / "data"), str(path))

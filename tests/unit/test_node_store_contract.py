@@ -329,14 +329,19 @@ def test_leftover_temporaries_are_removed_on_open(harness):
 
 
 def test_local_layout_on_disk(tmp_path):
+    big = os.urandom(local.PACK_BELOW)
+
     async def main() -> None:
         store = await LocalStore.open("node-1", str(tmp_path))
-        await store.put(0x1234ABCD, [b"replica"], sync=True)
+        await store.put(0x1234ABCD, [big], sync=True)
+        await store.put(0x99, [b"small replica"], sync=True)
 
     trio.run(main)
-    assert (tmp_path / "shards" / "cd" / "000000001234abcd").read_bytes() == b"replica"
+    assert (tmp_path / "shards" / "cd" / "000000001234abcd").read_bytes() == big
     assert replica_name(0x1234ABCD) == os.path.join("shards", "cd", "000000001234abcd")
-    assert (tmp_path / "STORE").read_text() == '{"format": 1, "name": "node-1"}\n'
+    assert not (tmp_path / replica_name(0x99)).exists()
+    assert b"small replica" in (tmp_path / "packs" / "0000000001.pack").read_bytes()
+    assert (tmp_path / "STORE").read_text() == '{"format": 2, "name": "node-1"}\n'
     assert (tmp_path / "tmp").is_dir()
 
 
@@ -401,9 +406,10 @@ def test_local_spool_appended_and_committed_is_a_replica(tmp_path):
         empty = await store.open_spool(8)
         await empty.commit(sync=False)
         assert await store.read(8, [(0, -1)]) == [b""]
+        reopened = await LocalStore.open("node-1", str(tmp_path))
+        assert await reopened.read(7, [(0, -1)]) == [b"hello spooled world"]
 
     trio.run(main)
-    assert (tmp_path / replica_name(7)).read_bytes() == b"hello spooled world"
     assert list((tmp_path / "tmp").iterdir()) == []
 
 

@@ -83,6 +83,7 @@ class Cluster:
         for name in NAMES:
             store_type = self.store_types.get(name, LocalStore)
             self.stores[name] = await store_type.open(name, str(self.root(name)))
+            self.stores[name].pack_below = 0  # replica files, which tests damage on disk
         return ObservedReplicator(list(self.stores.values()), replicas, block_size, **kwargs)
 
     def assert_replica_verifies(self, name: str, ref: ShardRef, block_size: int = BLOCK) -> None:
@@ -464,6 +465,7 @@ def test_sync_durably_remakes_replicas_of_a_node_that_died_since_the_write(tmp_p
         for name in NAMES:
             cluster.stores[name] = await (DyingStore if name in NAMES[:dying] else LocalStore).open(
                 name, str(cluster.root(name)))
+            cluster.stores[name].pack_below = 0  # replica files, which the test looks at on disk
         replicator = Replicator(list(cluster.stores.values()), 2, BLOCK)
         data = os.urandom(3 * BLOCK + 5)
         ref = await replicator.write(shard_id, data, sync=False)
