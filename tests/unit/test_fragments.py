@@ -14,8 +14,9 @@ from test_replicator import DyingStore, FullStore, flip_byte
 
 from dfsfuse.errors import DataError, NoSpace, StoreUnavailable
 from dfsfuse.metadata.base import ShardRef
-from dfsfuse.shards import erasure, replica
+from dfsfuse.shards import erasure, replica, sealing
 from dfsfuse.shards.checksum import shard_checksum
+from dfsfuse.shards.objects import ObjectCodec
 from dfsfuse.shards.placement import place
 from dfsfuse.shards.policy import StoragePolicy
 from dfsfuse.shards.replicator import Replicator
@@ -37,10 +38,11 @@ class Cluster:
     def path(self, name: str, shard_id: int) -> pathlib.Path:
         return self.tmp_path / name / replica_name(shard_id)
 
-    async def open(self, count: int = 6, **types: type[LocalStore]) -> Replicator:
+    async def open(self, count: int = 6, codec: ObjectCodec | None = None, **types: type[LocalStore]) -> Replicator:
         for name in NAMES[:count]:
             self.stores[name] = await types.get(name, DyingStore).open(name, str(self.tmp_path / name))
-        return Replicator(list(self.stores.values()), 2, BLOCK)
+            self.stores[name].pack_below = 0  # fragment files, which tests damage on disk
+        return Replicator(list(self.stores.values()), 2, BLOCK, codec=codec)
 
     def lose(self, ref: ShardRef, *slots: int) -> None:
         """Delete the fragment files of these slots behind the stores' backs."""
@@ -112,6 +114,26 @@ def test_compressed_objects_are_fragmented_after_compression(tmp_path):
         ref = await replicator.write(5, data, sync=True, policy=StoragePolicy(compression="zstd", erasure=(2, 1)))
         assert ref.encoding is not None and ref.encoding.compression == "zstd" and ref.encoding.erasure_coded
         assert len(ref.nodes) == 3 and ref.encoding.payload_length < len(data)
+        assert await replicator.read(ref, 0, len(data)) == data
+
+    run(tmp_path, body)
+
+
+def test_sealed_payloads_are_fragmented_and_repaired_without_the_key(tmp_path):
+    data = (os.urandom(150_000) + b"secret") * 3  # zstd finds the repeats: fragments of 75 KB
+
+    async def body(cluster: Cluster) -> None:
+        key = sealing.new_key(b"test passphrase")
+        replicator = await cluster.open(codec=ObjectCodec(key))
+        ref = await replicator.write(6, data, sync=True, policy=StoragePolicy(compression="zstd", erasure=(2, 2)))
+        assert ref.encoding is not None and ref.encoding.sealed and ref.encoding.erasure_coded
+        assert not any(b"secret" in cluster.path(name, 6).read_bytes() for name in ref.nodes)
+        cluster.lose(ref, 0, 3)
+        keyless = Replicator(list(cluster.stores.values()), 2, BLOCK)  # what fsck and scrub run without a key
+        assert (await keyless.repair(ref)).repaired == 2
+        cluster.assert_fragments_verify(ref)
+        with pytest.raises(DataError, match="no key"):
+            await keyless.read(ref, 0, 10)
         assert await replicator.read(ref, 0, len(data)) == data
 
     run(tmp_path, body)
