@@ -78,14 +78,16 @@ class Components:
 
 @contextlib.asynccontextmanager
 async def open_components(
-    config: Config, cached: bool, create: bool = False, unlock: bool = False
+    config: Config, cached: bool, create: bool = False, unlock: bool = False, beside_mounts: bool = False
 ) -> AsyncIterator[Components]:
     """Open the metadata engine and the node stores its registry lists (a
     store that cannot be opened is stood in for by an UnreachableStore);
     with `create`, a file system is made if the metadata holds none. With
     `unlock` (a mount), an encrypted file system is unlocked with the config's
     key file and the replicator seals and opens objects; without it (the
-    commands, which only move and verify payloads), no key is read.
+    commands, which only move and verify payloads), no key is read. With
+    `beside_mounts` (status, which runs while mounts write), local node
+    stores are opened as one user among others (LocalStore's `exclusive`).
 
     An empty registry is seeded with the config's [[nodes]] first. A config
     that does not set shard_size and block_size takes the file system's (a
@@ -112,7 +114,9 @@ async def open_components(
                 f"config: replicas = {config.replicas} but the cluster has {len(nodes)} nodes"
                 " (see dfsfuse node list; lower replicas or add nodes)"
             )
-        access = NodeAccess.from_config(config)
+        access = dataclasses.replace(
+            NodeAccess.from_config(config), local_exclusive=not (beside_mounts or meta.shared)
+        )
         for node in nodes:
             stores.append(await open_store_or_stand_in(node, access))
         replicator = Replicator(

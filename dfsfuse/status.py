@@ -51,7 +51,7 @@ async def gather(config: Config) -> dict[str, Any]:
     from .runtime import open_components
 
     report: dict[str, Any] = {"data_dir": str(config.data_dir), "mount": mount_state(config)}
-    async with open_components(config, cached=False) as parts:
+    async with open_components(config, cached=False, beside_mounts=True) as parts:
         answers = await probe(parts.stores)
         held: dict[str, set[int]] = {}
         nodes = []

@@ -35,6 +35,10 @@ class NodeAccess:
     secret_path: Path  # where the cluster secret is read from
     secret_configured: bool  # the config names it (secret_file); else it is DATA_DIR/secret, if present
     tls_ca_file: Path | None = None  # talk TLS, trusting this CA; None: plain TCP
+    # Whether this process is the only user of the local node stores it opens
+    # (LocalStore's `exclusive`): not beside a mount, nor with metadata other
+    # mounts share (they may open the same directories on this machine).
+    local_exclusive: bool = True
 
     @classmethod
     def from_config(cls, config: Config) -> NodeAccess:
@@ -145,7 +149,7 @@ async def open_store(node: NodeRecord, access: NodeAccess) -> NodeStore:
         if node.last_seen_ns and LocalStore.recorded_name(str(where)) is None:
             raise UserError(f"node store {node.name} at {where} is gone: {LocalStore.NO_IDENTITY}")
         try:
-            return await LocalStore.open(node.name, str(where))
+            return await LocalStore.open(node.name, str(where), exclusive=access.local_exclusive)
         except (OSError, DfsError) as error:
             reason = getattr(error, "strerror", None) or str(error) or type(error).__name__
             raise UserError(f"node store {node.name} at {where} cannot be used: {reason}") from None

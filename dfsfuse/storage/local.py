@@ -94,6 +94,16 @@ class LocalStore(NodeStore):
 
     `root` (absolute) is public and read-only, for messages and logs; the
     layout under it is this module's business.
+
+    `exclusive`: this process is the store's only user (a node server, a
+    mount whose metadata no other mount shares, a command that holds the
+    data dir's lock). Only then does opening clean up after a crash
+    (temporaries, torn pack tails) and do small replicas go to packs, whose
+    appends and compactions assume one writer. Opened beside other users
+    (`status` beside a mount; mounts that share their metadata, and so may
+    share local stores on one machine), the store changes nothing at open
+    and writes every replica as a file of its own, which is safe beside
+    other writers; it still reads packed replicas.
     """
 
     # Why a directory whose recorded_name() is None is not a node store, in words for messages.
@@ -103,11 +113,12 @@ class LocalStore(NodeStore):
     # file (a store's tests that damage replica files on disk set that).
     pack_below = PACK_BELOW
 
-    def __init__(self, name: str, root: str):
+    def __init__(self, name: str, root: str, *, exclusive: bool = True):
         if not name or "\n" in name:
             raise ValueError(f"invalid store name {name!r}")
         self.name = name
         self.root = os.path.abspath(root)
+        self.exclusive = exclusive
         self._shards_dir = os.path.join(self.root, SHARDS_DIR)
         self._tmp_dir = os.path.join(self.root, TMP_DIR)
         self._packs_dir = os.path.join(self.root, PACKS_DIR)
@@ -130,8 +141,8 @@ class LocalStore(NodeStore):
         self._compacting = False
 
     @classmethod
-    async def open(cls, name: str, root: str) -> LocalStore:
-        store = cls(name, root)
+    async def open(cls, name: str, root: str, *, exclusive: bool = True) -> LocalStore:
+        store = cls(name, root, exclusive=exclusive)
         await store.prepare()
         return store
 
@@ -171,11 +182,12 @@ class LocalStore(NodeStore):
         O_DIRECT writes. A replica file that a pack record also holds is
         removed: the record was written later (see _put_packed)."""
         os.makedirs(self._tmp_dir, exist_ok=True)
-        for entry in os.scandir(self._tmp_dir):
-            os.unlink(entry.path)
+        if self.exclusive:  # another user's temporaries may be writes under way
+            for entry in os.scandir(self._tmp_dir):
+                os.unlink(entry.path)
         direct_io = supports_direct_io(self._tmp_dir)
         self._check_or_write_identity()
-        pack_list, found = packs.open_packs(self._packs_dir)
+        pack_list, found = packs.open_packs(self._packs_dir, repair=self.exclusive)
         in_packs = {record.shard_id for record in found}
         replicas: list[tuple[int, int]] = []
         for bucket in range(256):
@@ -186,7 +198,8 @@ class LocalStore(NodeStore):
                 if shard_id is None or not entry.is_file(follow_symlinks=False):
                     continue
                 if shard_id in in_packs:
-                    os.unlink(entry.path)
+                    if self.exclusive:
+                        os.unlink(entry.path)
                 else:
                     replicas.append((shard_id, entry.stat(follow_symlinks=False).st_size))
         replicas.sort()
@@ -229,7 +242,7 @@ class LocalStore(NodeStore):
     # -- NodeStore ---------------------------------------------------------
     async def put(self, shard_id: int, parts: Sequence[Buffer], sync: bool) -> None:
         path = self._path(shard_id)
-        if shard_id < FILE_IDS_FROM and sum(memoryview(part).nbytes for part in parts) < self.pack_below:
+        if self.exclusive and shard_id < FILE_IDS_FROM and sum(memoryview(part).nbytes for part in parts) < self.pack_below:
             await self._put_packed(shard_id, parts, sync)
             return
         size = await self._run("write", path, self._put_sync, shard_id, path, parts, sync)
@@ -435,7 +448,7 @@ class LocalStore(NodeStore):
         removed pack takes its dead records with it, so nothing deleted
         comes back. Reads go on meanwhile: they find a record in either pack.
         """
-        if self._compacting:
+        if self._compacting or not self.exclusive:
             return 0
         self._compacting = True
         reclaimed = 0

@@ -113,12 +113,14 @@ class Found:
     length: int
 
 
-def open_packs(directory: str) -> tuple[list[Pack], list[Found]]:
+def open_packs(directory: str, repair: bool = True) -> tuple[list[Pack], list[Found]]:
     """Scan ROOT/packs/ when the store opens: every pack (oldest first) and
     every live record, that is: not in its pack's dead log, and the latest
-    record of its shard id. Cuts torn tails off, removes dead logs whose pack
-    is gone and packs whose creation was cut short. Damage is logged, never
-    raised: a damaged pack keeps the records before the damage."""
+    record of its shard id. With `repair` (the store's only user) it cuts
+    torn tails off, removes dead logs whose pack is gone and packs whose
+    creation was cut short; without, it changes nothing (a tail may be an
+    append under way) and stops each pack at its last whole record. Damage
+    is logged, never raised: a damaged pack keeps the records before the damage."""
     os.makedirs(directory, exist_ok=True)
     packs: list[Pack] = []
     found: dict[int, Found] = {}
@@ -129,9 +131,10 @@ def open_packs(directory: str) -> tuple[list[Pack], list[Found]]:
             names.setdefault(int(match[1]), set()).add(match[2])
     for number in sorted(names):
         if "pack" not in names[number]:
-            os.unlink(os.path.join(directory, dead_log_name(number)))
+            if repair:
+                os.unlink(os.path.join(directory, dead_log_name(number)))
             continue
-        scanned = _scan_pack(directory, number)
+        scanned = _scan_pack(directory, number, repair)
         if scanned is None:
             continue
         pack, records = scanned
@@ -140,17 +143,19 @@ def open_packs(directory: str) -> tuple[list[Pack], list[Found]]:
         for record in records:
             if (record.shard_id, record.offset) not in dead:
                 found[record.shard_id] = record  # later packs and offsets come later: they win
-    fsync_dir(directory)
+    if repair:
+        fsync_dir(directory)
     return packs, sorted(found.values(), key=lambda record: record.shard_id)
 
 
-def _scan_pack(directory: str, number: int) -> tuple[Pack, list[Found]] | None:
+def _scan_pack(directory: str, number: int, repair: bool) -> tuple[Pack, list[Found]] | None:
     path = os.path.join(directory, pack_file_name(number))
-    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    fd = os.open(path, (os.O_RDWR if repair else os.O_RDONLY) | os.O_CLOEXEC)
     size = os.fstat(fd).st_size
-    if size < PACK_HEADER.size:  # its creation was cut short: it never held a record
+    if size < PACK_HEADER.size:  # its creation was cut short (or is under way): it holds no record
         os.close(fd)
-        os.unlink(path)
+        if repair:
+            os.unlink(path)
         return None
     magic, version, _ = PACK_HEADER.unpack(os.pread(fd, PACK_HEADER.size, 0))
     pack = Pack(number, path, fd, end=size, synced=size)
@@ -177,11 +182,12 @@ def _scan_pack(directory: str, number: int) -> tuple[Pack, list[Found]] | None:
             break  # torn tail: a record cut short
         records.append(Found(number, offset, shard_id, length))
         offset += RECORD.size + length
-    if offset < size:
+    if offset < size and repair:
         log.info("pack %s: cutting a torn tail of %d bytes at offset %d", path, size - offset, offset)
         os.ftruncate(fd, offset)
         os.fsync(fd)
-        pack.end = pack.synced = offset
+    pack.end = pack.synced = offset
+    pack.sealed = pack.sealed or not repair  # a store beside other users appends to no pack
     return pack, records
 
 

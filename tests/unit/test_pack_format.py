@@ -288,3 +288,33 @@ def test_a_replica_deleted_or_replaced_during_compaction(tmp_path, small_packs):
         assert await contents(await reopened(tmp_path)) == expected
 
     trio.run(main)
+
+
+def test_a_store_opened_beside_its_user_changes_nothing_and_writes_files(tmp_path):
+    """What `status` beside a mount, or a second mount sharing the metadata,
+    opens: a torn tail (perhaps an append under way) and temporaries stay,
+    packed replicas read, its own replicas go to files that the store's
+    user reads too, and its deletes compact nothing."""
+    root = tmp_path / "store"
+
+    async def main() -> None:
+        owner = await LocalStore.open("node-1", str(root))
+        await owner.put(1, [replica(1)], sync=True)
+        tail = b"DFPR" + bytes(10)  # a record header being written
+        with open(pack_path(root, 1), "ab") as file:
+            file.write(tail)
+        (root / "tmp" / "in-flight").write_bytes(b"a write under way")
+        size = pack_path(root, 1).stat().st_size
+
+        beside = await LocalStore.open("node-1", str(root), exclusive=False)
+        assert pack_path(root, 1).stat().st_size == size and (root / "tmp" / "in-flight").exists()
+        assert await beside.read(1, [(0, -1)]) == [replica(1)]
+        await beside.put(2, [replica(2)], sync=True)
+        assert (root / replica_name(2)).read_bytes() == replica(2)
+        assert await owner.read(2, [(0, -1)]) == [replica(2)]
+        await beside.delete_many([1])
+        assert pack_path(root, 1).exists()
+        await beside.close()
+        await owner.close()
+
+    trio.run(main)
