@@ -135,8 +135,8 @@ class FaultyStore(LocalStore):
 
     pack_below = 0
 
-    def __init__(self, name: str, root: str):
-        super().__init__(name, root)
+    def __init__(self, name: str, root: str, *, exclusive: bool = True):
+        super().__init__(name, root, exclusive=exclusive)
         self.put_error: DfsError | None = None
         self.put_gate: trio.Event | None = None
         self.sync_gate: trio.Event | None = None

@@ -45,8 +45,8 @@ class DownStore(LocalStore):
 class RecordingStore(LocalStore):
     """Remembers the ranges of every read."""
 
-    def __init__(self, name: str, root: str):
-        super().__init__(name, root)
+    def __init__(self, name: str, root: str, *, exclusive: bool = True):
+        super().__init__(name, root, exclusive=exclusive)
         self.reads: list[list[tuple[int, int]]] = []
 
     async def read(self, shard_id: int, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
