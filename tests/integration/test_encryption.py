@@ -60,7 +60,7 @@ def node_files(mount) -> list[Path]:
 
 
 def write_mixed_tree(root: Path) -> None:
-    """Plain and zstd-compressed files, one and several shards, a name with the marker."""
+    """Plain, zstd-compressed and erasure-coded files, one and several shards, a name with the marker."""
     (root / "compressed").mkdir()
     os.setxattr(root / "compressed", "user.dfs.compression", b"zstd")
     line = MARKER + b" repeats so that it compresses well\n"
@@ -68,6 +68,9 @@ def write_mixed_tree(root: Path) -> None:
     write_file(root / "plain", MARKER + os.urandom(300 * KiB) + MARKER)
     write_file(root / MARKER.decode(), b"a small file named after the marker\n")
     os.symlink(MARKER.decode(), root / "link")
+    (root / "coded").mkdir()
+    os.setxattr(root / "coded", "user.dfs.ec", b"2+1")  # fragments of the sealed payload
+    write_file(root / "coded" / "random", MARKER + os.urandom(1024 * KiB) + MARKER)
 
 
 def test_node_stores_never_hold_plain_data_or_names(encrypted, local_tmp):
