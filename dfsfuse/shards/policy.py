@@ -45,6 +45,24 @@ def policy_of(xattrs: Mapping[bytes, bytes], default_compression: str = "") -> S
     )
 
 
+def check_policy_value(name: bytes, value: bytes, writable_nodes: int) -> bytes:
+    """The value to store for a setxattr of one of POLICY_XATTRS, normalized;
+    InvalidArgument (EINVAL) for a value the cluster cannot honour."""
+    if name == REPLICAS_XATTR:
+        return check_replicas_value(value, writable_nodes)
+    if name == COMPRESSION_XATTR:
+        return check_compression_value(value)
+    return check_erasure_value(value, writable_nodes)
+
+
+def check_replicas_value(value: bytes, writable_nodes: int) -> bytes:
+    """user.dfs.replicas must be a whole number of replicas the cluster can hold."""
+    text = value.strip()
+    if not text.isdigit() or not 1 <= int(text) <= writable_nodes:
+        raise InvalidArgument(f"{REPLICAS_XATTR.decode()} must be a number from 1 to {writable_nodes}")
+    return str(int(text)).encode()
+
+
 def check_compression_value(value: bytes) -> bytes:
     """user.dfs.compression must name a compression or "off"."""
     text = value.strip().decode("ascii", "replace").lower()

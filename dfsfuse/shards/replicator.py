@@ -239,7 +239,7 @@ class Replicator:
             return b""
         if is_erasure_coded(ref):
             return (await self._read_erasure_coded(ref))[offset : offset + length]
-        whole = offset == 0 and length == ref.length or ref.encoding is not None
+        whole = offset == 0 and length == ref.length
         failures: list[str] = []
         found_bad_replica = False
         for node in ref.nodes:

@@ -52,11 +52,8 @@ from ..errors import (
     ReadOnly,
 )
 from ..metadata.base import (
-    COMPRESSION_XATTR,
-    ERASURE_XATTR,
     NAME_MAX,
     POLICY_XATTRS,
-    REPLICAS_XATTR,
     ROOT_INODE,
     AttrChanges,
     ChangeNotice,
@@ -72,8 +69,7 @@ from ..metadata.base import (
 from ..metadata.trash import TRASH_DAYS_XATTR, parse_days
 from ..shards.policy import (
     StoragePolicy,
-    check_compression_value,
-    check_erasure_value,
+    check_policy_value,
     policy_of,
 )
 from ..write.file_writer import WriteServices
@@ -417,12 +413,8 @@ class FileSystem:
     async def setxattr(self, inode: int, name: bytes, value: bytes, flags: int) -> None:
         _check_xattr_name(name)
         await self._check_changeable(inode)
-        if name == REPLICAS_XATTR:
-            value = _check_replicas_value(value, len(self._replicator.writable))
-        if name == COMPRESSION_XATTR:
-            value = check_compression_value(value)
-        if name == ERASURE_XATTR:
-            value = check_erasure_value(value, len(self._replicator.writable))
+        if name in POLICY_XATTRS:
+            value = check_policy_value(name, value, len(self._replicator.writable))
         if name == TRASH_DAYS_XATTR:
             value = _check_trash_days_value(value)
         await self._meta.setxattr(inode, name, value, flags, time.time_ns())
@@ -678,14 +670,6 @@ class FileSystem:
 def _check_writable(attrs: InodeAttrs) -> None:
     if attrs.readonly:
         raise ReadOnly(f"inode {attrs.inode} belongs to a read-only snapshot")
-
-
-def _check_replicas_value(value: bytes, writable_nodes: int) -> bytes:
-    """user.dfs.replicas must be a whole number of replicas the cluster can hold."""
-    text = value.strip()
-    if not text.isdigit() or not 1 <= int(text) <= writable_nodes:
-        raise InvalidArgument(f"{REPLICAS_XATTR.decode()} must be a number from 1 to {writable_nodes}")
-    return str(int(text)).encode()
 
 
 def _check_trash_days_value(value: bytes) -> bytes:

@@ -29,6 +29,7 @@ from dfsfuse.shards.policy import (
     StoragePolicy,
     check_compression_value,
     check_erasure_value,
+    check_policy_value,
     parse_compression,
     policy_of,
 )
@@ -92,6 +93,11 @@ def test_policies_come_from_xattrs_over_the_config():
     assert policy_of(xattrs, "zstd") == StoragePolicy(3, "", (4, 2))
     assert StoragePolicy(erasure=(4, 2)).copies(2) == 1.5 and StoragePolicy().copies(2) == 2
     assert check_compression_value(b" ZSTD\n") == b"zstd"
+    assert check_policy_value(REPLICAS_XATTR, b" 03\n", 3) == b"3"
+    assert check_policy_value(ERASURE_XATTR, b"2+1", 3) == b"2+1"
+    for name, bad in ((REPLICAS_XATTR, b"4"), (REPLICAS_XATTR, b"0"), (COMPRESSION_XATTR, b"xz")):
+        with pytest.raises(InvalidArgument):
+            check_policy_value(name, bad, 3)
     assert check_erasure_value(b"4+2", 6) == b"4+2" and check_erasure_value(b"off", 1) == b"off"
     for bad in (b"gzip", b""):
         with pytest.raises(InvalidArgument):
